@@ -1,0 +1,35 @@
+"""grpo_megatron: GRPO/GSPO RL post-training of megatron-core (MoE) models with SGLang rollouts."""
+from setuptools import find_packages, setup
+
+setup(
+    name="grpo_megatron",
+    version="0.1.0",
+    description="GRPO / GSPO / DAPO RL post-training for megatron-core MoE models with SGLang rollouts",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["grpo_megatron", "grpo_megatron.*"]),
+    python_requires=">=3.10",
+    # No CPU pins here: GPU images bring their own torch / megatron-core builds.
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16",
+        "numpy",
+        "transformers>=4.51",
+        "safetensors",
+        "tokenizers",
+        "pyyaml",
+        "tqdm",
+        "psutil",
+        "einops",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # NVIDIA apex is not on PyPI (PyPI's `apex` is an unrelated project): build it from NVIDIA's source.
+        "gpu": ["transformer-engine[pytorch]"],
+        # The trainer only speaks HTTP to SGLang; the server runs in its own environment.
+        "sglang": ["httpx", "requests"],
+        "logging": ["tensorboard", "wandb"],
+        "plots": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["grpo-megatron-train=grpo_megatron.training.main:main"]},
+)
