@@ -1,0 +1,123 @@
+"""Build megatron-core GPTModels (dense and MoE) from a Hugging Face config, for the current layout."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from grpo_megatron.models.bridge import MOE_MODEL_TYPES, make_bridge, validate_hf_config
+from grpo_megatron.parallel import ParallelLayout, current_device
+
+
+def load_hf_config(path: str | Path) -> transformers.PretrainedConfig:
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no config.json in {path}: pass a Hugging Face checkpoint directory")
+    config = transformers.AutoConfig.from_pretrained(path)
+    validate_hf_config(config)
+    return config
+
+
+def model_dims(hf_config) -> dict:
+    """The sizes a parallel layout must divide (see ParallelLayout.validate)."""
+    num_experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None)
+    return dict(
+        num_layers=hf_config.num_hidden_layers,
+        num_experts=num_experts if hf_config.model_type in MOE_MODEL_TYPES else None,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        vocab_size=hf_config.vocab_size,
+    )
+
+
+@dataclass
+class PolicyModel:
+    """A megatron model as a list of virtual-pipeline chunks, with the bridge that maps it to HF."""
+
+    chunks: list[torch.nn.Module]
+    bridge: object
+    hf_config: transformers.PretrainedConfig
+    layout: ParallelLayout
+    dtype: torch.dtype
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.bridge.config
+
+    @property
+    def is_moe(self) -> bool:
+        return self.hf_config.model_type in MOE_MODEL_TYPES
+
+    def unwrapped(self) -> list[torch.nn.Module]:
+        from mbridge.core.util import unwrap_model
+
+        return [unwrap_model(c) for c in self.chunks]
+
+
+def build_model(
+    hf_config: transformers.PretrainedConfig,
+    layout: ParallelLayout,
+    dtype: torch.dtype = torch.float32,
+    *,
+    use_te: bool | None = None,
+    wrap_ddp: bool = False,
+    ddp_overrides: dict | None = None,
+    **config_overrides,
+) -> PolicyModel:
+    """Build this rank's model chunks (random init; load weights with hf_weights.load_hf_weights).
+
+    Megatron's parallel state must already be initialised with `layout` (parallel.init_model_parallel).
+    bf16/fp16 models are wrapped in megatron's Float16Module (needed on CPU too); `wrap_ddp` wraps each
+    chunk in megatron's DistributedDataParallel, which its optimizer requires.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.transformer.module import Float16Module
+
+    bridge = make_bridge(hf_config, layout, dtype=dtype, use_te=use_te, **config_overrides)
+    provider = bridge._model_provider([])
+    vpp = layout.virtual_pipeline_parallel
+    chunks = []
+    for stage in range(vpp or 1):
+        vp_stage = stage if vpp else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        chunk = provider(pre_process=pre, post_process=post, vp_stage=vp_stage)
+        chunk.to(current_device())
+        for param in chunk.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        _tag_sequence_parallel_norms(chunk, layout)
+        chunks.append(chunk)
+    if dtype in (torch.bfloat16, torch.float16):
+        chunks = [Float16Module(bridge.config, c) for c in chunks]
+    if wrap_ddp:
+        chunks = wrap_with_ddp(chunks, bridge.config, ddp_overrides)
+    return PolicyModel(chunks, bridge, hf_config, layout, dtype)
+
+
+def _tag_sequence_parallel_norms(chunk: torch.nn.Module, layout: ParallelLayout) -> None:
+    """Under sequence parallelism, norm weights see only a slice of the tokens on each TP rank.
+
+    TE's norms tag their parameters `sequence_parallel` so that DDP all-reduces their grads over TP;
+    torch's RMSNorm (local spec) does not, so we tag them ourselves.
+    """
+    if not layout.sp:
+        return
+    for name, param in chunk.named_parameters():
+        if "layernorm" in name or name.endswith("final_layernorm.weight"):
+            param.sequence_parallel = True
+
+
+def wrap_with_ddp(chunks: list[torch.nn.Module], config, overrides: dict | None = None) -> list[torch.nn.Module]:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    kwargs = dict(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False)
+    kwargs.update(overrides or {})
+    ddp_config = DistributedDataParallelConfig(**kwargs)
+    return [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=index > 0)
+        for index, chunk in enumerate(chunks)
+    ]

@@ -1,0 +1,158 @@
+"""torch.distributed and megatron-core model parallelism, from a layout validated before anything is built."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from grpo_megatron.platform import detect, setup_platform
+
+
+class ParallelLayoutError(ValueError):
+    """A parallel layout that cannot work; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline_parallel: int | None = None
+    expert_parallel: int = 1
+    expert_tensor_parallel: int | None = None  # None: same as tensor_parallel (megatron's default)
+    context_parallel: int = 1
+    sequence_parallel: bool | None = None  # None: on when tensor_parallel > 1
+
+    @property
+    def etp(self) -> int:
+        return self.expert_tensor_parallel or self.tensor_parallel
+
+    @property
+    def sp(self) -> bool:
+        return self.tensor_parallel > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // (self.tensor_parallel * self.pipeline_parallel * self.context_parallel)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(
+        self,
+        world_size: int,
+        *,
+        num_layers: int | None = None,
+        num_experts: int | None = None,
+        num_attention_heads: int | None = None,
+        num_query_groups: int | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        """Raise ParallelLayoutError for a layout that does not fit the world size or the model."""
+        tp, pp, cp, ep, etp = (self.tensor_parallel, self.pipeline_parallel, self.context_parallel,
+                               self.expert_parallel, self.etp)
+        for name, value in (("tensor_parallel", tp), ("pipeline_parallel", pp), ("context_parallel", cp),
+                            ("expert_parallel", ep), ("expert_tensor_parallel", etp)):
+            if value < 1:
+                raise ParallelLayoutError(f"{name}={value}: every parallel size must be >= 1")
+        model_parallel = tp * pp * cp
+        if world_size % model_parallel:
+            raise ParallelLayoutError(
+                f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel*"
+                f"context_parallel = {tp}*{pp}*{cp} = {model_parallel}; launch a multiple of "
+                f"{model_parallel} processes or change the layout")
+        expert_grid = etp * ep * pp
+        if world_size % expert_grid:
+            raise ParallelLayoutError(
+                f"world size {world_size} is not divisible by expert_tensor_parallel*expert_parallel*"
+                f"pipeline_parallel = {etp}*{ep}*{pp} = {expert_grid}; change expert_parallel")
+        if self.virtual_pipeline_parallel is not None and pp == 1:
+            raise ParallelLayoutError("virtual_pipeline_parallel needs pipeline_parallel > 1; unset it")
+        if num_layers is not None:
+            stages = pp * (self.virtual_pipeline_parallel or 1)
+            if num_layers % stages:
+                raise ParallelLayoutError(
+                    f"{num_layers} layers do not split evenly over {stages} pipeline stages "
+                    f"(pipeline_parallel={pp}, virtual={self.virtual_pipeline_parallel}); choose a divisor")
+        if num_experts is not None:
+            if num_experts % ep:
+                raise ParallelLayoutError(
+                    f"expert_parallel={ep} does not divide the {num_experts} experts; use a divisor of "
+                    f"{num_experts}")
+            if tp > 1 and not self.sp:
+                raise ParallelLayoutError(
+                    "MoE with tensor_parallel > 1 needs sequence_parallel: set sequence_parallel: true")
+        elif ep > 1:
+            raise ParallelLayoutError("expert_parallel > 1 needs an MoE model; set expert_parallel: 1")
+        if num_attention_heads is not None and num_attention_heads % tp:
+            raise ParallelLayoutError(
+                f"tensor_parallel={tp} does not divide the {num_attention_heads} attention heads")
+        if num_query_groups is not None and num_query_groups % tp:
+            raise ParallelLayoutError(
+                f"tensor_parallel={tp} does not divide the {num_query_groups} key/value heads")
+        if vocab_size is not None and vocab_size % tp:
+            raise ParallelLayoutError(
+                f"tensor_parallel={tp} does not divide the vocabulary ({vocab_size}); pad the vocabulary")
+        if cp > 1 and not detect().has_transformer_engine:
+            raise ParallelLayoutError(
+                "context_parallel > 1 needs TransformerEngine attention (GPU); set context_parallel: 1")
+
+
+def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun/srun environment variables (single process if absent)."""
+    platform = setup_platform(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world_size > 1:
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun or srun")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    dist.init_process_group(
+        backend=platform.backend, rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return rank, world_size
+
+
+def init_model_parallel(layout: ParallelLayout, seed: int = 1234, **model_dims) -> None:
+    """Validate `layout` against the world and the model, then build megatron's process groups."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    world_size = dist.get_world_size()
+    layout.validate(world_size, **model_dims)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_parallel,
+        pipeline_model_parallel_size=layout.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_parallel,
+        context_parallel_size=layout.context_parallel,
+        expert_model_parallel_size=layout.expert_parallel,
+        expert_tensor_parallel_size=layout.etp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def current_device() -> torch.device:
+    return detect().device
