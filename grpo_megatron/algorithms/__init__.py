@@ -1,0 +1,52 @@
+"""Pure-torch RL algorithms: advantages, policy losses (GRPO, GSPO, GSPO-token), KL, DAPO, log-probs.
+
+Everything selectable from the config is looked up by name in the registries of registry.py.
+"""
+from grpo_megatron.algorithms.advantages import compute_group_advantages, dr_grpo_advantages, grpo_advantages
+from grpo_megatron.algorithms.aggregation import LossAggregation, aggregate_loss, loss_normalizer
+from grpo_megatron.algorithms.dapo import dynamic_sampling_keep, overlong_filter_mask, overlong_reward_penalty
+from grpo_megatron.algorithms.kl import MAX_LOG_RATIO, estimate_kl
+from grpo_megatron.algorithms.logprobs import token_logprobs_and_entropy
+from grpo_megatron.algorithms.policy_loss import (
+    DAPO_CLIP,
+    GSPO_PAPER_CLIP,
+    ClipRange,
+    Surrogate,
+    clipped_surrogate,
+    compute_policy_loss,
+    sequence_log_ratio,
+)
+from grpo_megatron.algorithms.registry import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    Registry,
+)
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "DAPO_CLIP",
+    "GSPO_PAPER_CLIP",
+    "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "MAX_LOG_RATIO",
+    "POLICY_LOSSES",
+    "ClipRange",
+    "LossAggregation",
+    "Registry",
+    "Surrogate",
+    "aggregate_loss",
+    "clipped_surrogate",
+    "compute_group_advantages",
+    "compute_policy_loss",
+    "dr_grpo_advantages",
+    "dynamic_sampling_keep",
+    "estimate_kl",
+    "grpo_advantages",
+    "loss_normalizer",
+    "overlong_filter_mask",
+    "overlong_reward_penalty",
+    "sequence_log_ratio",
+    "token_logprobs_and_entropy",
+]

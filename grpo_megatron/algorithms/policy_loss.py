@@ -1,0 +1,260 @@
+"""Clipped policy-gradient losses: GRPO (token ratio), GSPO (sequence ratio), GSPO-token.
+
+All variants share one PPO clipped surrogate and return a per-token loss `[B, T]`; `loss_agg`
+(see aggregation.py) then reduces it. Sequence-level variants repeat their per-sequence loss on
+every response token, so `seq_mean_token_mean` gives GSPO's `1/G sum_i` exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from grpo_megatron.algorithms.aggregation import aggregate_loss
+from grpo_megatron.algorithms.kl import MAX_LOG_RATIO, estimate_kl
+from grpo_megatron.algorithms.registry import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+
+DAPO_CLIP = (0.2, 0.28)
+"""DAPO clip-higher (eps_low, eps_high) for token ratios: [0.8, 1.28]."""
+GSPO_PAPER_CLIP = (3e-4, 4e-4)
+"""GSPO paper's (eps_low, eps_high): sequence ratios are geometric means, so far tighter bounds."""
+
+
+@dataclass(frozen=True)
+class ClipRange:
+    """Ratio bounds [1 - low, 1 + high] (clip-higher when high > low); optional dual-clip constant c > 1."""
+
+    low: float
+    high: float
+    dual_c: float | None = None
+
+
+@dataclass(frozen=True)
+class Surrogate:
+    """What a policy-loss variant returns.
+
+    `token_loss` and the clip flags are `[B, T]` (values on padding are ignored); `ratio` is the
+    ratio that was clipped, `[B, T]` for token-level or `[B]` for sequence-level variants, with
+    `ratio_mask` marking its meaningful entries (both detached, for metrics).
+    """
+
+    token_loss: torch.Tensor
+    clipped_low: torch.Tensor
+    clipped_high: torch.Tensor
+    clipped_dual: torch.Tensor
+    ratio: torch.Tensor
+    ratio_mask: torch.Tensor
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, clip: ClipRange
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate as a loss, with clip flags (low, high, dual).
+
+        loss = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
+
+    Dual clip (Ye et al., 2020) also bounds the loss of negative advantages, where a huge ratio
+    would otherwise be unbounded: for A < 0, loss = min(loss, -c A).
+    A flag is set where that bound is the active term, i.e. where it cuts the gradient.
+    """
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip.low, 1.0 + clip.high) * advantages
+    objective = torch.minimum(unclipped, clipped)
+    negative = advantages < 0
+    clipped_low = negative & (ratio < 1.0 - clip.low)
+    clipped_high = (advantages > 0) & (ratio > 1.0 + clip.high)
+    if clip.dual_c is None:
+        clipped_dual = torch.zeros_like(clipped_low)
+    else:
+        dual_bound = clip.dual_c * advantages
+        clipped_dual = negative & (objective < dual_bound)
+        objective = torch.where(clipped_dual, dual_bound, objective)
+    return -objective, clipped_low, clipped_high, clipped_dual
+
+
+def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's log s_i = 1/|y_i| sum_t log(pi(y_it) / pi_old(y_it)), `[B]` (0 for empty rows).
+
+    Seed: s_i(theta) = exp(1/|y_i| sum_t log(pi_theta(y_it | x, y_i<t) / pi_old(y_it | x, y_i<t)))
+                     = (prod_t r_it)^(1/|y_i|)
+    Expects padding already zeroed in both log-prob tensors.
+    """
+    lengths = response_mask.sum(-1).clamp(min=1)
+    return (logprobs - old_logprobs).sum(-1) / lengths
+
+
+def _bounded_exp(log_ratio: torch.Tensor) -> torch.Tensor:
+    return log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
+
+
+@POLICY_LOSSES.register("grpo")
+def grpo_surrogate(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, clip: ClipRange
+) -> Surrogate:
+    """GRPO / DAPO: per-token ratio, clipped per token.
+
+    Seed: min(w_it A_it, clip(w_it, 1 - eps, 1 + eps) A_it), w_it = pi_theta(y_it | ...) / pi_old(y_it | ...)
+    """
+    ratio = _bounded_exp(logprobs - old_logprobs)
+    token_advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)
+    loss, low, high, dual = clipped_surrogate(ratio, token_advantages, clip)
+    return Surrogate(loss, low, high, dual, ratio.detach(), response_mask)
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo_surrogate(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, clip: ClipRange
+) -> Surrogate:
+    """GSPO: one ratio per sequence, clipped per sequence; needs per-sequence advantages `[B]`.
+
+    Seed: J(theta) = E[1/G sum_i min(s_i(theta) A_i, clip(s_i(theta), 1 - eps, 1 + eps) A_i)]
+    """
+    if advantages.dim() != 1:
+        raise ValueError(
+            f"policy loss 'gspo' needs per-sequence advantages [B], got shape {tuple(advantages.shape)}; "
+            "use 'gspo_token' for per-token advantages"
+        )
+    ratio = _bounded_exp(sequence_log_ratio(logprobs, old_logprobs, response_mask))
+    loss, low, high, dual = clipped_surrogate(ratio, advantages, clip)
+    per_token = [flags.unsqueeze(-1).expand_as(logprobs) for flags in (loss, low, high, dual)]
+    return Surrogate(*per_token, ratio.detach(), response_mask.any(-1))
+
+
+@POLICY_LOSSES.register("gspo_token")
+def gspo_token_surrogate(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, clip: ClipRange
+) -> Surrogate:
+    """GSPO-token: per-token advantages A_it, sequence-level ratio and clipping.
+
+    Seed: J_token = E[sum_t min(s_it(theta) A_it, clip(s_it(theta), 1 - eps, 1 + eps) A_it)],
+          s_it(theta) = sg[s_i(theta)] * pi_theta(y_it | ...) / sg[pi_theta(y_it | ...)]
+    s_it equals s_i in value, and its gradient is s_i * grad log pi(y_it), so with A_it = A_i this
+    is GSPO in value and gradient. Computed in log space (sg[log s_i] + logp - sg[logp]) so it
+    is bounded exactly like GSPO's ratio.
+    """
+    log_s = sequence_log_ratio(logprobs, old_logprobs, response_mask).detach()
+    ratio = _bounded_exp(log_s.unsqueeze(-1) + logprobs - logprobs.detach())
+    token_advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)
+    loss, low, high, dual = clipped_surrogate(ratio, token_advantages, clip)
+    return Surrogate(loss, low, high, dual, _bounded_exp(log_s), response_mask.any(-1))
+
+
+def _check_inputs(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    clip: ClipRange,
+    kl_coef: float,
+) -> None:
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
+    named = {"old_logprobs": old_logprobs, "response_mask": response_mask, "ref_logprobs": ref_logprobs, "entropy": entropy}
+    for name, tensor in named.items():
+        if tensor is not None and tensor.shape != logprobs.shape:
+            raise ValueError(f"{name} must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(tensor.shape)}")
+    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
+        raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}")
+    if clip.low < 0 or clip.high < 0:
+        raise ValueError(f"clip_low and clip_high must be >= 0, got {clip.low} and {clip.high}")
+    if clip.dual_c is not None and clip.dual_c <= 1:
+        raise ValueError(f"dual_clip_c must be > 1, got {clip.dual_c}")
+    if kl_coef != 0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs")
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the entries where the boolean `mask` is set (0 when there are none)."""
+    return values.masked_fill(~mask, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def _metrics(
+    surrogate: Surrogate,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    entropy: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """Detached 0-dim metrics (no host sync). Clip fractions: of response tokens whose gradient a
+    clip cut, and of non-empty sequences with at least one such token (for GSPO: clipped sequences)."""
+    dtype = logprobs.dtype
+    clipped = surrogate.clipped_low | surrogate.clipped_high | surrogate.clipped_dual
+    ratio, ratio_mask = surrogate.ratio, surrogate.ratio_mask
+    has_ratio = ratio_mask.any()
+    metrics = {
+        "clip_frac_tokens": _masked_mean(clipped.to(dtype), mask),
+        "clip_frac_seqs": _masked_mean((clipped & mask).any(-1).to(dtype), mask.any(-1)),
+        "clip_frac_low": _masked_mean(surrogate.clipped_low.to(dtype), mask),
+        "clip_frac_high": _masked_mean(surrogate.clipped_high.to(dtype), mask),
+        "ratio_mean": _masked_mean(ratio, ratio_mask),
+        "ratio_min": torch.where(has_ratio, ratio.masked_fill(~ratio_mask, float("inf")).min(), 0.0),
+        "ratio_max": torch.where(has_ratio, ratio.masked_fill(~ratio_mask, float("-inf")).max(), 0.0),
+        "approx_kl_old": _masked_mean(estimate_kl(old_logprobs, logprobs.detach(), "k3"), mask),
+    }
+    if entropy is not None:
+        metrics["entropy"] = _masked_mean(entropy.detach(), mask)
+    return metrics
+
+
+def compute_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    variant: str,
+    clip_low: float,
+    clip_high: float,
+    loss_agg: str,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    dual_clip_c: float | None = None,
+    entropy: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    max_response_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Policy loss `pg_loss + kl_coef * kl_loss` and detached metrics.
+
+    logprobs, old_logprobs, ref_logprobs, response_mask, entropy: `[B, T]` (log-probs of the sampled
+    tokens; mask 1 on response tokens; padding values are ignored, whatever they are).
+    advantages: `[B]` per sequence or `[B, T]` per token (grpo, gspo_token).
+    variant: a name in POLICY_LOSSES (grpo, gspo, gspo_token).
+    loss_agg: a name in LOSS_AGGREGATIONS; `normalizer` replaces the batch's own count (total
+    response tokens / number of sequences / number of sequences * max_response_length), so that
+    micro-batches of a global batch add up to the global loss (see `loss_normalizer`).
+    KL to the reference (Seed GRPO: ... - beta * D_KL(pi_theta || pi_ref)) is estimated per token
+    with `kl_estimator` and aggregated like the policy loss; `kl_coef=0` disables it.
+
+    Metrics: clip_frac_tokens, clip_frac_seqs, clip_frac_low, clip_frac_high, ratio_mean,
+    ratio_min, ratio_max (token ratio for grpo, sequence ratio s_i for gspo*), approx_kl_old (k3 of
+    KL(pi_old || pi)), pg_loss, kl_loss (unscaled), kl_ref (when ref_logprobs given), entropy
+    (when given).
+    """
+    surrogate_fn = POLICY_LOSSES.get(variant)
+    LOSS_AGGREGATIONS.get(loss_agg)
+    KL_ESTIMATORS.get(kl_estimator)
+    clip = ClipRange(clip_low, clip_high, dual_clip_c)
+    _check_inputs(logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, clip, kl_coef)
+
+    mask = response_mask.bool()
+    logprobs = logprobs.masked_fill(~mask, 0.0)
+    old_logprobs = old_logprobs.masked_fill(~mask, 0.0)
+    surrogate = surrogate_fn(logprobs, old_logprobs, advantages, mask, clip)
+    aggregate = lambda token_loss: aggregate_loss(token_loss, mask, loss_agg, normalizer, max_response_length)  # noqa: E731
+    pg_loss = aggregate(surrogate.token_loss)
+
+    metrics = _metrics(surrogate, logprobs, old_logprobs, mask, entropy)
+    metrics["pg_loss"] = pg_loss.detach()
+    loss = pg_loss
+    kl_loss = torch.zeros_like(pg_loss)
+    if ref_logprobs is not None:
+        token_kl = estimate_kl(logprobs, ref_logprobs.masked_fill(~mask, 0.0), kl_estimator)
+        metrics["kl_ref"] = _masked_mean(token_kl.detach(), mask)
+        if kl_coef != 0:
+            kl_loss = aggregate(token_kl)
+            loss = pg_loss + kl_coef * kl_loss
+    metrics["kl_loss"] = kl_loss.detach()
+    return loss, metrics
