@@ -95,24 +95,27 @@ class _LogprobsAndEntropy(torch.autograd.Function):
         grad_logits = torch.empty_like(logits2d)
         if grad_logprobs is None and grad_entropy is None:
             return grad_logits.zero_(), None, None, None, None
-        target_grad = None if grad_logprobs is None else grad_logprobs.masked_fill(~in_slice, 0.0)
+        # grad_logits = (g_lp * onehot - p * (g_lp + g_H * (log p + H))) / T
+        #             = p * (a + b * log p) + onehot * g_lp / T,  a = -(g_lp + g_H * H) / T,  b = -g_H / T
+        zeros = torch.zeros_like(log_z)
+        g_lp = zeros if grad_logprobs is None else grad_logprobs
+        g_h = zeros if grad_entropy is None else grad_entropy
+        a = ((g_lp + g_h * entropy) / -temperature).unsqueeze(-1)
+        b = (g_h / -temperature).unsqueeze(-1)
+        target_grad = (g_lp / temperature).masked_fill_(~in_slice, 0.0).unsqueeze(-1)
+        write_in_place = grad_logits.dtype == log_z.dtype
         for start in range(0, logits2d.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             log_p = _shifted(logits2d[rows], temperature, log_z[rows])
             p = log_p.exp()
-            # grad_x = g_lp * onehot - p * (g_lp + g_H * (log p + H))
+            out = grad_logits[rows] if write_in_place else log_p
             if grad_entropy is None:
-                grad_x = p.mul_(grad_logprobs[rows].neg().unsqueeze(-1))
+                torch.mul(p, a[rows], out=out)
             else:
-                coeff = log_p.add_(entropy[rows].unsqueeze(-1)).mul_(grad_entropy[rows].unsqueeze(-1))
-                if grad_logprobs is not None:
-                    coeff.add_(grad_logprobs[rows].unsqueeze(-1))
-                grad_x = coeff.mul_(p).neg_()
-            if target_grad is not None:
-                grad_x.scatter_add_(-1, local_targets[rows].unsqueeze(-1), target_grad[rows].unsqueeze(-1))
-            if temperature != 1.0:
-                grad_x.div_(temperature)
-            grad_logits[rows] = grad_x
+                torch.addcmul(a[rows], log_p, b[rows], out=out).mul_(p)
+            out.scatter_add_(-1, local_targets[rows].unsqueeze(-1), target_grad[rows])
+            if not write_in_place:
+                grad_logits[rows] = out
         return grad_logits, None, None, None, None
 
 
