@@ -1,0 +1,231 @@
+"""An in-process rollout engine on a transformers model: the engine of the CPU example and of the tests.
+
+It is deliberately plain but exact: all prompts x n samples are generated together (sorted by prompt
+length and cut into micro-batches of at most max_batch_tokens), left-padded with explicit position ids,
+decoding one token per step through the model's KV cache, and rows that have stopped are dropped from the
+batch (and from the cache) as soon as they stop. Log-probs, finish reasons and MoE routed experts follow
+the conventions of `Completion`, so the trainer can replay them without caring which engine produced them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import DynamicCache
+
+from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
+from grpo_megatron.rollout.hf_layout import CheckpointLayout
+from grpo_megatron.rollout.sampling import sample_next_tokens
+
+
+class EmbeddedEngine(RolloutEngine):
+    """Generate with a transformers AutoModelForCausalLM held in this process.
+
+    hf_path_or_config: an HF checkpoint directory (config + safetensors), or a config to build with random
+    weights (seeded by `seed`) that update_weights then replaces. `seed` also seeds the sampler used when
+    SamplingParams.seed is None. The logits are computed as the decoder's last hidden state through the
+    output embedding, which is what the CausalLM heads of llama/qwen2/qwen3/qwen3_moe/mixtral do.
+    """
+
+    def __init__(
+        self,
+        hf_path_or_config: str | Path | transformers.PretrainedConfig,
+        dtype: torch.dtype = torch.float32,
+        max_batch_tokens: int = 16384,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ):
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens}: must be >= 1")
+        self._model = _build_model(hf_path_or_config, dtype, seed).to(device).eval()
+        self._device = torch.device(device)
+        self._layout = CheckpointLayout(self._model)
+        config = self._model.config
+        self._vocab_size = config.vocab_size
+        self._pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        self._eos_ids = _eos_token_ids(self._model)
+        self._moe_top_k = getattr(config, "num_experts_per_tok", None)
+        self._max_batch_tokens = max_batch_tokens
+        self._generator = torch.Generator(self._device).manual_seed(seed)
+        self._version = 0
+        self._alive = True
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    @property
+    def model(self) -> transformers.PreTrainedModel:
+        """The live transformers model (read it, don't mutate it: use update_weights)."""
+        self._check_alive()
+        return self._model
+
+    @property
+    def expected_weight_shapes(self) -> dict[str, torch.Size]:
+        """HF checkpoint name -> shape of every tensor update_weights expects."""
+        return self._layout.expected_shapes
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        self._check_alive()
+        self._layout.load(named_tensors)
+        self._version = version
+
+    def shutdown(self) -> None:
+        self._alive = False
+        self._model = None
+        self._layout = None
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, return_routed_experts: bool = False
+    ) -> list[list[Completion]]:
+        self._check_alive()
+        params.validate()
+        self._check_prompts(prompts)
+        if return_routed_experts and self._moe_top_k is None:
+            raise ValueError("return_routed_experts=True needs a MoE model (Qwen3-MoE, Mixtral); this one is dense")
+        generator = self._generator
+        if params.seed is not None:
+            generator = torch.Generator(self._device).manual_seed(params.seed)
+        prompt_of_row = [p for p in range(len(prompts)) for _ in range(params.n)]
+        rows_by_length = sorted(range(len(prompt_of_row)), key=lambda r: len(prompts[prompt_of_row[r]]))
+        completions: list[Completion | None] = [None] * len(prompt_of_row)
+        with torch.inference_mode():
+            for rows in self._micro_batches(rows_by_length, [len(prompts[p]) for p in prompt_of_row], params):
+                batch = [prompts[prompt_of_row[r]] for r in rows]
+                for row, completion in zip(rows, self._generate_batch(batch, params, generator, return_routed_experts)):
+                    completions[row] = completion
+        return [completions[p * params.n:(p + 1) * params.n] for p in range(len(prompts))]
+
+    def _micro_batches(self, rows: list[int], prompt_lengths: list[int], params: SamplingParams) -> list[list[int]]:
+        """Consecutive runs of `rows` whose padded size (rows x (longest prompt + new tokens)) fits the budget."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for row in rows:
+            padded = (len(current) + 1) * (prompt_lengths[row] + params.max_new_tokens)  # rows come sorted by length
+            if current and padded > self._max_batch_tokens:
+                batches.append(current)
+                current = []
+            current.append(row)
+        batches.append(current)
+        return batches
+
+    def _generate_batch(
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator, record_routes: bool
+    ) -> list[Completion]:
+        batch_size, width = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((batch_size, width), self._pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt):] = 1
+        input_ids, attention_mask = input_ids.to(self._device), attention_mask.to(self._device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        next_position = attention_mask.sum(-1)
+        cache = DynamicCache(config=self._model.config)
+        logits, prefill_routes = self._forward(input_ids, attention_mask, position_ids, cache, record_routes)
+
+        stop_ids = torch.tensor(sorted(self._eos_ids | set(params.stop_token_ids)), device=self._device)
+        active = torch.arange(batch_size, device=self._device)  # batch rows still generating
+        responses: list[list[int]] = [[] for _ in range(batch_size)]
+        logprobs: list[list[float]] = [[] for _ in range(batch_size)]
+        stopped = [False] * batch_size
+        decode_routes: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
+        for step in range(params.max_new_tokens):
+            tokens, token_logprobs = sample_next_tokens(logits, params, generator)
+            is_stop = torch.isin(tokens, stop_ids)
+            for row, token, logprob, stop in zip(active.tolist(), tokens.tolist(), token_logprobs.tolist(),
+                                                 is_stop.tolist()):
+                responses[row].append(token)
+                logprobs[row].append(logprob)
+                stopped[row] = stop
+            keep = ~is_stop
+            if step == params.max_new_tokens - 1 or not keep.any():
+                break
+            if not keep.all():
+                cache.batch_select_indices(keep.nonzero().squeeze(-1))
+                active, tokens = active[keep], tokens[keep]
+                attention_mask, next_position = attention_mask[keep], next_position[keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
+            logits, routes = self._forward(tokens[:, None], attention_mask, next_position[:, None], cache,
+                                           record_routes)
+            next_position = next_position + 1
+            if record_routes:
+                for i, row in enumerate(active.tolist()):
+                    decode_routes[row].append(routes[i])
+
+        completions = []
+        for row, prompt in enumerate(prompts):
+            routed = None
+            if record_routes:
+                prompt_routes = prefill_routes.view(batch_size, width, *prefill_routes.shape[1:])[row, width - len(prompt):]
+                routed = torch.cat([prompt_routes, *[r[None] for r in decode_routes[row]]]).cpu()
+            completions.append(Completion(
+                prompt_ids=list(prompt), response_ids=responses[row], response_logprobs=logprobs[row],
+                finish_reason="stop" if stopped[row] else "length", routed_experts=routed,
+                weight_version=self._version,
+            ))
+        return completions
+
+    def _forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+        cache: DynamicCache, record_routes: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Float logits [B, V] of the last position, and (when recording) experts [B*S, layers, topk] int32.
+
+        The decoder is called directly because the CausalLM forward, asked for router logits, also computes
+        a load-balancing loss that fails on a one-token step with a longer attention mask.
+        """
+        extra = {"output_router_logits": True} if record_routes else {}
+        out = self._model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=cache, use_cache=True, **extra,
+        )
+        logits = self._model.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
+        if not record_routes:
+            return logits, None
+        # As the HF routers do: top-k of the float softmax of the router logits.
+        routes = [torch.topk(torch.softmax(layer.float(), dim=-1), self._moe_top_k, dim=-1).indices
+                  for layer in out.router_logits]
+        return logits, torch.stack(routes, dim=1).to(torch.int32)
+
+    def _check_prompts(self, prompts: list[list[int]]) -> None:
+        if not prompts:
+            raise ValueError("generate() got no prompts; pass a non-empty list of token-id lists")
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. <bos>)")
+            bad = [t for t in prompt if not 0 <= t < self._vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {self._vocab_size}); "
+                                 f"tokenize with the checkpoint's own tokenizer")
+
+    def _check_alive(self) -> None:
+        if not self._alive:
+            raise RuntimeError("this EmbeddedEngine was shut down; create a new one")
+
+
+def _build_model(source: str | Path | transformers.PretrainedConfig, dtype: torch.dtype,
+                 seed: int) -> transformers.PreTrainedModel:
+    if isinstance(source, transformers.PretrainedConfig):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return transformers.AutoModelForCausalLM.from_config(source, dtype=dtype)
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; pass an HF checkpoint directory "
+                                f"(config.json + *.safetensors) or a transformers config")
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def _eos_token_ids(model: transformers.PreTrainedModel) -> set[int]:
+    """eos ids from the config and the generation config (either may hold an int or a list)."""
+    ids: set[int] = set()
+    for source in (model.config, getattr(model, "generation_config", None)):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    if not ids:
+        raise ValueError("the model config has no eos_token_id; set it so generation can stop")
+    return ids
