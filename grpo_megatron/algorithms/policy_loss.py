@@ -170,6 +170,12 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values.masked_fill(~mask, 0.0).sum() / mask.sum().clamp(min=1)
 
 
+def _masked_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Max over the entries where `mask` is set (0 when there are none, even for an empty batch)."""
+    candidates = torch.cat([values.masked_fill(~mask, float("-inf")).flatten(), values.new_full((1,), float("-inf"))])
+    return torch.where(mask.any(), candidates.max(), 0.0)
+
+
 def _metrics(
     surrogate: Surrogate,
     logprobs: torch.Tensor,
@@ -182,15 +188,14 @@ def _metrics(
     dtype = logprobs.dtype
     clipped = surrogate.clipped_low | surrogate.clipped_high | surrogate.clipped_dual
     ratio, ratio_mask = surrogate.ratio, surrogate.ratio_mask
-    has_ratio = ratio_mask.any()
     metrics = {
         "clip_frac_tokens": _masked_mean(clipped.to(dtype), mask),
         "clip_frac_seqs": _masked_mean((clipped & mask).any(-1).to(dtype), mask.any(-1)),
         "clip_frac_low": _masked_mean(surrogate.clipped_low.to(dtype), mask),
         "clip_frac_high": _masked_mean(surrogate.clipped_high.to(dtype), mask),
         "ratio_mean": _masked_mean(ratio, ratio_mask),
-        "ratio_min": torch.where(has_ratio, ratio.masked_fill(~ratio_mask, float("inf")).min(), 0.0),
-        "ratio_max": torch.where(has_ratio, ratio.masked_fill(~ratio_mask, float("-inf")).max(), 0.0),
+        "ratio_min": -_masked_max(-ratio, ratio_mask),
+        "ratio_max": _masked_max(ratio, ratio_mask),
         "approx_kl_old": _masked_mean(estimate_kl(old_logprobs, logprobs.detach(), "k3"), mask),
     }
     if entropy is not None:
