@@ -156,3 +156,19 @@ def _free_port() -> int:
 
 def current_device() -> torch.device:
     return detect().device
+
+
+def add_layout_arguments(parser) -> None:
+    """--tp/--pp/--vpp/--ep/--etp/--cp command-line flags for a ParallelLayout."""
+    group = parser.add_argument_group("parallel layout")
+    group.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    group.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    group.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
+    group.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE)")
+    group.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: --tp)")
+    group.add_argument("--cp", type=int, default=1, help="context parallel size (TransformerEngine only)")
+
+
+def layout_from_args(args) -> ParallelLayout:
+    return ParallelLayout(tensor_parallel=args.tp, pipeline_parallel=args.pp, virtual_pipeline_parallel=args.vpp,
+                          expert_parallel=args.ep, expert_tensor_parallel=args.etp, context_parallel=args.cp)

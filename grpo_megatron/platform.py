@@ -69,7 +69,7 @@ def setup_platform(local_rank: int = 0, num_threads: int | None = None) -> Platf
     else:
         apply_cpu_shims()
     if not platform.has_transformer_engine:
-        _define_missing_te_names()
+        _patch_for_missing_te()
     if num_threads:
         torch.set_num_threads(num_threads)
     return platform
@@ -94,13 +94,37 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _define_missing_te_names() -> None:
-    """megatron-core 0.16 leaves `te_general_gemm` undefined (not None) when TE is absent; the MoE
-    router's fp32 gating then raises NameError. Define it as None so the torch fallback is taken."""
+def _patch_for_missing_te() -> None:
+    """Make megatron-core's local (non-TransformerEngine) layer spec usable."""
+    import copy
+
+    from megatron.core.transformer import torch_norm
     from megatron.core.transformer.moe import moe_utils
 
+    # megatron-core 0.16 leaves `te_general_gemm` undefined (not None) without TE, so the MoE router's
+    # fp32 gating raises NameError; None selects its torch fallback.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+    # torch's norms refuse sequence_parallel (required for MoE with TP > 1). A norm computes the same
+    # thing either way; like TE's norms, tag the weights `sequence_parallel` so that DDP all-reduces
+    # their gradients over the TP group.
+    if getattr(torch_norm.WrappedTorchNorm, "_grpo_patched", False):
+        return
+    original_new = torch_norm.WrappedTorchNorm.__new__
+
+    def new(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, hidden_size, *args, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original_new(cls, plain, hidden_size, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(new)
+    torch_norm.WrappedTorchNorm._grpo_patched = True
 
 
 # --------------------------------------------------------------------------------------- CPU shims

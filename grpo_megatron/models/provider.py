@@ -88,26 +88,12 @@ def build_model(
         chunk.to(current_device())
         for param in chunk.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
-        _tag_sequence_parallel_norms(chunk, layout)
         chunks.append(chunk)
     if dtype in (torch.bfloat16, torch.float16):
         chunks = [Float16Module(bridge.config, c) for c in chunks]
     if wrap_ddp:
         chunks = wrap_with_ddp(chunks, bridge.config, ddp_overrides)
     return PolicyModel(chunks, bridge, hf_config, layout, dtype)
-
-
-def _tag_sequence_parallel_norms(chunk: torch.nn.Module, layout: ParallelLayout) -> None:
-    """Under sequence parallelism, norm weights see only a slice of the tokens on each TP rank.
-
-    TE's norms tag their parameters `sequence_parallel` so that DDP all-reduces their grads over TP;
-    torch's RMSNorm (local spec) does not, so we tag them ourselves.
-    """
-    if not layout.sp:
-        return
-    for name, param in chunk.named_parameters():
-        if "layernorm" in name or name.endswith("final_layernorm.weight"):
-            param.sequence_parallel = True
 
 
 def wrap_with_ddp(chunks: list[torch.nn.Module], config, overrides: dict | None = None) -> list[torch.nn.Module]:

@@ -1,0 +1,57 @@
+"""Shared test fixtures: locally made tiny checkpoints and a one-process gloo world."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """Factory: tiny_hf_dir(family) -> a random-weight HF checkpoint of that family (made once)."""
+    from grpo_megatron.models.tiny import make_tiny_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_hf")
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = make_tiny_hf_checkpoint(family, root / family, seed=0)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def dist_world1():
+    """torch.distributed with one gloo process, for in-process megatron tests."""
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    from grpo_megatron.parallel import init_distributed
+
+    init_distributed()
+    yield
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a repo script (under torchrun when nproc > 1) and capture its output."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for key in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", *args]
+    else:
+        cmd = [sys.executable, *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
