@@ -31,5 +31,5 @@ setup(
         "logging": ["tensorboard", "wandb"],
         "plots": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["grpo-megatron-train=grpo_megatron.training.main:main"]},
+    entry_points={"console_scripts": ["grpo-megatron-train=grpo_megatron.train:main"]},
 )

@@ -38,11 +38,22 @@ def sharded_model_state(model: PolicyModel) -> dict:
     return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model.unwrapped())}
 
 
+def _full_state(model: PolicyModel, optimizer, is_loading: bool) -> dict:
+    state = sharded_model_state(model)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+    return state
+
+
 def save_mcore_checkpoint(
     model: PolicyModel, output: str | Path, *, tokenizer_path: str | Path | None = None,
-    metadata: dict | None = None, extra_state: dict | None = None,
+    metadata: dict | None = None, optimizer=None, extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Save the model (and optional extra sharded state, e.g. the optimizer) at `output` atomically."""
+    """Save the model (and optionally its megatron optimizer) at `output` atomically.
+
+    `extra_files` (name -> text) are written by rank 0 inside the checkpoint before it is renamed
+    into place, so they are exactly as complete as the weights.
+    """
     from megatron.core import dist_checkpointing
 
     output = Path(output)
@@ -51,11 +62,11 @@ def save_mcore_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         (staging / MODEL_SUBDIR).mkdir(parents=True)
     _barrier()
-    state = sharded_model_state(model)
-    if extra_state:
-        state.update(extra_state)
-    dist_checkpointing.save(state, str(staging / MODEL_SUBDIR))
+    dist_checkpointing.save(_full_state(model, optimizer, is_loading=False), str(staging / MODEL_SUBDIR))
+    _barrier()
     if _is_rank0():
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
         model.hf_config.save_pretrained(staging / HF_SUBDIR)
         if tokenizer_path is not None:
             for file in Path(tokenizer_path).iterdir():
@@ -82,22 +93,17 @@ def read_checkpoint_config(path: str | Path) -> tuple[transformers.PretrainedCon
     return config, json.loads((path / METADATA_FILE).read_text())
 
 
-def load_mcore_checkpoint(model: PolicyModel, path: str | Path, extra_state: dict | None = None) -> dict:
-    """Load weights saved at any layout into `model` (built at the current layout).
-
-    Returns the loaded extra state (same keys as `extra_state`), e.g. for the optimizer.
-    """
+def load_mcore_checkpoint(model: PolicyModel, path: str | Path, optimizer=None) -> None:
+    """Load weights (and the optimizer, if given) saved at any layout into `model` at the current layout."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
     read_checkpoint_config(path)
-    state = sharded_model_state(model)
-    if extra_state:
-        state.update(extra_state)
-    loaded = dist_checkpointing.load(state, str(path / MODEL_SUBDIR))
+    loaded = dist_checkpointing.load(_full_state(model, optimizer, is_loading=True), str(path / MODEL_SUBDIR))
     for i, chunk in enumerate(model.unwrapped()):
         chunk.load_state_dict(loaded[f"chunk{i}"], strict=True)
-    return {k: v for k, v in loaded.items() if not k.startswith("chunk")}
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
 
 
 def dtype_from_name(name: str) -> torch.dtype:

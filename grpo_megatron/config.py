@@ -1,0 +1,350 @@
+"""Run configuration: one YAML file plus command-line overrides, strictly checked.
+
+Every key is a dataclass field below; an unknown key (in YAML or on the command line) is an error that
+lists the known ones. Overrides come either as dotted paths (`--train.lr 1e-6`, `--rollout.group_size=8`)
+or as megatron's flag names (`--tensor-model-parallel-size 2`, `--micro-batch-size 4`, see
+MEGATRON_FLAGS). The resolved config is written to the run directory as `config.yaml`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from grpo_megatron.parallel import ParallelLayout
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str = ""  # HF checkpoint: architecture, tokenizer and (unless megatron_path) initial weights
+    megatron_path: str | None = None  # optional megatron checkpoint with the initial weights
+    dtype: str = "float32"
+    recompute_activations: bool = False  # full activation recomputation in the backward pass
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    apply_chat_template: bool = False
+    max_prompt_tokens: int | None = None
+    shuffle: bool = True
+
+
+@dataclass
+class SGLangConfig:
+    urls: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    timeout_s: float = 300.0
+    max_in_flight: int = 64
+    weight_sync: str = "disk"  # tensor | distributed | disk
+    bucket_mb: int = 512
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "embedded"  # embedded | sglang
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: list[int] = field(default_factory=list)
+    use_engine_logprobs: bool = False  # old log-probs from the engine instead of a policy forward pass
+    dynamic_sampling: bool = False  # DAPO: keep only groups with reward std > 0, refill from more prompts
+    max_sampling_rounds: int = 4  # cap on generation rounds per step when dynamic sampling refills
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+
+@dataclass
+class RewardFunctionConfig:
+    name: str = ""  # a registered reward, or "module.path:function"
+    weight: float = 1.0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    functions: list[RewardFunctionConfig] = field(default_factory=list)
+    fallback: float = 0.0  # score for a sample whose reward function raised or timed out
+    timeout_s: float = 10.0
+    overlong_penalty: bool = False  # DAPO overlong reward shaping
+    overlong_cache_tokens: int = 4
+    correct_threshold: float = 1.0  # reward >= this counts as correct for accuracy
+
+
+@dataclass
+class AlgorithmConfig:
+    loss: str = "gspo"  # grpo | gspo | gspo_token
+    clip_low: float = 3e-4  # GSPO paper defaults; use 0.2 / 0.28 for GRPO/DAPO
+    clip_high: float = 4e-4
+    dual_clip_c: float | None = None
+    loss_agg: str = "seq_mean_token_mean"
+    advantage: str = "grpo"  # grpo | dr_grpo
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    overlong_filter: bool = False  # DAPO: mask truncated samples out of the loss
+    routing_replay: str = "none"  # none | r2 | r3 (MoE only)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    num_minibatches: int = 4  # optimizer steps per rollout batch (off-policy after the first)
+    micro_batch_size: int = 8
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    sft_warmup_steps: int = 0  # supervised steps on (prompt, answer) before RL
+    sft_lr: float = 1e-3
+    num_threads: int | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 0  # 0: only at the end
+    keep_last: int = 2
+    resume: bool = False  # continue from the latest checkpoint in the run directory
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0  # 0: only before and after training
+    num_prompts: int = 64
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "grpo_megatron"
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        """Checks that need several fields; each names the key to change."""
+        if not self.model.hf_path:
+            raise ConfigError("model.hf_path is required (HF checkpoint directory with config and tokenizer)")
+        if not self.data.train_files:
+            raise ConfigError("data.train_files is empty: give at least one JSONL or Parquet file")
+        if not self.reward.functions:
+            raise ConfigError("reward.functions is empty: name at least one reward function")
+        if self.rollout.engine not in ("embedded", "sglang"):
+            raise ConfigError(f"rollout.engine={self.rollout.engine!r}: use 'embedded' or 'sglang'")
+        if self.algorithm.routing_replay not in ("none", "r2", "r3"):
+            raise ConfigError(f"algorithm.routing_replay={self.algorithm.routing_replay!r}: use none, r2 or r3")
+        batch = self.rollout.prompts_per_step * self.rollout.group_size
+        if batch % self.train.num_minibatches:
+            raise ConfigError(
+                f"rollout batch {self.rollout.prompts_per_step}x{self.rollout.group_size}={batch} sequences "
+                f"does not split into train.num_minibatches={self.train.num_minibatches}; choose a divisor")
+        for name in ("steps", "num_minibatches", "micro_batch_size"):
+            if getattr(self.train, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1")
+        if self.rollout.group_size < 2:
+            raise ConfigError("rollout.group_size must be >= 2: group-relative advantages need a group")
+
+
+# megatron-LM flag -> dotted config path
+MEGATRON_FLAGS = {
+    "tensor-model-parallel-size": "parallel.tensor_parallel",
+    "pipeline-model-parallel-size": "parallel.pipeline_parallel",
+    "num-virtual-stages-per-pipeline-rank": "parallel.virtual_pipeline_parallel",
+    "expert-model-parallel-size": "parallel.expert_parallel",
+    "expert-tensor-parallel-size": "parallel.expert_tensor_parallel",
+    "context-parallel-size": "parallel.context_parallel",
+    "sequence-parallel": "parallel.sequence_parallel",
+    "micro-batch-size": "train.micro_batch_size",
+    "train-iters": "train.steps",
+    "lr": "train.lr",
+    "min-lr": "train.min_lr",
+    "lr-warmup-iters": "train.lr_warmup_steps",
+    "lr-decay-style": "train.lr_decay_style",
+    "weight-decay": "train.weight_decay",
+    "adam-beta1": "train.adam_beta1",
+    "adam-beta2": "train.adam_beta2",
+    "adam-eps": "train.adam_eps",
+    "clip-grad": "train.clip_grad",
+    "seed": "train.seed",
+    "save-interval": "checkpoint.save_interval",
+    "recompute-activations": "model.recompute_activations",
+    "bf16": "model.dtype",
+}
+_FLAG_CONSTANTS = {"bf16": "bfloat16", "sequence-parallel": "true", "recompute-activations": "true"}
+
+
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Turn YAML/CLI values into the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(hint, value, where)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if hint in (int, float, str):
+        try:
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}") from None
+    return value
+
+
+def _from_dict(cls, data: dict, where: str = ""):
+    hints = _type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"known keys{' in ' + where if where else ''}: {', '.join(known)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """`--a.b value`, `--a.b=value` and megatron flags -> a nested dict of overrides."""
+    overrides: dict = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --train.lr 1e-6")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif key in _FLAG_CONSTANTS:
+            value = _FLAG_CONSTANTS[key]
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg} needs a value")
+            i += 1
+            value = argv[i]
+        path = MEGATRON_FLAGS.get(key, key.replace("-", "_") if "." not in key else key)
+        if "." not in path:
+            raise ConfigError(f"unknown flag --{key}; use a dotted key (e.g. --train.lr) or one of the "
+                              f"megatron flags: {', '.join('--' + f for f in MEGATRON_FLAGS)}")
+        node = overrides
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+        i += 1
+    return overrides
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """Read YAML, apply overrides, coerce types, reject unknown keys, and validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        base_dir = path.parent
+        data = _resolve_relative_paths(data, base_dir)
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        data = _merge(data, extra)
+    config = _from_dict(RunConfig, data)
+    config.validate()
+    return config
+
+
+def _resolve_relative_paths(data: dict, base: Path) -> dict:
+    """Paths in a config file are relative to that file, so configs can be run from anywhere."""
+    def fix(p):
+        return str((base / p).resolve()) if isinstance(p, str) and p and not Path(p).is_absolute() else p
+
+    data = dict(data)
+    for section, keys in (("model", ("hf_path", "megatron_path")), ("data", ("train_files", "eval_files"))):
+        if isinstance(data.get(section), dict):
+            sec = dict(data[section])
+            for key in keys:
+                if isinstance(sec.get(key), list):
+                    sec[key] = [fix(p) for p in sec[key]]
+                elif key in sec:
+                    sec[key] = fix(sec[key])
+            data[section] = sec
+    return data
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,201 @@
+"""Forward and forward-backward passes of a megatron policy through megatron's pipeline schedules.
+
+Every pass goes through `get_forward_backward_func`, so micro-batching, pipeline parallelism (1F1B,
+interleaved) and the DDP gradient reduction are megatron's own. Log-probs come from the vocab-parallel
+chunked function of the algorithms package, on the last pipeline stage.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from grpo_megatron.algorithms import token_logprobs_and_entropy
+from grpo_megatron.models.provider import PolicyModel
+from grpo_megatron.training.batch import MicroBatch
+
+LossFn = Callable[[MicroBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+"""(micro_batch, logprobs [b, s], entropy [b, s]) -> (loss normalised by the *global* count, metrics)."""
+
+
+def _tp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group() if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
+
+
+def is_last_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def data_parallel_info() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def _run_schedule(model: PolicyModel, micro_batches: list[MicroBatch], loss_fn: LossFn, temperature: float,
+                  forward_only: bool) -> list[dict]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        return []
+    group = _tp_group()
+
+    def forward_step(data_iterator, chunk):
+        mb = next(data_iterator)
+        output = chunk(input_ids=mb.tokens, position_ids=mb.positions, attention_mask=None)
+        return output, functools.partial(_loss_on_logits, mb)
+
+    def _loss_on_logits(mb: MicroBatch, logits: torch.Tensor):
+        logprobs, entropy = token_logprobs_and_entropy(
+            logits.float(), mb.targets, temperature=temperature, process_group=group)
+        return loss_fn(mb, logprobs, entropy)
+
+    num_chunks = len(model.chunks)
+    iterators = [iter(micro_batches) for _ in range(num_chunks)]
+    seq_length = max(mb.tokens.shape[1] for mb in micro_batches)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if num_chunks > 1 else iterators[0],
+        model=model.chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batches[0].tokens.shape[0],
+        forward_only=forward_only,
+    )
+
+
+def forward_logprobs(model: PolicyModel, micro_batches: list[MicroBatch], temperature: float) -> list[dict]:
+    """Log-probs and entropy of every target token, per micro-batch, without gradients.
+
+    Returns (on the last pipeline stage; [] elsewhere) one dict per micro-batch with `logprobs` and
+    `entropy` [b, s] in the micro-batch's row order.
+    """
+    def keep(mb, logprobs, entropy):
+        return torch.zeros((), device=logprobs.device), {"logprobs": logprobs.detach(), "entropy": entropy.detach()}
+
+    with torch.no_grad():
+        return _run_schedule(model, micro_batches, keep, temperature, forward_only=True)
+
+
+class Actor:
+    """The trainable policy: megatron DDP chunks, megatron optimizer and LR schedule."""
+
+    def __init__(self, model: PolicyModel, train_cfg, total_steps: int):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.model = model
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=train_cfg.lr, min_lr=train_cfg.min_lr, weight_decay=train_cfg.weight_decay,
+            adam_beta1=train_cfg.adam_beta1, adam_beta2=train_cfg.adam_beta2, adam_eps=train_cfg.adam_eps,
+            clip_grad=train_cfg.clip_grad, bf16=model.dtype == torch.bfloat16, fp16=model.dtype == torch.float16,
+            params_dtype=model.dtype, use_distributed_optimizer=False,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, model.chunks)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if train_cfg.lr_warmup_steps else train_cfg.lr, max_lr=train_cfg.lr,
+            min_lr=train_cfg.min_lr, lr_warmup_steps=train_cfg.lr_warmup_steps,
+            lr_decay_steps=max(total_steps, 1), lr_decay_style=train_cfg.lr_decay_style,
+            start_wd=train_cfg.weight_decay, end_wd=train_cfg.weight_decay, wd_incr_steps=max(total_steps, 1),
+            wd_incr_style="constant",
+        )
+        self.install_schedule_hooks()
+
+    def install_schedule_hooks(self) -> None:
+        """Point megatron's schedule at this actor's optimizer (the config object is shared by actors)."""
+        from megatron.core.distributed import finalize_model_grads
+
+        config, chunks = self.model.config, self.model.chunks
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+        config.timers = None
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, temperature: float) -> dict:
+        """One optimizer step over `micro_batches` (this rank's share of one mini-batch).
+
+        `loss_fn` returns the loss normalised by the global (all micro-batches, all DP ranks) count.
+        Megatron divides each micro-batch loss by the number of micro-batches and DDP averages
+        gradients over DP ranks; we multiply both back so that gradients are exactly those of the
+        global loss, however the mini-batch is split.
+        """
+        _, dp_size = data_parallel_info()
+        scale = len(micro_batches) * dp_size
+
+        def scaled(mb, logprobs, entropy):
+            loss, metrics = loss_fn(mb, logprobs, entropy)
+            metrics["_tokens"] = torch.tensor(float(mb.num_response_tokens))
+            return loss * scale, metrics
+
+        for chunk in self.model.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = _run_schedule(self.model, micro_batches, scaled, temperature, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        metrics = reduce_metrics(outputs)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["update_skipped"] = float(not update_ok)
+        return metrics
+
+
+_MIN_KEYS = ("ratio_min",)
+_MAX_KEYS = ("ratio_max",)
+
+
+def reduce_metrics(outputs: list[dict]) -> dict:
+    """Token-weighted means of per-micro-batch metrics over micro-batches, DP ranks and pipeline stages.
+
+    Only the last pipeline stage computes losses; other stages contribute nothing, and the result is
+    the same on every rank.
+    """
+    from megatron.core import parallel_state
+
+    keys = sorted({k for out in outputs for k in out if not k.startswith("_")})
+    keys = _agree_on_keys(keys)
+    sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
+    mins = torch.full((len(keys),), float("inf"), dtype=torch.float64)
+    maxs = torch.full((len(keys),), float("-inf"), dtype=torch.float64)
+    for out in outputs:
+        weight = float(out["_tokens"])
+        sums[-1] += weight
+        for j, key in enumerate(keys):
+            value = float(out[key]) if key in out else 0.0
+            sums[j] += value * weight
+            mins[j] = min(mins[j], value)
+            maxs[j] = max(maxs[j], value)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(mins, op=dist.ReduceOp.MIN)
+        dist.all_reduce(maxs, op=dist.ReduceOp.MAX)
+        # Every rank of a TP group (and of a DP replica's stages) saw the same micro-batches.
+        sums /= parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_context_parallel_world_size()
+    total = float(sums[-1]) or 1.0
+    result = {}
+    for j, key in enumerate(keys):
+        if key in _MIN_KEYS:
+            result[key] = float(mins[j])
+        elif key in _MAX_KEYS:
+            result[key] = float(maxs[j])
+        else:
+            result[key] = float(sums[j]) / total
+    return result
+
+
+def _agree_on_keys(keys: list[str]) -> list[str]:
+    """Ranks that are not the last stage have no metrics; take the key list from those that do."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return keys
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, keys)
+    return sorted(set().union(*everyone))

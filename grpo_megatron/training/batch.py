@@ -1,0 +1,113 @@
+"""Rollout samples -> padded micro-batch tensors for megatron, and per-sample results back.
+
+Layout convention (one place, used by every forward pass): a sequence is prompt + response, right-
+padded; position t of every per-token tensor refers to the *target* token t + 1, so the response
+tokens r_0..r_{R-1} of a prompt of length P sit at positions P-1 .. P+R-2. Micro-batches are built
+from sequences of similar length (sorted by length) and padded only to their own longest sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One prompt + response with everything the loss needs; per-token lists cover the response only."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    group: int  # index of the prompt in the step's batch (samples of a group share it)
+    reward: float = 0.0
+    truncated: bool = False
+    engine_logprobs: list[float] | None = None
+    routed_experts: torch.Tensor | None = None  # [len(prompt)+len(response)-1, layers, topk] from the engine
+    answer: str | None = None
+    meta: dict = field(default_factory=dict)
+    # filled by the trainer
+    advantage: float = 0.0
+    old_logprobs: torch.Tensor | None = None  # [R]
+    ref_logprobs: torch.Tensor | None = None  # [R]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass
+class MicroBatch:
+    indices: list[int]  # which samples of the batch, in row order
+    tokens: torch.Tensor  # [b, s]
+    positions: torch.Tensor  # [b, s]
+    targets: torch.Tensor  # [b, s]: token t+1 at position t
+    response_mask: torch.Tensor  # [b, s]
+    advantages: torch.Tensor  # [b]
+    old_logprobs: torch.Tensor | None = None  # [b, s]
+    ref_logprobs: torch.Tensor | None = None  # [b, s]
+    engine_logprobs: torch.Tensor | None = None  # [b, s]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+
+def response_span(sample: Sample) -> slice:
+    start = len(sample.prompt_ids) - 1
+    return slice(start, start + len(sample.response_ids))
+
+
+def _aligned(samples: list[Sample], values: list[torch.Tensor | list[float] | None], width: int) -> torch.Tensor | None:
+    if any(v is None for v in values):
+        return None
+    out = torch.zeros(len(samples), width, dtype=torch.float32)
+    for row, (sample, value) in enumerate(zip(samples, values)):
+        out[row, response_span(sample)] = torch.as_tensor(value, dtype=torch.float32)
+    return out
+
+
+def make_micro_batch(samples: list[Sample], indices: list[int], pad_id: int, pad_multiple: int = 1) -> MicroBatch:
+    chosen = [samples[i] for i in indices]
+    width = max(s.length for s in chosen)
+    width = -(-width // pad_multiple) * pad_multiple
+    tokens = torch.full((len(chosen), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(chosen), width, dtype=torch.float32)
+    for row, sample in enumerate(chosen):
+        sequence = sample.prompt_ids + sample.response_ids
+        tokens[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, response_span(sample)] = 1.0
+    targets = torch.cat([tokens[:, 1:], torch.full((len(chosen), 1), pad_id, dtype=torch.long)], dim=1)
+    positions = torch.arange(width).unsqueeze(0).expand(len(chosen), -1).contiguous()
+    return MicroBatch(
+        indices=list(indices),
+        tokens=tokens,
+        positions=positions,
+        targets=targets,
+        response_mask=mask,
+        advantages=torch.tensor([s.advantage for s in chosen], dtype=torch.float32),
+        old_logprobs=_aligned(chosen, [s.old_logprobs for s in chosen], width),
+        ref_logprobs=_aligned(chosen, [s.ref_logprobs for s in chosen], width),
+        engine_logprobs=_aligned(chosen, [s.engine_logprobs for s in chosen], width),
+    )
+
+
+def split_for_rank(indices: list[int], samples: list[Sample], dp_rank: int, dp_size: int) -> list[int]:
+    """This data-parallel rank's share of `indices`: sorted by length, then dealt round-robin."""
+    ordered = sorted(indices, key=lambda i: (samples[i].length, i))
+    return ordered[dp_rank::dp_size]
+
+
+def make_micro_batches(
+    samples: list[Sample], indices: list[int], micro_batch_size: int, pad_id: int, pad_multiple: int = 1
+) -> list[MicroBatch]:
+    """Length-bucketed micro-batches of at most `micro_batch_size` sequences."""
+    ordered = sorted(indices, key=lambda i: (samples[i].length, i))
+    return [
+        make_micro_batch(samples, ordered[start: start + micro_batch_size], pad_id, pad_multiple)
+        for start in range(0, len(ordered), micro_batch_size)
+    ]
+
+
+def scatter_response_values(samples: list[Sample], micro_batch: MicroBatch, values: torch.Tensor) -> list[torch.Tensor]:
+    """Cut per-position values [b, s] of a micro-batch back into per-sample response vectors."""
+    return [values[row, response_span(samples[i])].detach().clone() for row, i in enumerate(micro_batch.indices)]

@@ -1,0 +1,379 @@
+"""The RL loop. One step:
+
+prompts -> rollout engine (G samples each) -> rewards -> [dynamic sampling refill] -> group advantages
+-> old-policy log-probs -> [reference log-probs] -> num_minibatches optimizer steps -> weight sync.
+
+Rank 0 drives the rollout engine and broadcasts the step's samples; every rank then runs the same
+megatron passes on its share of the data.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from grpo_megatron.algorithms import (
+    ADVANTAGE_ESTIMATORS, compute_policy_loss, dynamic_sampling_keep, loss_normalizer, overlong_reward_penalty)
+from grpo_megatron.config import RunConfig, save_config, to_dict
+from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, model_dims
+from grpo_megatron.models.mcore_checkpoint import dtype_from_name, load_mcore_checkpoint
+from grpo_megatron.models.tokenizer import load_tokenizer
+from grpo_megatron.parallel import init_distributed, init_model_parallel
+from grpo_megatron.rollout.base import SamplingParams
+from grpo_megatron.rollout.data import PromptDataset, PromptLoader
+from grpo_megatron.training import checkpoint as ckpt
+from grpo_megatron.training.actor import Actor, data_parallel_info, forward_logprobs, is_last_stage
+from grpo_megatron.training.batch import (
+    Sample, make_micro_batch, make_micro_batches, scatter_response_values, split_for_rank)
+from grpo_megatron.training.engine_factory import make_engine
+from grpo_megatron.training.metrics import MetricsLogger, PhaseTimer
+from grpo_megatron.training.mismatch import train_rollout_mismatch
+from grpo_megatron.training.reward_runner import RewardRunner
+
+logger = logging.getLogger(__name__)
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _broadcast(obj):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj if _rank0() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        init_distributed()
+        torch.manual_seed(cfg.train.seed)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.hf_config = load_hf_config(cfg.model.hf_path)
+        self.tokenizer = load_tokenizer(cfg.model.hf_path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.dtype = dtype_from_name(cfg.model.dtype)
+        self._check_replay_config()
+        init_model_parallel(cfg.parallel, seed=cfg.train.seed, **model_dims(self.hf_config))
+        self.tp_size = cfg.parallel.tensor_parallel
+        self.policy = self._build(wrap_ddp=True)
+        self._load_initial_weights(self.policy)
+        self.actor = Actor(self.policy, cfg.train, total_steps=cfg.train.steps * cfg.train.num_minibatches)
+        self.reference = None
+        if cfg.algorithm.kl_coef > 0:
+            self.reference = self._build(wrap_ddp=False)
+            self._load_initial_weights(self.reference)
+            for chunk in self.reference.chunks:
+                chunk.requires_grad_(False)
+        self.train_data = PromptDataset(cfg.data.train_files, self.tokenizer, cfg.data.apply_chat_template,
+                                        cfg.data.max_prompt_tokens)
+        self.loader = PromptLoader(self.train_data, cfg.rollout.prompts_per_step, seed=cfg.train.seed,
+                                   shuffle=cfg.data.shuffle)
+        self.eval_data = (PromptDataset(cfg.data.eval_files, self.tokenizer, cfg.data.apply_chat_template,
+                                        cfg.data.max_prompt_tokens) if cfg.data.eval_files else None)
+        self.rewards = RewardRunner(cfg.reward)
+        self.engine = make_engine(cfg, self.dtype) if _rank0() else None
+        self.step = 0
+        resume_from = ckpt.latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
+        if resume_from is not None:
+            self._resume(resume_from)
+        if _rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
+                                         cfg.logging.wandb_project, to_dict(cfg),
+                                         resume_step=self.step if resume_from is not None else None)
+
+    # ------------------------------------------------------------------------------------ set-up
+    def _check_replay_config(self) -> None:
+        from grpo_megatron.config import ConfigError
+        from grpo_megatron.models.bridge import MOE_MODEL_TYPES
+
+        if self.cfg.algorithm.routing_replay != "none" and self.hf_config.model_type not in MOE_MODEL_TYPES:
+            raise ConfigError(f"algorithm.routing_replay={self.cfg.algorithm.routing_replay} needs an MoE model; "
+                              f"{self.hf_config.model_type} is dense: set routing_replay: none")
+
+    def _build(self, wrap_ddp: bool):
+        overrides = {}
+        if self.cfg.model.recompute_activations:
+            overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        return build_model(self.hf_config, self.cfg.parallel, self.dtype, wrap_ddp=wrap_ddp, **overrides)
+
+    def _load_initial_weights(self, model) -> None:
+        if self.cfg.model.megatron_path:
+            load_mcore_checkpoint(model, self.cfg.model.megatron_path)
+        else:
+            load_hf_weights(model, self.cfg.model.hf_path)
+
+    def _resume(self, path: Path) -> None:
+        state = ckpt.load_run_checkpoint(path, self.policy, self.actor.optimizer)
+        self.step = state["step"]
+        self.actor.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        self.sync_weights()
+        if _rank0():
+            logger.info("resumed from %s at step %d", path, self.step)
+
+    def save_checkpoint(self) -> Path:
+        state = {"scheduler": self.actor.scheduler.state_dict(), "loader": self.loader.state_dict()}
+        return ckpt.save_run_checkpoint(self.run_dir, self.step, self.policy, self.actor.optimizer, state,
+                                        self.cfg.model.hf_path, self.cfg.checkpoint.keep_last)
+
+    # ------------------------------------------------------------------------------------ rollout
+    def sampling_params(self, step: int, greedy: bool = False, n: int | None = None,
+                        max_new_tokens: int | None = None) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(
+            max_new_tokens=max_new_tokens or r.max_new_tokens, temperature=0.0 if greedy else r.temperature,
+            top_p=r.top_p, top_k=r.top_k, stop_token_ids=list(r.stop_token_ids),
+            n=n or r.group_size, seed=self.cfg.train.seed * 1_000_003 + step)
+
+    def _generate_groups(self, items, params, round_index: int, first_group: int) -> list[Sample]:
+        prompts = [item["prompt_ids"] for item in items]
+        replay = self.cfg.algorithm.routing_replay == "r3"
+        completions = self.engine.generate(prompts, params, return_routed_experts=replay)
+        samples = []
+        for group, (item, outs) in enumerate(zip(items, completions), start=first_group):
+            for out in outs:
+                samples.append(Sample(
+                    prompt_ids=list(out.prompt_ids), response_ids=list(out.response_ids), group=group,
+                    truncated=out.finish_reason == "length", engine_logprobs=list(out.response_logprobs),
+                    routed_experts=out.routed_experts, answer=item["answer"], meta=dict(item["meta"])))
+        return samples
+
+    def _score(self, samples: list[Sample]) -> None:
+        texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+        prompts = [self.tokenizer.decode(s.prompt_ids, skip_special_tokens=True) for s in samples]
+        rewards = self.rewards.score(prompts, texts, [s.answer for s in samples], [s.meta for s in samples])
+        if self.cfg.reward.overlong_penalty:
+            lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
+            penalty = overlong_reward_penalty(lengths, self.cfg.rollout.max_new_tokens,
+                                              self.cfg.reward.overlong_cache_tokens)
+            rewards = [r + float(p) for r, p in zip(rewards, penalty)]
+        for sample, reward in zip(samples, rewards):
+            sample.reward = reward
+
+    def rollout(self) -> tuple[list[Sample], dict]:
+        """Rank 0: prompts -> samples with rewards (dynamic sampling refills zero-variance groups)."""
+        cfg = self.cfg.rollout
+        G = cfg.group_size
+        kept: list[Sample] = []
+        dropped: list[Sample] = []
+        drawn = 0
+        first_round_groups = None
+        for round_index in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+            items = self.loader.next_batch()
+            drawn += len(items)
+            samples = self._generate_groups(items, self.sampling_params(self.step * 97 + round_index),
+                                            round_index, first_group=drawn - len(items))
+            self._score(samples)
+            if first_round_groups is None:
+                first_round_groups = samples
+            if not cfg.dynamic_sampling:
+                kept = samples
+                break
+            rewards = torch.tensor([s.reward for s in samples])
+            keep = dynamic_sampling_keep(rewards, G)
+            for g in range(len(items)):
+                group = samples[g * G:(g + 1) * G]
+                (kept if bool(keep[g]) else dropped).extend(group)
+            if len(kept) >= cfg.prompts_per_step * G:
+                break
+        target = cfg.prompts_per_step * G
+        shortfall = max(0, target - len(kept)) // G
+        batch = (kept + dropped)[:target]  # short of varied groups: fill with zero-advantage ones
+        metrics = self._rollout_metrics(first_round_groups, batch, drawn, shortfall)
+        return batch, metrics
+
+    def _rollout_metrics(self, first_round: list[Sample], batch: list[Sample], drawn: int, shortfall: int) -> dict:
+        G = self.cfg.rollout.group_size
+        rewards = torch.tensor([s.reward for s in batch])
+        first = torch.tensor([s.reward for s in first_round]).view(-1, G)
+        lengths = torch.tensor([len(s.response_ids) for s in batch], dtype=torch.float32)
+        correct = rewards >= self.cfg.reward.correct_threshold
+        return {
+            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "reward/accuracy": float(correct.float().mean()),
+            "reward/zero_std_group_frac": float((first.std(dim=1) == 0).float().mean()),
+            "rollout/prompts_drawn": drawn, "rollout/dynamic_sampling_shortfall": shortfall,
+            "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
+            "response/truncation_rate": float(torch.tensor([s.truncated for s in batch]).float().mean()),
+            "rollout/tokens": int(sum(s.length for s in batch)),
+        }
+
+    # ------------------------------------------------------------------------------------ training
+    def _advantages(self, samples: list[Sample]) -> None:
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
+        advantages = ADVANTAGE_ESTIMATORS.get(self.cfg.algorithm.advantage)(rewards, self.cfg.rollout.group_size)
+        for sample, adv in zip(samples, advantages.tolist()):
+            sample.advantage = adv
+
+    def _pad_multiple(self) -> int:
+        return self.tp_size if self.cfg.parallel.sp else 1
+
+    def _logprob_pass(self, model, samples: list[Sample]) -> dict[int, torch.Tensor]:
+        """Per-sample response log-probs under `model`, available on every last-stage rank."""
+        dp_rank, dp_size = data_parallel_info()
+        mine = split_for_rank(list(range(len(samples))), samples, dp_rank, dp_size)
+        micro = make_micro_batches(samples, mine, self.cfg.train.micro_batch_size, self.pad_id, self._pad_multiple())
+        outputs = forward_logprobs(model, micro, self.cfg.rollout.temperature or 1.0)
+        result = {}
+        for mb, out in zip(micro, outputs):
+            for i, values in zip(mb.indices, scatter_response_values(samples, mb, out["logprobs"])):
+                result[i] = values
+        if dp_size > 1:
+            from megatron.core import parallel_state
+
+            gathered: list = [None] * dp_size
+            dist.all_gather_object(gathered, result, group=parallel_state.get_data_parallel_group())
+            result = {k: v for part in gathered for k, v in part.items()}
+        return result
+
+    def _loss_fn(self, normalizer: float, first_minibatch: bool):
+        alg = self.cfg.algorithm
+        max_len = self.cfg.rollout.max_new_tokens
+
+        def loss_fn(mb, logprobs, entropy):
+            loss, metrics = compute_policy_loss(
+                logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, variant=alg.loss,
+                clip_low=alg.clip_low, clip_high=alg.clip_high, loss_agg=alg.loss_agg,
+                ref_logprobs=mb.ref_logprobs, kl_coef=alg.kl_coef, kl_estimator=alg.kl_estimator,
+                dual_clip_c=alg.dual_clip_c, entropy=entropy, normalizer=normalizer, max_response_length=max_len)
+            if first_minibatch and mb.engine_logprobs is not None:
+                metrics.update(train_rollout_mismatch(logprobs.detach(), mb.engine_logprobs, mb.response_mask))
+            return loss, metrics
+
+        return loss_fn
+
+    def train_on(self, samples: list[Sample], timer: PhaseTimer) -> dict:
+        cfg, alg = self.cfg, self.cfg.algorithm
+        self._advantages(samples)
+        if alg.overlong_filter:
+            for s in samples:
+                s.meta["_in_loss"] = not s.truncated
+        with timer.phase("old_logprobs"):
+            if cfg.rollout.use_engine_logprobs:
+                for s in samples:
+                    s.old_logprobs = torch.tensor(s.engine_logprobs, dtype=torch.float32)
+            else:
+                old = self._logprob_pass(self.policy, samples)
+                for i, s in enumerate(samples):
+                    s.old_logprobs = old.get(i, torch.zeros(len(s.response_ids)))
+        if self.reference is not None:
+            with timer.phase("ref_logprobs"):
+                ref = self._logprob_pass(self.reference, samples)
+                for i, s in enumerate(samples):
+                    s.ref_logprobs = ref.get(i, torch.zeros(len(s.response_ids)))
+        dp_rank, dp_size = data_parallel_info()
+        per_minibatch = len(samples) // cfg.train.num_minibatches
+        results = []
+        with timer.phase("train"):
+            for m in range(cfg.train.num_minibatches):
+                indices = list(range(m * per_minibatch, (m + 1) * per_minibatch))
+                whole = make_micro_batch(samples, indices, self.pad_id)
+                normalizer = loss_normalizer(self._loss_mask(samples, whole), alg.loss_agg, cfg.rollout.max_new_tokens)
+                mine = split_for_rank(indices, samples, dp_rank, dp_size)
+                micro = make_micro_batches(samples, mine, cfg.train.micro_batch_size, self.pad_id, self._pad_multiple())
+                for mb in micro:
+                    mb.response_mask = self._loss_mask(samples, mb)
+                results.append(self.actor.train_step(micro, self._loss_fn(normalizer, m == 0),
+                                                     cfg.rollout.temperature or 1.0))
+        metrics = {k: sum(r[k] for r in results) / len(results) for k in results[0] if not k.startswith("train_rollout")}
+        metrics.update({k: v for k, v in results[0].items() if k.startswith("train_rollout")})
+        metrics["lr"] = self.actor.lr
+        return {("train/" + k if "/" not in k else k): v for k, v in metrics.items()}
+
+    @staticmethod
+    def _loss_mask(samples: list[Sample], mb) -> torch.Tensor:
+        keep = torch.tensor([float(samples[i].meta.get("_in_loss", True)) for i in mb.indices])
+        return mb.response_mask * keep.unsqueeze(1)
+
+    # ------------------------------------------------------------------------------------ sync / eval
+    def sync_weights(self) -> None:
+        from grpo_megatron.models.hf_weights import export_hf_weights
+
+        weights = [(name, tensor.clone()) for name, tensor in export_hf_weights(self.policy)]
+        if _rank0():
+            self.engine.update_weights(weights, version=self.step)
+
+    def evaluate(self) -> dict:
+        """Greedy accuracy on held-out prompts (rank 0; the engine has the current weights)."""
+        if self.eval_data is None or not _rank0():
+            return {}
+        n = min(self.cfg.eval.num_prompts, len(self.eval_data))
+        items = [self.eval_data[i] for i in range(n)]
+        params = self.sampling_params(0, greedy=True, n=1, max_new_tokens=self.cfg.eval.max_new_tokens)
+        outs = self.engine.generate([it["prompt_ids"] for it in items], params)
+        texts = [self.tokenizer.decode(o[0].response_ids, skip_special_tokens=True) for o in outs]
+        prompts = [self.tokenizer.decode(it["prompt_ids"], skip_special_tokens=True) for it in items]
+        rewards = self.rewards.score(prompts, texts, [it["answer"] for it in items], [it["meta"] for it in items])
+        correct = [r >= self.cfg.reward.correct_threshold for r in rewards]
+        return {"eval/accuracy": sum(correct) / n, "eval/reward_mean": sum(rewards) / n}
+
+    # ------------------------------------------------------------------------------------ main loop
+    def train_step(self) -> dict:
+        timer = PhaseTimer()
+        start = time.perf_counter()
+        with timer.phase("generation"):
+            batch, rollout_metrics = self.rollout() if _rank0() else (None, None)
+            batch, rollout_metrics = _broadcast((batch, rollout_metrics))
+        train_metrics = self.train_on(batch, timer)
+        self.step += 1
+        with timer.phase("weight_sync"):
+            self.sync_weights()
+        elapsed = time.perf_counter() - start
+        metrics = {**rollout_metrics, **train_metrics, **timer.times, "time/step": elapsed,
+                   "throughput/tokens_per_s": rollout_metrics["rollout/tokens"] / elapsed}
+        return metrics
+
+    def train(self) -> list[dict]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        history = []
+        if self.step == 0:
+            self.sft_warmup()
+            initial = self.evaluate()
+            if _rank0() and initial:
+                self.metrics.log(0, initial)
+        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (_rank0() and cfg.logging.progress_bar),
+                   desc="RL steps", dynamic_ncols=True)
+        while self.step < cfg.train.steps:
+            metrics = self.train_step()
+            if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.train.steps:
+                metrics.update(self.evaluate())
+            if self.step == cfg.train.steps:
+                metrics.update(self.evaluate())
+            if _rank0():
+                self.metrics.log(self.step, metrics)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
+                bar.update(1)
+            history.append(metrics)
+            if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
+                logger.warning("step %d produced non-finite metrics", self.step)
+            interval = cfg.checkpoint.save_interval
+            if (interval and self.step % interval == 0) or self.step == cfg.train.steps:
+                self.save_checkpoint()
+        bar.close()
+        return history
+
+    def sft_warmup(self) -> None:
+        """Optional supervised warm start on (prompt, answer) pairs, so that rewards start mixed."""
+        from grpo_megatron.training.sft import sft_warmup
+
+        if self.cfg.train.sft_warmup_steps > 0:
+            sft_warmup(self)
+            self.sync_weights()
+
+    def close(self) -> None:
+        if _rank0():
+            self.metrics.close()
+            self.engine.shutdown()
