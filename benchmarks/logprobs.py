@@ -4,7 +4,10 @@ Each (implementation, pass) runs in a fresh subprocess; its extra memory is the 
 (`ru_maxrss`) after the run minus the one right after the inputs were allocated, so allocator caches
 from earlier runs cannot hide or inflate anything. Time is the best of a few repeats.
 
-    python benchmarks/logprobs.py [--rows 8192] [--vocab 32768] [--repeats 3]
+    python benchmarks/logprobs.py [--rows 8192] [--vocab 32768] [--repeats 3] [--threads N]
+
+On a shared machine, `--threads 1` gives steadier times: with more intra-op threads than free cores,
+every op waits for descheduled threads, which penalises the chunked loop's many small ops most.
 """
 from __future__ import annotations
 
@@ -61,8 +64,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8192, help="B * T")
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "PASS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.worker:
         impl, pass_name = args.worker
         print(json.dumps(worker(impl, pass_name == "forward+backward", args.rows, args.vocab, args.repeats)))
@@ -76,7 +81,7 @@ def main() -> None:
         results = {}
         for impl in IMPLEMENTATIONS:
             command = [sys.executable, __file__, "--worker", impl, pass_name, "--rows", str(args.rows),
-                       "--vocab", str(args.vocab), "--repeats", str(args.repeats)]
+                       "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--threads", str(args.threads)]
             results[impl] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             r = results[impl]
             print(f"{pass_name:<18}{impl:<9}{r['extra_bytes'] / 2**20:>10.0f}{r['extra_bytes'] / full_bytes:>9.2f}{r['seconds']:>9.3f}")

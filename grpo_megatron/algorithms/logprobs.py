@@ -22,8 +22,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
-"""Rows per chunk are chosen so a chunk holds about this many logits (16 MiB of float32)."""
+CHUNK_ELEMENTS_CPU = 1 << 20
+"""Default logits per chunk on CPU: 4 MiB of float32 stays in cache, which makes the chunked
+passes faster than naive whole-tensor ones (benchmarks/logprobs.py)."""
+CHUNK_ELEMENTS_ACCELERATOR = 1 << 26
+"""Default logits per chunk on GPU: 256 MiB of float32, few enough chunks that kernel launches
+do not dominate, still a small fraction of a realistic [B * T, V_local] (not measured yet)."""
 
 
 def _shifted(logits_chunk: torch.Tensor, temperature: float, row_offset: torch.Tensor) -> torch.Tensor:
@@ -131,7 +135,7 @@ def token_logprobs_and_entropy(
 
     targets: `[...]` global vocab ids. temperature: logits are divided by it (as in sampling).
     process_group: the tensor-parallel group the vocab is sharded over (None: unsharded).
-    chunk_size: rows per chunk (default: about DEFAULT_CHUNK_ELEMENTS logits per chunk).
+    chunk_size: rows per chunk (default: about CHUNK_ELEMENTS_CPU / CHUNK_ELEMENTS_ACCELERATOR logits).
     Returns two `[...]` tensors in float32 (float64 for float64 logits), differentiable with
     respect to `logits`. Logits must be finite.
     """
@@ -143,6 +147,8 @@ def token_logprobs_and_entropy(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     vocab = logits.shape[-1]
     logits2d = logits.reshape(-1, vocab)
-    chunk_rows = chunk_size if chunk_size is not None else max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
-    logprobs, entropy = _LogprobsAndEntropy.apply(logits2d, targets.reshape(-1), temperature, process_group, chunk_rows)
+    if chunk_size is None:
+        chunk_elements = CHUNK_ELEMENTS_CPU if logits.device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
+        chunk_size = max(1, chunk_elements // vocab)
+    logprobs, entropy = _LogprobsAndEntropy.apply(logits2d, targets.reshape(-1), temperature, process_group, chunk_size)
     return logprobs.view(targets.shape), entropy.view(targets.shape)
