@@ -290,9 +290,20 @@ def parse_overrides(argv: list[str]) -> dict:
         parts = path.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+        node[parts[-1]] = _parse_scalar(value)
         i += 1
     return overrides
+
+
+def _parse_scalar(text: str):
+    """YAML's reading of a command-line value, with 1e-6 read as a number (YAML 1.1 wants 1.0e-6)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _merge(base: dict, extra: dict) -> dict:
