@@ -62,7 +62,11 @@ LOSS_AGGREGATIONS.add("seq_mean_token_sum_norm", LossAggregation(_token_sum, _nu
 
 def loss_normalizer(response_mask: torch.Tensor, loss_agg: str, max_response_length: int | None = None) -> float:
     """Normaliser of `loss_agg` for a batch; compute it over the global batch and pass it to every
-    micro-batch's `compute_policy_loss(normalizer=...)` (it is a count: sum it over DP ranks)."""
+    micro-batch's `compute_policy_loss(normalizer=...)` (it is a count: sum it over DP ranks).
+
+    The micro-batch losses then sum to the global loss; where the data-parallel gradient
+    reduction averages over ranks instead of summing, scale the loss by the DP size.
+    """
     return float(LOSS_AGGREGATIONS.get(loss_agg).count(response_mask, max_response_length))
 
 

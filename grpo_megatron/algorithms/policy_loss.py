@@ -7,6 +7,7 @@ every response token, so `seq_mean_token_mean` gives GSPO's `1/G sum_i` exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -244,11 +245,14 @@ def compute_policy_loss(
     clip = ClipRange(clip_low, clip_high, dual_clip_c)
     _check_inputs(logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, clip, kl_coef)
 
+    # Zero every input on padding, so that whatever sits there (even NaN) reaches neither loss nor gradient.
     mask = response_mask.bool()
     logprobs = logprobs.masked_fill(~mask, 0.0)
     old_logprobs = old_logprobs.masked_fill(~mask, 0.0)
+    advantages = advantages.masked_fill(~(mask if advantages.dim() == 2 else mask.any(-1)), 0.0)
     surrogate = surrogate_fn(logprobs, old_logprobs, advantages, mask, clip)
-    aggregate = lambda token_loss: aggregate_loss(token_loss, mask, loss_agg, normalizer, max_response_length)  # noqa: E731
+    aggregate = partial(aggregate_loss, response_mask=mask, loss_agg=loss_agg, normalizer=normalizer,
+                        max_response_length=max_response_length)
     pg_loss = aggregate(surrogate.token_loss)
 
     metrics = _metrics(surrogate, logprobs, old_logprobs, mask, entropy)

@@ -72,6 +72,7 @@ def test_clipping_happens_in_these_tests():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_extreme_ratios_and_garbage_padding_stay_finite(variant):
     logp, old, ref, adv, mask = make_batch(4, spread=0.0)
+    adv[0] = float("nan")  # row 0 is all padding
     old = old + torch.tensor([0.0, 1000.0, -1000.0, 80.0, -80.0], dtype=torch.float64).unsqueeze(-1)
     garbage = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=torch.float64).repeat(12)[: mask.numel()]
     padding = ~mask.bool()
