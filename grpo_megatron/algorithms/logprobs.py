@@ -6,8 +6,9 @@ the backward pass recomputes softmax per chunk of rows, so the extra memory is a
 `[chunk, V_local]` buffers plus the logits gradient itself.
 
 Vocab parallelism (megatron layout: TP rank r holds vocab slice [r * V_local, (r + 1) * V_local)):
-each rank reduces its slice, then one all-reduce MAX (row max) and one all-reduce SUM (sum-exp,
-sum of p * logit, target logit) combine them; backward needs no communication, because the
+each rank reduces its slice against its own row max, then one all-reduce MAX (row max) and one
+all-reduce SUM (sum-exp, sum of exp * shifted logit, target logit; rescaled to the global max)
+combine them; backward needs no communication, because the
 gradient of a rank's logit slice only needs the global log Z and entropy saved from forward.
 
 Why not megatron's `tensor_parallel.vocab_parallel_cross_entropy`: it reads the TP group and

@@ -240,7 +240,7 @@ def compute_policy_loss(
     (when given).
     """
     surrogate_fn = POLICY_LOSSES.get(variant)
-    LOSS_AGGREGATIONS.get(loss_agg)
+    LOSS_AGGREGATIONS.get(loss_agg)  # unknown names fail here, even where they would go unused
     KL_ESTIMATORS.get(kl_estimator)
     clip = ClipRange(clip_low, clip_high, dual_clip_c)
     _check_inputs(logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, clip, kl_coef)
