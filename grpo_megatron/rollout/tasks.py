@@ -3,14 +3,14 @@
 Every prompt uses only tokens of the tiny 64-token vocabulary (one symbol per token), so the model sees
 the task exactly; each task's reward is registered under the task's name.
 
-first_digit  "first 7 3 9 =" -> "7". Reward 1 when the first response token is the answer. A random policy
-    already scores about 1/64 (uniform) and the reward separates the samples of a group from step one, so
-    GRPO has a signal immediately: first it learns "emit a digit" (1/10), then "copy the token after
-    `first`", which sits at a fixed position after <bos> first — one attention head and the unembedding.
-copy  "copy a c b =" -> "a c b" over the letters a-f, 2-3 of them. Reward is the fraction of positions
+first_digit  "first 7 3 9 =" -> "7" (always 3 digits). Reward 1 when the first response token is the answer.
+    A random policy already scores about 1/64 and the reward separates the samples of a group from step
+    one, so GRPO has a signal immediately: first it learns "emit a digit" (1/10), then "copy the token 3
+    positions back", a fixed relative offset that one rotary attention head expresses.
+copy  "copy a c b =" -> "a c b" (always 3 of the letters a-f). Reward is the fraction of positions
     right, over max(answer length, response length), so partial copies earn partial credit (a dense signal
     a random policy reaches at ~1/64 per position) and rambling past the answer without <eos> costs reward:
-    the policy learns both to copy (attend to the k-th letter after `copy`) and to stop. Generate with
+    the policy learns both to copy (attend a fixed 4 positions back) and to stop. Generate with
     max_new_tokens above the answer length (e.g. 6) so that not stopping is visible to the reward.
 """
 from __future__ import annotations
@@ -23,17 +23,21 @@ from pathlib import Path
 
 from grpo_megatron.rollout.rewards import register_reward
 
+# Fixed lengths keep the token to copy at a fixed distance from the current position, which rotary
+# attention expresses directly; variable lengths would ask a 2-layer model for position counting.
+_FIRST_DIGIT_COUNT = 3
 _COPY_LETTERS = string.ascii_lowercase[:6]
+_COPY_LENGTH = 3
 _SPECIAL = {"<pad>", "<bos>", "<eos>", "<unk>"}
 
 
 def _first_digit_example(rng: random.Random) -> tuple[str, str]:
-    digits = [rng.choice(string.digits) for _ in range(rng.randint(2, 5))]
+    digits = [rng.choice(string.digits) for _ in range(_FIRST_DIGIT_COUNT)]
     return f"first {' '.join(digits)} =", digits[0]
 
 
 def _copy_example(rng: random.Random) -> tuple[str, str]:
-    letters = " ".join(rng.choice(_COPY_LETTERS) for _ in range(rng.randint(2, 3)))
+    letters = " ".join(rng.choice(_COPY_LETTERS) for _ in range(_COPY_LENGTH))
     return f"copy {letters} =", letters
 
 

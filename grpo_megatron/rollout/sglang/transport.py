@@ -1,0 +1,149 @@
+"""HTTP to one or several SGLang servers: retries with backoff, failover and least-loaded balancing.
+
+Connection errors and 5xx answers are retried (with exponential backoff, moving to another server when there
+is one); a timeout, a 4xx or a body that is not JSON fails at once with an error naming the server, because
+repeating those would only repeat the failure. A server that keeps failing raises ServerUnavailableError
+naming its URL instead of hanging the trainer.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+
+from grpo_megatron.rollout.sglang.errors import (
+    MalformedResponseError, ServerRequestError, ServerTimeoutError, ServerUnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4  # tries per request, across servers
+    backoff_s: float = 0.5  # first wait; doubled after each failure
+    max_backoff_s: float = 8.0
+
+    def delay(self, failure: int) -> float:
+        return min(self.backoff_s * 2 ** failure, self.max_backoff_s)
+
+
+class Retryable(Exception):
+    """A failure worth trying again (connection error, 5xx, aborted generation); raised by handlers too."""
+
+
+class ServerPool:
+    """The set of servers rollouts go to; `post` picks the least-loaded healthy one per request."""
+
+    def __init__(self, urls: list[str], api_key: str | None = None, timeout_s: float = 300.0,
+                 retry: RetryPolicy = RetryPolicy()):
+        if not urls:
+            raise ValueError("rollout.sglang.urls is empty; give at least one server URL (http://127.0.0.1:30000)")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.timeout_s = timeout_s
+        self.retry = retry
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._in_flight = dict.fromkeys(self.urls, 0)
+        self._failures = dict.fromkeys(self.urls, 0)  # consecutive failures: a failing server is picked last
+
+    def client(self, max_connections: int) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        return httpx.AsyncClient(headers=self._headers, limits=limits, timeout=self.timeout_s, trust_env=False)
+
+    async def post(self, client: httpx.AsyncClient, path: str, payload: dict[str, Any],
+                   handle: Callable[[str, Any], T]) -> T:
+        """POST to the best server and return handle(url, json body); handle may raise Retryable."""
+        errors: dict[str, str] = {}
+        for attempt in range(self.retry.attempts):
+            url = min(self.urls, key=lambda u: (self._failures[u], self._in_flight[u]))
+            self._in_flight[url] += 1
+            try:
+                result = handle(url, await self._request(client, "POST", url, path, payload))
+            except Retryable as err:
+                self._failures[url] += 1
+                errors[url] = str(err)
+                logger.warning("%s%s failed (attempt %d/%d): %s", url, path, attempt + 1, self.retry.attempts, err)
+                if attempt + 1 < self.retry.attempts:
+                    await asyncio.sleep(self.retry.delay(attempt))
+                continue
+            finally:
+                self._in_flight[url] -= 1
+            self._failures[url] = 0
+            return result
+        raise ServerUnavailableError(f"{path} failed {self.retry.attempts} times; last error per server: "
+                                     + "; ".join(f"{u}: {e}" for u, e in errors.items()))
+
+    def call(self, url: str, method: str, path: str, payload: dict[str, Any] | None = None,
+             timeout_s: float | None = None, retry: bool = True) -> Any:
+        """One control request to one server (weight sync, cache, pause), retried on connection errors/5xx.
+
+        retry=False for requests that must not be repeated (a distributed update waits for one broadcast).
+        """
+        return asyncio.run(self.acall(url, method, path, payload, timeout_s, retry))
+
+    async def acall(self, url: str, method: str, path: str, payload: dict[str, Any] | None = None,
+                    timeout_s: float | None = None, retry: bool = True) -> Any:
+        async with httpx.AsyncClient(headers=self._headers, timeout=timeout_s or self.timeout_s,
+                                     trust_env=False) as client:
+            attempts = self.retry.attempts if retry else 1
+            return await self._with_retries(url, path, attempts,
+                                            lambda: self._request(client, method, url, path, payload))
+
+    async def _with_retries(self, url: str, path: str, attempts: int, send: Callable[[], Awaitable[T]]) -> T:
+        last = ""
+        for attempt in range(attempts):
+            try:
+                return await send()
+            except Retryable as err:
+                last = str(err)
+                logger.warning("%s%s failed (attempt %d/%d): %s", url, path, attempt + 1, attempts, err)
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(self.retry.delay(attempt))
+        raise ServerUnavailableError(f"SGLang server {url} is unavailable: {path} failed {attempts} time(s), "
+                                     f"last: {last}")
+
+    async def _request(self, client: httpx.AsyncClient, method: str, url: str, path: str,
+                       payload: dict[str, Any] | None) -> Any:
+        """JSON body (or text for SGLang's plain-text routes) of one request; raises typed errors."""
+        try:
+            response = await client.request(method, url + path, json=payload)
+        except httpx.TimeoutException as err:
+            raise ServerTimeoutError(f"{url}{path}: no answer within {client.timeout.read}s "
+                                     f"(rollout.sglang.timeout_s)") from err
+        except httpx.TransportError as err:
+            raise Retryable(f"connection error: {type(err).__name__}: {err}") from err
+        if response.status_code >= 500:
+            raise Retryable(f"HTTP {response.status_code}: {response.text[:200]}")
+        if response.status_code >= 400:
+            raise ServerRequestError(f"{url}{path} answered HTTP {response.status_code}: {_message(response)}")
+        if not response.content or "json" not in response.headers.get("content-type", ""):
+            return response.text
+        try:
+            body = response.json()
+        except json.JSONDecodeError as err:
+            raise MalformedResponseError(f"{url}{path}: response is not valid JSON ({err}): "
+                                         f"{response.text[:200]!r}") from err
+        if isinstance(body, dict) and body.get("success") is False:
+            raise ServerRequestError(f"{url}{path} failed: {body.get('message', body)}")
+        return body
+
+
+def _message(response: httpx.Response) -> str:
+    """The error text of SGLang's error bodies ({"error": {"message"}} or ErrorResponse {"message"})."""
+    try:
+        body = response.json()
+    except json.JSONDecodeError:
+        return response.text[:300]
+    if isinstance(body, dict):
+        inner = body.get("error")
+        if isinstance(inner, dict) and "message" in inner:
+            return str(inner["message"])
+        if "message" in body:
+            return str(body["message"])
+    return str(body)[:300]
