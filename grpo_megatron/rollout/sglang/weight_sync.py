@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import shutil
 import tempfile
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
-from torch.multiprocessing.reductions import ForkingPickler
 
 from grpo_megatron.rollout.sglang.errors import ServerRequestError
 from grpo_megatron.rollout.sglang.transport import ServerPool
@@ -173,7 +173,6 @@ class DiskSync(WeightSync):
         self.hf_path = Path(hf_path)
         self._own_dir = disk_dir is None
         self.root = Path(disk_dir) if disk_dir else Path(tempfile.mkdtemp(prefix="grpo_sglang_weights_"))
-        self._lock = threading.Lock()
 
     def transfer(self, named_tensors: NamedTensors, version: str) -> int:
         target = self.root / f"v{version}"
@@ -196,8 +195,6 @@ class DiskSync(WeightSync):
                       metadata={"format": "pt"})
             weight_map.update({n: shard for n, _ in bucket})
             moved += sum(t.numel() * t.element_size() for _, t in bucket)
-        import json
-
         (target / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": moved}, "weight_map": weight_map}))
         for name in _CONFIG_FILES:

@@ -1,0 +1,124 @@
+"""The rollout engine that talks to SGLang servers over HTTP (see transport, protocol, weight_sync)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+
+from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
+from grpo_megatron.rollout.sglang.probe import ProbeCheck
+from grpo_megatron.rollout.sglang.protocol import ABORTED, finish_type, generate_payload, outputs_of, parse_completion
+from grpo_megatron.rollout.sglang.transport import Retryable, ServerPool
+from grpo_megatron.rollout.sglang.weight_sync import WeightSync
+
+logger = logging.getLogger(__name__)
+
+
+class SGLangEngine(RolloutEngine):
+    """One /generate request per prompt (with `n` samples), at most max_in_flight at a time over all servers.
+
+    routed_shape is (MoE layers, top-k) of the model, used to check and shape `routed_experts`. A generation the
+    server aborted (/abort_request, pause in abort mode) is resubmitted like a failed one, so every prompt gets
+    exactly its n completions or the call raises.
+    """
+
+    def __init__(self, pool: ServerPool, sync: WeightSync, max_in_flight: int = 64,
+                 routed_shape: tuple[int, int] | None = None, probe: ProbeCheck | None = None,
+                 gpu_servers: bool = False):
+        if max_in_flight < 1:
+            raise ValueError(f"rollout.sglang.max_in_flight={max_in_flight}: must be >= 1")
+        self.pool, self.sync, self.max_in_flight = pool, sync, max_in_flight
+        self.routed_shape, self.probe, self.gpu_servers = routed_shape, probe, gpu_servers
+        self.last_sync: dict[str, float] = {}
+        self._version = 0
+        self._alive = True
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 return_routed_experts: bool = False) -> list[list[Completion]]:
+        self._check_alive()
+        params.validate()
+        if not prompts:
+            raise ValueError("generate() got no prompts; pass a non-empty list of token-id lists")
+        if return_routed_experts and self.routed_shape is None:
+            raise ValueError("return_routed_experts=True needs a MoE model (Qwen3-MoE, Mixtral); this one is dense")
+        return asyncio.run(self._generate(prompts, params, return_routed_experts))
+
+    async def _generate(self, prompts: list[list[int]], params: SamplingParams,
+                        routed: bool) -> list[list[Completion]]:
+        window = asyncio.Semaphore(self.max_in_flight)
+        shape = self.routed_shape if routed else None
+
+        def handle(prompt: list[int]):
+            def parse(url: str, body) -> list[Completion]:
+                outputs = outputs_of(body, params.n, url)
+                if any(finish_type(o, url) == ABORTED for o in outputs):
+                    raise Retryable("the server aborted the generation")
+                return [parse_completion(o, prompt, url, self._version, shape) for o in outputs]
+            return parse
+
+        async def one(i: int, prompt: list[int]) -> list[Completion]:
+            seed = None if params.seed is None else params.seed + i
+            async with window:
+                return await self.pool.post(client, "/generate", generate_payload(prompt, params, routed, seed),
+                                            handle(prompt))
+
+        async with self.pool.client(self.max_in_flight) as client:
+            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Push to every server in the configured mode; then the probe check when one is configured."""
+        self._check_alive()
+        tensors = list(named_tensors)
+        start = time.perf_counter()
+        moved = self.sync.push(tensors, version)
+        seconds = time.perf_counter() - start
+        self._version = version
+        self.last_sync = {"bytes": float(moved), "seconds": seconds, "mb_per_s": moved / 2**20 / max(seconds, 1e-9)}
+        logger.info("weight sync v%d: %.1f MB in %.2f s (%.0f MB/s per server)", version, moved / 2**20, seconds,
+                    self.last_sync["mb_per_s"])
+        if self.probe is not None:
+            self.last_sync["probe_max_abs_diff"] = self.probe.run(self.pool, tensors, version)
+
+    def pause_generation(self) -> None:
+        for url in self.pool.urls:
+            self.pool.call(url, "POST", "/pause_generation", {})
+
+    def continue_generation(self) -> None:
+        for url in self.pool.urls:
+            self.pool.call(url, "POST", "/continue_generation", {})
+
+    def abort_all(self) -> None:
+        """Abort every running request (they are resubmitted by generate's retry)."""
+        for url in self.pool.urls:
+            self.pool.call(url, "POST", "/abort_request", {"rid": "", "abort_all": True})
+
+    def release_memory(self) -> None:
+        """Free server GPU memory during training (colocated); a CPU server would die, so it is skipped."""
+        self._memory("/release_memory_occupation")
+
+    def resume_memory(self) -> None:
+        self._memory("/resume_memory_occupation")
+
+    def _memory(self, path: str) -> None:
+        if not self.gpu_servers:
+            logger.info("%s skipped: it is GPU-only (SGLang calls torch.cuda on it) and these servers run on CPU",
+                        path)
+            return
+        for url in self.pool.urls:
+            self.pool.call(url, "POST", path, {})
+
+    def shutdown(self) -> None:
+        if self._alive:
+            self.sync.close()
+        self._alive = False
+
+    def _check_alive(self) -> None:
+        if not self._alive:
+            raise RuntimeError("this SGLangEngine was shut down; create a new one")

@@ -1,0 +1,94 @@
+"""Starting and stopping `python -m sglang.launch_server` processes for a model and parallel layout.
+
+SGLang lives in its own environment (its torch pin differs from the trainer's), so `python` is that
+environment's interpreter. Stopping is by the PID we started (the process group it leads), never by name.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
+
+# What SGLang needs to run on a CPU without a GPU kernel library (cpu-platform-facts.md, "SGLang on CPU").
+CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
+             "--disable-cuda-graph", "--skip-server-warmup", "--mem-fraction-static", "0.05"]
+
+
+@dataclass
+class ServerSpec:
+    model_path: str
+    port: int
+    host: str = "127.0.0.1"
+    tp: int = 1
+    ep: int = 1
+    dp: int = 1
+    routed_experts: bool = False  # R3: return the experts each token was routed to
+    api_key: str | None = None
+    cpu: bool = False
+    extra_args: list[str] = field(default_factory=list)
+    python: str = "python"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [self.python, "-m", "sglang.launch_server", "--model-path", str(self.model_path),
+               "--host", self.host, "--port", str(self.port),
+               "--tp-size", str(self.tp), "--ep-size", str(self.ep), "--dp-size", str(self.dp)]
+        if self.routed_experts:
+            cmd.append("--enable-return-routed-experts")
+        if self.api_key:
+            cmd += ["--api-key", self.api_key]
+        if self.cpu:
+            cmd += CPU_FLAGS
+        return cmd + list(self.extra_args)
+
+
+class SGLangServer:
+    """One server process: start() launches it, wait_healthy() polls /health, stop() ends it by PID."""
+
+    def __init__(self, spec: ServerSpec, log_path: str | Path | None = None, env: dict[str, str] | None = None):
+        self.spec, self.log_path, self.env = spec, log_path, env
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> SGLangServer:
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(self.spec.command(), stdout=log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(self.env or {})}, start_new_session=True)
+        return self
+
+    def wait_healthy(self, timeout_s: float = 600.0) -> None:
+        """Poll GET /health until 200; fail early if the process exits, naming the URL and the log."""
+        deadline = time.monotonic() + timeout_s
+        headers = {"Authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerUnavailableError(f"SGLang server {self.spec.url} exited with code "
+                                             f"{self.process.returncode} while starting; see {self.log_path}")
+            try:
+                if httpx.get(self.spec.url + "/health", headers=headers, timeout=5, trust_env=False).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(1.0)
+        raise ServerUnavailableError(f"SGLang server {self.spec.url} not healthy after {timeout_s:.0f}s; "
+                                     f"see {self.log_path}")
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM the server's process group (it forks scheduler/detokenizer children), SIGKILL after grace_s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
