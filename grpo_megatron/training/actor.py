@@ -6,6 +6,7 @@ chunked function of the algorithms package, on the last pipeline stage.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -59,15 +60,17 @@ def _run_schedule(model: PolicyModel, micro_batches: list[MicroBatch], loss_fn: 
     num_chunks = len(model.chunks)
     iterators = [iter(micro_batches) for _ in range(num_chunks)]
     seq_length = max(mb.tokens.shape[1] for mb in micro_batches)
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if num_chunks > 1 else iterators[0],
-        model=model.chunks,
-        num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batches[0].tokens.shape[0],
-        forward_only=forward_only,
-    )
+    routing = model.extra.get("routing_replay")  # MoE routing replay (grpo_megatron.replay), if attached
+    with routing.pass_over(micro_batches, forward_only) if routing else contextlib.nullcontext():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if num_chunks > 1 else iterators[0],
+            model=model.chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batches[0].tokens.shape[0],
+            forward_only=forward_only,
+        )
 
 
 def forward_logprobs(model: PolicyModel, micro_batches: list[MicroBatch], temperature: float) -> list[dict]:
