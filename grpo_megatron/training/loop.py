@@ -22,7 +22,9 @@ from grpo_megatron.config import RunConfig, save_config, to_dict
 from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, model_dims
 from grpo_megatron.models.mcore_checkpoint import dtype_from_name, load_mcore_checkpoint
 from grpo_megatron.models.tokenizer import load_tokenizer
+from grpo_megatron.models.bridge import MOE_MODEL_TYPES
 from grpo_megatron.parallel import init_distributed, init_model_parallel
+from grpo_megatron.replay import attach_routing_replay
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.data import PromptDataset, PromptLoader
 from grpo_megatron.training import checkpoint as ckpt
@@ -67,6 +69,7 @@ class Trainer:
         self.policy = self._build(wrap_ddp=True)
         self._load_initial_weights(self.policy)
         self.actor = Actor(self.policy, cfg.train, total_steps=cfg.train.steps * cfg.train.num_minibatches)
+        self.routing = attach_routing_replay(self.policy, cfg.algorithm.routing_replay) if self.policy.is_moe else None
         self.reference = None
         if cfg.algorithm.kl_coef > 0:
             self.reference = self._build(wrap_ddp=False)
@@ -100,11 +103,16 @@ class Trainer:
         if self.cfg.algorithm.routing_replay != "none" and self.hf_config.model_type not in MOE_MODEL_TYPES:
             raise ConfigError(f"algorithm.routing_replay={self.cfg.algorithm.routing_replay} needs an MoE model; "
                               f"{self.hf_config.model_type} is dense: set routing_replay: none")
+        if self.cfg.algorithm.routing_replay == "r2" and self.cfg.rollout.use_engine_logprobs:
+            raise ConfigError("algorithm.routing_replay=r2 replays the routes of the old-log-prob pass, which "
+                              "rollout.use_engine_logprobs=true skips: use r3, or set use_engine_logprobs: false")
 
     def _build(self, wrap_ddp: bool):
         overrides = {}
         if self.cfg.model.recompute_activations:
             overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if wrap_ddp and self.hf_config.model_type in MOE_MODEL_TYPES:
+            overrides["moe_enable_routing_replay"] = True  # the policy's replay hooks (grpo_megatron.replay)
         return build_model(self.hf_config, self.cfg.parallel, self.dtype, wrap_ddp=wrap_ddp, **overrides)
 
     def _load_initial_weights(self, model) -> None:
@@ -259,6 +267,8 @@ class Trainer:
         if alg.overlong_filter:
             for s in samples:
                 s.meta["_in_loss"] = not s.truncated
+        if self.routing:
+            self.routing.begin_step(samples)
         with timer.phase("old_logprobs"):
             if cfg.rollout.use_engine_logprobs:
                 for s in samples:
@@ -289,6 +299,8 @@ class Trainer:
         metrics = {k: sum(r[k] for r in results) / len(results) for k in results[0] if not k.startswith("train_rollout")}
         metrics.update({k: v for k, v in results[0].items() if k.startswith("train_rollout")})
         metrics["lr"] = self.actor.lr
+        if self.routing:
+            metrics.update(self.routing.end_step())
         return {("train/" + k if "/" not in k else k): v for k, v in metrics.items()}
 
     @staticmethod
