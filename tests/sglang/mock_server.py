@@ -22,18 +22,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 import torch.distributed as dist
+import transformers
 import torch.multiprocessing  # noqa: F401  (registers the tensor reductions the pickles need)
 from safetensors.torch import load_file
 from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.embedded import EmbeddedEngine
+from grpo_megatron.rollout.hf_layout import CheckpointLayout
 
 
 class MockState:
     def __init__(self, model_dir: str):
         self.model_dir = model_dir
         self.engine = EmbeddedEngine(model_dir)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.layout = CheckpointLayout(self.model)  # a second copy, for prompt log-probs
+        self.pending: list = []  # buckets received in the open session, loaded at /end_weight_update
         self.weight_version = "default"
         self.in_session = False
         self.groups: dict[str, dist.ProcessGroup] = {}
@@ -64,7 +69,7 @@ def generate(state: MockState, req: dict) -> tuple[int, object]:
         return 400, {"error": {"message": "routed experts requested on a dense model"}}
     with state.lock:
         outs = state.engine.generate([ids], params, bool(req.get("return_routed_experts")))[0]
-        input_lp = _prompt_logprobs(state.engine.model, ids) if req.get("logprob_start_len") == 0 else None
+        input_lp = _prompt_logprobs(state.model, ids) if req.get("logprob_start_len") == 0 else None
     results = []
     for c in outs:
         meta = {"id": "mock", "prompt_tokens": len(ids), "completion_tokens": len(c.response_ids),
@@ -106,11 +111,12 @@ def update(state: MockState, route: str, req: dict) -> tuple[int, dict]:
         index = json.loads(open(f"{req['model_path']}/model.safetensors.index.json").read())
         for shard in sorted(set(index["weight_map"].values())):
             named += list(load_file(f"{req['model_path']}/{shard}").items())
-    with state.lock:
-        try:
-            _load_partial(state.engine, named)
-        except Exception as err:  # noqa: BLE001  (SGLang reports a failed load as success=false)
-            return 400, {"success": False, "message": f"Failed to update weights: {err}"}
+    if state.in_session:
+        state.pending += named
+    else:
+        error = load(state, named)
+        if error:
+            return 400, {"success": False, "message": error}
     message = "Succeeded to update model weights."
     if req.get("weight_version") is not None:
         state.weight_version = req["weight_version"]
@@ -121,19 +127,15 @@ def update(state: MockState, route: str, req: dict) -> tuple[int, dict]:
     return 200, body
 
 
-def _load_partial(engine: EmbeddedEngine, named: list) -> None:
-    """Write a bucket of checkpoint tensors into the model (SGLang loads buckets one by one)."""
-    params = dict(engine.model.named_parameters())
-    for name, tensor in named:
-        target = engine._layout._targets[name]
-        flat = params[target.param_name].data.view(-1)
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
-        values = tensor.reshape(-1).to(flat.dtype)
-        if target.index is None:
-            flat[target.offset:target.offset + values.numel()] = values
-        else:
-            flat[target.index] = values
+def load(state: MockState, named: list) -> str | None:
+    """Load a full set of checkpoint tensors into both model copies; the error text, or None."""
+    with state.lock:
+        try:
+            state.engine.update_weights(named, 0)
+            state.layout.load(named)
+        except Exception as err:  # noqa: BLE001  (SGLang reports a failed load as success=false)
+            return f"Failed to update weights: {err}"
+    return None
 
 
 def init_group(state: MockState, req: dict) -> tuple[int, dict]:
@@ -217,6 +219,10 @@ class Handler(BaseHTTPRequestHandler):
             if not state.in_session:
                 return 400, {"success": False, "message": "No open session; call begin_weight_update first"}
             state.in_session = False
+            named, state.pending = state.pending, []
+            error = load(state, named) if named else None
+            if error:
+                return 400, {"success": False, "message": error}
             return 200, {"success": True, "message": "Weight update session closed."}
         if path in ("/update_weights_from_tensor", "/update_weights_from_distributed",
                     "/update_weights_from_disk") and method == "POST":

@@ -1,6 +1,6 @@
 """Post-sync check: the server's log-probs of a fixed token sequence against a reference holding the same weights.
 
-The reference is an in-process transformers model (EmbeddedEngine) loaded with exactly the tensors just pushed,
+The reference is an in-process transformers model loaded with exactly the tensors just pushed,
 so a mismatch means the server did not apply them (wrong names, dtype, a missed shard), not that trainer and
 server numerics differ. It costs one CPU forward of the full model per sync: meant for small models and CI.
 """
@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 
-import torch
+from pathlib import Path
 
-from grpo_megatron.rollout.embedded import EmbeddedEngine
+import torch
+import transformers
+
+from grpo_megatron.rollout.hf_layout import CheckpointLayout
 from grpo_megatron.rollout.sglang.errors import MalformedResponseError, SGLangError
 from grpo_megatron.rollout.sglang.transport import ServerPool
 from grpo_megatron.rollout.sglang.weight_sync import NamedTensors
@@ -23,15 +26,17 @@ class ProbeMismatchError(SGLangError):
 
 
 class ProbeCheck:
-    def __init__(self, reference: EmbeddedEngine, probe_ids: list[int], tolerance: float):
+    def __init__(self, hf_path: str | Path, probe_ids: list[int], tolerance: float):
         if len(probe_ids) < 2:
             raise ValueError("the probe sequence needs at least 2 tokens (log-probs start at the second)")
-        self.reference, self.probe_ids, self.tolerance = reference, probe_ids, tolerance
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32).eval()
+        self.layout = CheckpointLayout(self.model)
+        self.probe_ids, self.tolerance = probe_ids, tolerance
 
     def run(self, pool: ServerPool, named_tensors: NamedTensors, version: int) -> float:
         """Max |server - reference| log-prob over the probe and all servers; raises past a non-zero tolerance."""
-        self.reference.update_weights(named_tensors, version)
-        expected = reference_logprobs(self.reference.model, self.probe_ids)
+        self.layout.load(named_tensors)
+        expected = reference_logprobs(self.model, self.probe_ids)
         worst = 0.0
         for url in pool.urls:
             got = torch.tensor(server_logprobs(pool, url, self.probe_ids))

@@ -14,16 +14,14 @@ from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_proces
 
 
 def join_update_group(master_address: str, master_port: int, world_size: int, group_name: str,
-                      backend: str, timeout_s: float) -> dist.ProcessGroup:
-    """Become rank 0 of the group; blocks until every server rank has joined (their HTTP calls in flight)."""
+                      backend: str, timeout_s: float) -> tuple[dist.ProcessGroup, dist.TCPStore]:
+    """Become rank 0 of the group; blocks until every server rank has joined (their HTTP calls in flight).
+
+    The store is returned because it must outlive the group.
+    """
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(master_address, master_port, world_size, is_master=True, timeout=timeout)
     group, _ = _new_process_group_helper(world_size, 0, [], Backend(backend), PrefixStore(group_name, store),
                                          group_name=group_name, timeout=timeout)
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
-    group._grpo_store = store  # the store must outlive the group
-    return group
-
-
-def leave_update_group(group: dist.ProcessGroup) -> None:
-    dist.destroy_process_group(group)
+    return group, store

@@ -125,6 +125,7 @@ class DistributedSync(WeightSync):
         self.master_address, self.master_port, self.backend = master_address, master_port, backend
         self.device = torch.device("cuda" if backend == "nccl" else "cpu")
         self._group = None
+        self._store = None
 
     def transfer(self, named_tensors: NamedTensors, version: str) -> int:
         if self._group is None:
@@ -153,7 +154,7 @@ class DistributedSync(WeightSync):
                 "master_address": self.master_address, "master_port": self.master_port,
                 "rank_offset": 1 + i * self.tp_size, "world_size": world_size, "group_name": GROUP_NAME,
                 "backend": self.backend}, None, False) for i, url in enumerate(self.pool.urls)]
-            group = join_update_group(self.master_address, self.master_port, world_size, GROUP_NAME, self.backend,
+            group, self._store = join_update_group(self.master_address, self.master_port, world_size, GROUP_NAME, self.backend,
                                       self.pool.timeout_s)
             for call in calls:
                 call.result()
@@ -164,7 +165,7 @@ class DistributedSync(WeightSync):
             for url in self.pool.urls:
                 self.pool.call(url, "POST", "/destroy_weights_update_group", {"group_name": GROUP_NAME})
             torch.distributed.destroy_process_group(self._group)
-            self._group = None
+            self._group = self._store = None
 
 
 class DiskSync(WeightSync):
