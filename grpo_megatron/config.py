@@ -47,6 +47,15 @@ class SGLangConfig:
     max_in_flight: int = 64
     weight_sync: str = "disk"  # tensor | distributed | disk
     bucket_mb: int = 512
+    retries: int = 4  # tries per request (connection errors, 5xx), across servers
+    server_tp_size: int = 1  # TP ranks per server: copies of each tensor bucket / ranks in the update group
+    update_master_address: str = "127.0.0.1"  # distributed mode: where the servers reach the trainer's rank 0
+    update_master_port: int = 0  # 0 = a free port
+    update_backend: str = ""  # "" = nccl on GPU, gloo on CPU
+    disk_dir: str = ""  # disk mode: directory the servers can read ("" = a temporary directory)
+    probe_tokens: int = 16  # post-sync probe length (0 = off)
+    probe_tolerance: float = 0.0  # max |dlogprob| of the probe (0 = log only)
+    gpu_servers: bool = False  # release/resume server memory around training (GPU only)
 
 
 @dataclass
