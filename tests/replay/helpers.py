@@ -47,7 +47,7 @@ def micro_batches_for(model, samples, indices=None, micro_batch_size: int = 2):
 def nll_loss(mb, logprobs, entropy):
     mask = mb.response_mask
     loss = -(logprobs * mask).sum() / 64.0
-    return loss, {"nll": loss.detach(), "_tokens": torch.tensor(float(mb.num_response_tokens))}
+    return loss, {"nll": loss.detach().clone(), "_tokens": torch.tensor(float(mb.num_response_tokens))}
 
 
 def perturb_routers(model, scale: float = 2.0, seed: int = 1) -> None:
@@ -75,3 +75,23 @@ def router_weights(model) -> dict[int, torch.nn.Parameter]:
     from megatron.core.transformer.moe.router import TopKRouter
 
     return {m.layer_number: m.weight for c in model.chunks for m in c.modules() if isinstance(m, TopKRouter)}
+
+
+def token_nll(mb, logprobs, entropy):
+    """Mean NLL per response token of the micro-batch (token-weighted by reduce_metrics: split-independent)."""
+    tokens = mb.response_mask.sum().clamp(min=1)
+    loss = -(logprobs * mb.response_mask).sum() / tokens
+    return loss, {"nll": loss.detach().clone(), "_tokens": torch.tensor(float(mb.num_response_tokens))}
+
+
+def replay_run(hf_dir, layout: ParallelLayout, mode: str) -> dict[str, float]:
+    """One replay step (old pass, router change, training pass): global token NLL and agreement metrics."""
+    from grpo_megatron.training.actor import reduce_metrics
+
+    model, routing = build_policy(hf_dir, layout, mode=mode)
+    samples = make_samples(8, with_routes=True)
+    routing.begin_step(samples)
+    old_pass(model, samples)
+    perturb_routers(model, scale=0.5)
+    outputs = _run_schedule(model, micro_batches_for(model, samples), token_nll, 1.0, forward_only=False)
+    return {"nll": reduce_metrics(outputs)["nll"], **routing.end_step()}
