@@ -1,0 +1,284 @@
+# Shared body of the sbatch scripts (slurm/gspo_moe.sh, slurm/grpo_routing_replay.sh); sourced, not run.
+#
+# grpo_slurm_main DEFAULT_CONFIG [trainer overrides...] runs one job: preflight checks, optional SGLang
+# servers, torchrun on every trainer node through one `srun`, pre-emption handling and requeue, and a
+# clean stop of everything it started. Settings come from the environment (all optional):
+#
+#   CONFIG            run YAML (default: the script's DEFAULT_CONFIG)
+#   RUN_DIR           overrides the config's run_dir (relative paths: to the submit directory)
+#   HF_PATH           overrides model.hf_path       MCORE_PATH   overrides model.megatron_path
+#   TRAIN_ARGS        more trainer overrides, e.g. "--train-iters 100 --expert-model-parallel-size 8"
+#   GRPO_DEVICE       gpu | cpu | auto (default: cpu when the job has no GPUs; cpu hides CUDA, gloo)
+#   NPROC_PER_NODE    trainer processes per node (default: GPUs per node, 1 on CPU)
+#   ROLLOUT_NODES     nodes at the end of the allocation reserved for SGLang servers (default 0:
+#                     servers colocated on the trainer nodes); only with rollout.engine: sglang
+#   SGLANG_TP         --tp-size of each server (default: NPROC_PER_NODE)
+#   SGLANG_ARGS       extra `sglang.launch_server` flags (e.g. "--mem-fraction-static 0.4" colocated)
+#   SGLANG_START_TIMEOUT  seconds to wait for /health (default 900)
+#   SGLANG_ROUTER     auto | 0: put sglang-router in front of the servers when installed (default auto)
+#   PYTHON            interpreter with grpo_megatron installed (default: python3 on PATH)
+#   SITE_SETUP        a file sourced first on the batch host and every node (module load, venv, ...)
+#   MASTER_PORT       rendezvous port (default: derived from the job id)
+#   GRPO_RDZV_BACKEND static | c10d (default static: node rank = position in the node list)
+#   GRPO_MAX_REQUEUES stop requeueing after this many restarts (default 20)
+#   GRPO_RESUME       1 | 0: pass --resume (default 1: a requeued or resubmitted job continues)
+
+_GRPO_PIDS=()          # background srun clients started by this job, stopped by _grpo_cleanup
+_GRPO_TRAIN_PID=""
+_GRPO_PREEMPTED=0
+_GRPO_REQUEUING=0
+_GRPO_REPEATER=""
+
+log() { echo "[grpo-slurm $(date +%H:%M:%S)] $*"; }
+die() { echo "[grpo-slurm $(date +%H:%M:%S)] ERROR: $*" >&2; exit 2; }
+
+# Stop every srun client we started (srun forwards the signal to its step's processes), give them
+# KillWait-like grace, then SIGKILL. Runs on every exit path, including `set -e` failures.
+_grpo_cleanup() {
+    local rc=$?
+    trap - EXIT USR1 TERM INT
+    [[ -n "$_GRPO_REPEATER" ]] && kill "$_GRPO_REPEATER" 2>/dev/null || true
+    local pid alive=()
+    for pid in "${_GRPO_PIDS[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -TERM "$pid" 2>/dev/null || true
+            alive+=("$pid")
+        fi
+    done
+    if (( ${#alive[@]} )); then
+        log "stopping ${#alive[@]} step(s) still running"
+        for _ in $(seq 1 30); do
+            local any=0
+            for pid in "${alive[@]}"; do kill -0 "$pid" 2>/dev/null && any=1; done
+            (( any )) || break
+            sleep 1
+        done
+        for pid in "${alive[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    fi
+    exit "$rc"
+}
+
+# USR1 is the `#SBATCH --signal=B:USR1@...` warning before the time limit (or `scancel -b -s USR1`):
+# ask the trainer to checkpoint after its current step, and remember to requeue afterwards.
+# TERM is a cancel, a pre-emption by Slurm or the limit itself: forward it, but do not requeue
+# ourselves (a user's scancel must stay cancelled; Slurm requeues pre-empted jobs on its own).
+_grpo_on_signal() {
+    local sig=$1
+    if (( _GRPO_REQUEUING )); then
+        exit 0  # `scontrol requeue` terminates this shell: nothing left to do
+    fi
+    [[ "$sig" == USR1 ]] && _GRPO_PREEMPTED=1
+    log "received SIG$sig: asking the trainer to save a checkpoint after the current step and exit"
+    if [[ -n "$_GRPO_TRAIN_PID" ]] && kill -0 "$_GRPO_TRAIN_PID" 2>/dev/null; then
+        kill -USR1 "$_GRPO_TRAIN_PID" 2>/dev/null || true  # srun forwards it to every trainer process
+        # Processes still setting up ignore USR1 (their handler comes with the training loop), so repeat.
+        if [[ -z "$_GRPO_REPEATER" ]]; then
+            (while sleep 60; do kill -USR1 "$_GRPO_TRAIN_PID" 2>/dev/null || exit 0; done) &
+            _GRPO_REPEATER=$!
+        fi
+    fi
+}
+
+# The latest complete checkpoint's step (0 when none): what a requeued job resumes from.
+_grpo_latest_step() {
+    local last
+    last=$(find "$RUN_DIR/checkpoints" -maxdepth 1 -name 'step_*' -type d 2>/dev/null | sort | tail -n 1)
+    [[ -n "$last" ]] && echo $((10#${last##*step_})) || echo 0
+}
+
+_grpo_node_addr() {
+    local addr
+    addr=$(scontrol show node "$1" -o 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+    echo "${addr:-$1}"
+}
+
+_grpo_http_ok() {
+    "$PYTHON" -c 'import sys, urllib.request
+try:
+    sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=5).status == 200 else 1)
+except Exception:
+    sys.exit(1)' "$1"
+}
+
+# Wait for URL/health while the srun client PID lives; die with the server log's tail otherwise.
+_grpo_wait_health() {
+    local url=$1 pid=$2 logfile=$3 deadline=$((SECONDS + ${SGLANG_START_TIMEOUT:-900}))
+    until _grpo_http_ok "$url/health"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 30 "$logfile" >&2 || true
+            die "SGLang server for $url exited before becoming healthy (log: $logfile)"
+        fi
+        (( SECONDS < deadline )) || die "SGLang server $url not healthy after ${SGLANG_START_TIMEOUT:-900}s (log: $logfile)"
+        sleep 5
+    done
+    log "SGLang server $url is healthy"
+}
+
+# Start one SGLang server per rollout node, wait for /health, put sglang-router in front when it is
+# installed; sets SGLANG_URLS (comma list) for the trainer's --rollout.sglang.urls.
+_grpo_start_sglang() {
+    local nodes=("$@") base=$(( ${SGLANG_PORT_BASE:-$((25000 + (SLURM_JOB_ID % 1000) * 16))} ))
+    local nodelist
+    nodelist=$(IFS=,; echo "${nodes[*]}")
+    # One cheap srun before loading anything: a missing install is the most common rollout failure.
+    if ! srun --overlap --nodes="${#nodes[@]}" --ntasks-per-node=1 --nodelist="$nodelist" \
+            bash -c "${SITE_SETUP:+source '$SITE_SETUP';} '$PYTHON' -c 'import sglang'" >/dev/null 2>&1; then
+        die "SGLang is not importable by $PYTHON on the rollout nodes ($nodelist): install it there " \
+            "(pip install 'sglang[all]') or point PYTHON/SITE_SETUP at an environment that has it"
+    fi
+    local urls=() i node port url logfile
+    for i in "${!nodes[@]}"; do
+        node=${nodes[$i]}
+        port=$((base + i))  # distinct per server, so simulated nodes on one host do not collide
+        url="http://$(_grpo_node_addr "$node"):$port"
+        logfile="$RUN_DIR/slurm/sglang-$SLURM_JOB_ID-$node.log"
+        # --overlap: colocated servers share the trainer nodes' resources with the trainer step.
+        srun --overlap --nodes=1 --ntasks=1 --nodelist="$node" --kill-on-bad-exit=1 \
+            bash -c "${SITE_SETUP:+source '$SITE_SETUP';} exec '$PYTHON' -m sglang.launch_server \
+                --model-path '$MODEL_HF_PATH' --host 0.0.0.0 --port $port \
+                --tp-size ${SGLANG_TP:-$NPROC_PER_NODE} ${SGLANG_ARGS:-}" >"$logfile" 2>&1 &
+        _GRPO_PIDS+=($!)
+        log "SGLang server on $node: $url (log $logfile)"
+        urls+=("$url")
+    done
+    for i in "${!urls[@]}"; do
+        _grpo_wait_health "${urls[$i]}" "${_GRPO_PIDS[$i]}" "$RUN_DIR/slurm/sglang-$SLURM_JOB_ID-${nodes[$i]}.log"
+    done
+    SGLANG_URLS=$(IFS=,; echo "${urls[*]}")
+    if [[ "${SGLANG_ROUTER:-auto}" != 0 ]] && "$PYTHON" -c 'import sglang_router' 2>/dev/null; then
+        local rport=$((base + 15)) head=${nodes[0]} rlog="$RUN_DIR/slurm/sglang-router-$SLURM_JOB_ID.log"
+        url="http://$(_grpo_node_addr "$head"):$rport"
+        srun --overlap --nodes=1 --ntasks=1 --nodelist="$head" \
+            bash -c "${SITE_SETUP:+source '$SITE_SETUP';} exec '$PYTHON' -m sglang_router.launch_router \
+                --worker-urls ${urls[*]} --host 0.0.0.0 --port $rport" >"$rlog" 2>&1 &
+        _GRPO_PIDS+=($!)
+        _grpo_wait_health "$url" "$!" "$rlog"
+        SGLANG_URLS=$url
+    fi
+}
+
+grpo_slurm_main() {
+    local default_config=$1
+    shift
+    [[ -n "${SLURM_JOB_ID:-}" ]] || die "run this script with sbatch (or inside salloc): SLURM_JOB_ID is unset"
+    trap _grpo_cleanup EXIT
+    trap '_grpo_on_signal USR1' USR1
+    trap '_grpo_on_signal TERM' TERM
+    trap '_grpo_on_signal TERM' INT
+
+    # Relative paths (config, run_dir) mean what they meant where `sbatch` was typed.
+    cd "${SLURM_SUBMIT_DIR:-$PWD}"
+    if [[ -n "${SITE_SETUP:-}" ]]; then
+        [[ -f "$SITE_SETUP" ]] || die "SITE_SETUP=$SITE_SETUP does not exist"
+        # shellcheck disable=SC1090
+        source "$SITE_SETUP"
+    fi
+    PYTHON=${PYTHON:-python3}
+    command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON not found on $(hostname -s); set PYTHON or SITE_SETUP"
+    export PYTHON PYTHONUNBUFFERED=1
+    export PYTHONPATH="$GRPO_REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+    local config=${CONFIG:-$default_config}
+    [[ -f "$config" ]] || die "config file $config does not exist (set CONFIG=path/to/run.yaml)"
+
+    # Device: a job without GPUs runs the CPU mode (gloo), whatever the config says.
+    local gpus=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}
+    gpus=${gpus##*:}
+    [[ "$gpus" =~ ^[0-9]+$ ]] || gpus=0
+    local device=${GRPO_DEVICE:-auto}
+    [[ "$device" == auto ]] && { (( gpus > 0 )) && device=gpu || device=cpu; }
+    if [[ "$device" == cpu ]]; then
+        export CUDA_VISIBLE_DEVICES=""
+        NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+    else
+        (( gpus > 0 )) || die "GRPO_DEVICE=gpu but the job has no GPUs: submit with --gpus-per-node=N"
+        NPROC_PER_NODE=${NPROC_PER_NODE:-$gpus}
+    fi
+
+    # Nodes: trainer nodes first, dedicated rollout nodes (if any) at the end of the allocation.
+    local all_nodes
+    mapfile -t all_nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    local rollout_n=${ROLLOUT_NODES:-0} total=${#all_nodes[@]}
+    (( rollout_n < total )) || die "ROLLOUT_NODES=$rollout_n leaves no trainer node in a $total-node job; submit with --nodes=$((rollout_n + 1)) or more"
+    local train_n=$((total - rollout_n))
+    TRAIN_NODES=("${all_nodes[@]:0:train_n}")
+    ROLLOUT_NODE_LIST=("${all_nodes[@]:train_n}")
+    local world=$((train_n * NPROC_PER_NODE))
+
+    # Overrides, in increasing precedence: env paths, TRAIN_ARGS, the script's own arguments.
+    local overrides=()
+    [[ -n "${HF_PATH:-}" ]] && overrides+=(--model.hf_path "$HF_PATH")
+    [[ -n "${MCORE_PATH:-}" ]] && overrides+=(--model.megatron_path "$MCORE_PATH")
+    # shellcheck disable=SC2206
+    [[ -n "${TRAIN_ARGS:-}" ]] && overrides+=($TRAIN_ARGS)
+    overrides+=("$@")
+
+    log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $total node(s) ${all_nodes[*]}, device $device, $NPROC_PER_NODE process(es) per trainer node, config $config"
+    local checks
+    checks=$("$PYTHON" "$GRPO_REPO/slurm/preflight.py" --config "$config" --world-size "$world" \
+        --layout-hint "$train_n trainer node(s) x $NPROC_PER_NODE process(es) = $world" \
+        --run-dir "${RUN_DIR:-}" --job-id "$SLURM_JOB_ID" "${overrides[@]}") \
+        || die "preflight failed (message above); nothing was started"
+    eval "$checks"
+    log "run_dir $RUN_DIR, layout $LAYOUT, $TRAIN_STEPS steps, rollout engine $ROLLOUT_ENGINE"
+
+    local trainer_args=(--config "$RESOLVED_CONFIG")
+    [[ "${GRPO_RESUME:-1}" == 1 ]] && trainer_args+=(--resume)
+    if [[ "$ROLLOUT_ENGINE" == sglang ]]; then
+        if [[ -n "$CONFIG_SGLANG_URLS" ]]; then
+            log "rollout.sglang.urls set in the config ($CONFIG_SGLANG_URLS): using those servers, starting none"
+        else
+            local server_nodes=("${ROLLOUT_NODE_LIST[@]}")
+            (( ${#server_nodes[@]} )) || server_nodes=("${TRAIN_NODES[@]}")
+            _grpo_start_sglang "${server_nodes[@]}"
+            trainer_args+=(--rollout.sglang.urls "$SGLANG_URLS")
+        fi
+    elif (( rollout_n > 0 )); then
+        die "ROLLOUT_NODES=$rollout_n but rollout.engine is $ROLLOUT_ENGINE: dedicated rollout nodes need rollout.engine: sglang"
+    fi
+
+    local head=${TRAIN_NODES[0]}
+    export GRPO_TRAIN_NODES GRPO_HEAD_ADDR GRPO_MASTER_PORT GRPO_NPROC_PER_NODE GRPO_RDZV_BACKEND
+    GRPO_TRAIN_NODES=$(IFS=,; echo "${TRAIN_NODES[*]}")
+    GRPO_HEAD_ADDR=$(_grpo_node_addr "$head")
+    # Port from the job id: two jobs sharing a node do not collide, a requeued job reuses its port.
+    GRPO_MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 10000))}
+    GRPO_NPROC_PER_NODE=$NPROC_PER_NODE
+    GRPO_RDZV_BACKEND=${GRPO_RDZV_BACKEND:-static}
+    log "trainer: torchrun on ${TRAIN_NODES[*]} (head $head at $GRPO_HEAD_ADDR:$GRPO_MASTER_PORT), world size $world"
+
+    # One task per trainer node; --kill-on-bad-exit: one failing node stops the others at once.
+    local setup="${SITE_SETUP:+source '$SITE_SETUP';}"
+    srun --nodes="$train_n" --ntasks-per-node=1 --nodelist="$GRPO_TRAIN_NODES" --kill-on-bad-exit=1 \
+        --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --label \
+        bash -c "$setup exec bash '$GRPO_REPO/slurm/node_launch.sh' \"\$@\"" node_launch "${trainer_args[@]}" &
+    _GRPO_TRAIN_PID=$!
+    _GRPO_PIDS+=("$_GRPO_TRAIN_PID")
+
+    # `wait` returns early (status > 128) whenever a trapped signal arrives: keep waiting for the trainer.
+    local rc
+    while :; do
+        rc=0
+        wait "$_GRPO_TRAIN_PID" || rc=$?
+        if (( rc > 128 )) && kill -0 "$_GRPO_TRAIN_PID" 2>/dev/null; then
+            continue
+        fi
+        break
+    done
+    local step
+    step=$(_grpo_latest_step)
+    if (( rc != 0 )); then
+        die "trainer failed (exit $rc); latest checkpoint: step $step; see the log above"
+    fi
+    if (( _GRPO_PREEMPTED && step < TRAIN_STEPS )); then
+        local restarts=${SLURM_RESTART_COUNT:-0}
+        if (( restarts >= ${GRPO_MAX_REQUEUES:-20} )); then
+            die "pre-empted at step $step, but already requeued $restarts times (GRPO_MAX_REQUEUES); resubmit to continue"
+        fi
+        log "pre-empted: checkpoint at step $step of $TRAIN_STEPS; requeueing job $SLURM_JOB_ID (it resumes from there)"
+        _GRPO_REQUEUING=1
+        scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue failed (submit with --requeue); resubmit to resume"
+        exit 0
+    fi
+    log "done: step $step of $TRAIN_STEPS, run_dir $RUN_DIR"
+}

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Check a Slurm run before any node is touched, and write the resolved config the trainer will read.
+
+Run by slurm/common.sh on the batch host. It loads the YAML config with the command-line overrides exactly
+as the trainer does (unknown keys are errors), checks that the model/checkpoint/data paths exist and that
+the parallel layout fits the world size the allocation gives (nodes x processes per node) and the model's
+sizes. On success it writes the resolved config (absolute paths, overrides applied) to
+RUN_DIR/slurm/job-JOBID.yaml and prints shell assignments for common.sh to `eval`. On failure it prints
+one `ERROR: ...` line naming the fix and exits 2, so the job stops within seconds with the reason in
+its output file instead of after minutes of model loading on every node.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    print(f"ERROR: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--world-size", type=int, required=True, help="trainer nodes x processes per node")
+    parser.add_argument("--layout-hint", default="", help="how the world size came about, for messages")
+    parser.add_argument("--run-dir", default="", help="overrides run_dir (relative: to the current directory)")
+    parser.add_argument("--job-id", default="local")
+    args, overrides = parser.parse_known_args(argv)
+
+    config_path = Path(args.config)
+    if not config_path.is_file():
+        fail(f"config file {config_path} does not exist (set CONFIG=path/to/run.yaml or pass --config)")
+
+    from grpo_megatron.config import ConfigError, load_config, save_config
+    from grpo_megatron.parallel import ParallelLayoutError
+
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        fail(f"config {config_path}: {exc}")
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    cfg.run_dir = str(Path(cfg.run_dir).resolve())
+
+    hf = Path(cfg.model.hf_path)
+    if not (hf / "config.json").is_file():
+        fail(f"model.hf_path={hf}: no config.json there; point it (or HF_PATH=...) at a Hugging Face "
+             f"checkpoint directory readable from every node")
+    if cfg.model.megatron_path and not Path(cfg.model.megatron_path).exists():
+        fail(f"model.megatron_path={cfg.model.megatron_path} does not exist; convert the HF checkpoint with "
+             f"tools/convert_hf_to_megatron.py or set MCORE_PATH=... (or model.megatron_path: null to load "
+             f"the HF weights)")
+    for key in ("train_files", "eval_files"):
+        for f in getattr(cfg.data, key):
+            if not Path(f).exists():
+                fail(f"data.{key}: {f} does not exist")
+
+    from grpo_megatron.models.provider import load_hf_config, model_dims
+
+    try:
+        dims = model_dims(load_hf_config(hf))
+    except Exception as exc:  # an unsupported or broken HF config: say so before any node loads it
+        fail(f"model.hf_path={hf}: cannot read the model config: {exc}")
+    try:
+        cfg.parallel.validate(args.world_size, **dims)
+    except ParallelLayoutError as exc:
+        fail(f"parallel layout does not fit the allocation ({args.layout_hint or f'world size {args.world_size}'}): "
+             f"{exc}")
+
+    out_dir = Path(cfg.run_dir) / "slurm"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = out_dir / f"job-{args.job_id}.yaml"
+    save_config(cfg, resolved)
+    values = {
+        "RUN_DIR": cfg.run_dir,
+        "RESOLVED_CONFIG": str(resolved),
+        "TRAIN_STEPS": cfg.train.steps,
+        "ROLLOUT_ENGINE": cfg.rollout.engine,
+        "MODEL_HF_PATH": str(hf),
+        "CONFIG_SGLANG_URLS": ",".join(cfg.rollout.sglang.urls),
+        "LAYOUT": f"tp={cfg.parallel.tensor_parallel} pp={cfg.parallel.pipeline_parallel} "
+                  f"ep={cfg.parallel.expert_parallel} cp={cfg.parallel.context_parallel} "
+                  f"dp={cfg.parallel.data_parallel(args.world_size)}",
+    }
+    for key, value in values.items():
+        print(f"{key}={shlex.quote(str(value))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
