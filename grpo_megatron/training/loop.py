@@ -346,11 +346,32 @@ class Trainer:
                    "throughput/tokens_per_s": rollout_metrics["rollout/tokens"] / elapsed}
         return metrics
 
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGUSR1/SIGTERM (Slurm's warning before the time limit)."""
+        flag = torch.tensor([float(self._signal_received)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _install_signal_handlers(self) -> None:
+        import signal
+
+        self._signal_received = False
+
+        def handler(signum, frame):
+            logger.warning("received signal %d: will checkpoint after this step and exit", signum)
+            self._signal_received = True
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, handler)
+
     def train(self) -> list[dict]:
         from tqdm import tqdm
 
         cfg = self.cfg
         history = []
+        self.preempted = False
+        self._install_signal_handlers()
         if self.step == 0:
             self.sft_warmup()
             initial = self.evaluate()
@@ -372,6 +393,12 @@ class Trainer:
             if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
                 logger.warning("step %d produced non-finite metrics", self.step)
             interval = cfg.checkpoint.save_interval
+            if self._stop_requested():
+                path = self.save_checkpoint()
+                self.preempted = True
+                if _rank0():
+                    logger.warning("PREEMPTED: checkpoint saved at %s; rerun with --resume to continue", path)
+                break
             if (interval and self.step % interval == 0) or self.step == cfg.train.steps:
                 self.save_checkpoint()
         bar.close()

@@ -1,0 +1,112 @@
+"""Checkpoints: resuming reproduces an uninterrupted run; a crash mid-save keeps the previous one."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+from grpo_megatron.training.checkpoint import latest_checkpoint, list_checkpoints
+from grpo_megatron.training.loop import Trainer
+from grpo_megatron.training.metrics import read_metrics
+from tests.conftest import REPO
+
+DETERMINISTIC = {"dynamic_sampling": False}
+
+
+def comparable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith(("time/", "throughput/"))}
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-7), (key, a[key], b[key])
+
+
+def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path, dist_world1):
+    def config(run):
+        return make_config(run_dir=str(tmp_path / run), train={"steps": 4, "lr": 3e-3},
+                           checkpoint={"save_interval": 2, "keep_last": 3},
+                           reward={"functions": [{"name": "tests.training.test_loop:varied_reward"}]})
+
+    straight = Trainer(config("straight"))
+    history = straight.train()
+    straight.close()
+
+    first = Trainer(config("resumed"))
+    first.train_step()
+    first.train_step()
+    first.save_checkpoint()
+    first.close()
+    cfg = config("resumed")
+    cfg.checkpoint.resume = True
+    second = Trainer(cfg)
+    assert second.step == 2
+    resumed = second.train()
+    second.close()
+
+    for expected, got in zip(history[2:], resumed):
+        assert_same(comparable(expected), comparable(got))
+    assert [m["step"] for m in read_metrics(tmp_path / "resumed") if "reward/mean" in m] == [3, 4]
+    assert [step for step, _ in list_checkpoints(tmp_path / "resumed")] == [2, 4]
+
+
+def test_retention_keeps_the_last_k(make_config, tmp_path, dist_world1):
+    trainer = Trainer(make_config(train={"steps": 3}, checkpoint={"save_interval": 1, "keep_last": 2}))
+    trainer.train()
+    trainer.close()
+    assert [step for step, _ in list_checkpoints(trainer.run_dir)] == [2, 3]
+
+
+CRASHING_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from megatron.core import dist_checkpointing
+    from grpo_megatron.config import load_config
+    from grpo_megatron.training.loop import Trainer
+
+    original, calls = dist_checkpointing.save, []
+
+    def save_then_die(*args, **kwargs):
+        calls.append(1)
+        original(*args, **kwargs)          # the model files of step 2 are written ...
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)   # ... and the process dies before the rename
+
+    if __name__ == "__main__":  # dist_checkpointing starts a multiprocessing manager (spawn)
+        dist_checkpointing.save = save_then_die
+        Trainer(load_config(sys.argv[1])).train()
+""")
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint(make_config, tmp_path, dist_world1):
+    import yaml
+
+    from grpo_megatron.config import save_config
+
+    cfg = make_config(train={"steps": 3}, checkpoint={"save_interval": 1, "keep_last": 1})
+    save_config(cfg, tmp_path / "run.yaml")
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_RUN)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE")}
+    log = tmp_path / "crash.log"
+    with log.open("w") as out:  # a file, not a pipe: the killed run's helper processes may keep a pipe open
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run.yaml")], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        returncode = proc.wait(timeout=300)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the killed run (checkpoint writer processes)
+    except ProcessLookupError:
+        pass
+    assert returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    run_dir = tmp_path / "run"
+    assert (run_dir / "checkpoints" / ".step_000002.staging").exists()
+    assert latest_checkpoint(run_dir).name == "step_000001"
+
+    cfg = yaml.safe_load((tmp_path / "run.yaml").read_text())
+    cfg["checkpoint"]["resume"] = True
+    resumed = Trainer(make_config(**{k: v for k, v in cfg.items()}))
+    assert resumed.step == 1
+    metrics = resumed.train_step()
+    resumed.close()
+    assert math.isfinite(metrics["train/pg_loss"])
