@@ -57,12 +57,6 @@ class EmbeddedEngine(RolloutEngine):
         return self._version
 
     @property
-    def model(self) -> transformers.PreTrainedModel:
-        """The live transformers model (read it, don't mutate it: use update_weights)."""
-        self._check_alive()
-        return self._model
-
-    @property
     def expected_weight_shapes(self) -> dict[str, torch.Size]:
         """HF checkpoint name -> shape of every tensor update_weights expects."""
         return self._layout.expected_shapes

@@ -9,6 +9,7 @@ kept as (parameter, offset); only the rest keep an index tensor.
 """
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -35,20 +36,21 @@ class CheckpointLayout:
 
     def __init__(self, model: torch.nn.Module):
         self._params = dict(model.named_parameters())  # tied weights appear once, as in the checkpoint
-        starts, ids, start = {}, {}, 0
+        self._names = list(self._params)
+        self._starts, ids, start = [], {}, 0
         for name, param in self._params.items():
-            starts[name] = start
+            self._starts.append(start)
             ids[name] = torch.arange(start, start + param.numel(), dtype=torch.int64).view(param.shape)
             start += param.numel()
         self._targets = {
-            name: self._locate(name, element_ids, starts)
+            name: self._locate(name, element_ids)
             for name, element_ids in revert_weight_conversion(model, ids).items()
         }
 
-    def _locate(self, name: str, element_ids: torch.Tensor, starts: dict[str, int]) -> _Target:
-        first = int(element_ids.reshape(-1)[0])
-        param_name = max((n for n, s in starts.items() if s <= first), key=starts.__getitem__)
-        local = element_ids.reshape(-1) - starts[param_name]
+    def _locate(self, name: str, element_ids: torch.Tensor) -> _Target:
+        owner = bisect.bisect_right(self._starts, int(element_ids.reshape(-1)[0])) - 1
+        param_name = self._names[owner]
+        local = element_ids.reshape(-1) - self._starts[owner]
         if int(local.min()) < 0 or int(local.max()) >= self._params[param_name].numel():
             raise RuntimeError(f"checkpoint tensor {name} spans several parameters; cannot map it")
         offset = int(local[0])
