@@ -181,6 +181,9 @@ class RunConfig:
         for name in ("steps", "num_minibatches", "micro_batch_size"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")
+        if self.train.lr_warmup_steps >= self.train.steps and self.train.lr_warmup_steps > 0:
+            raise ConfigError(f"train.lr_warmup_steps={self.train.lr_warmup_steps} must be below train.steps="
+                              f"{self.train.steps}; lower it or set it to 0")
         if self.rollout.group_size < 2:
             raise ConfigError("rollout.group_size must be >= 2: group-relative advantages need a group")
 
@@ -210,6 +213,7 @@ MEGATRON_FLAGS = {
     "recompute-activations": "model.recompute_activations",
     "bf16": "model.dtype",
 }
+_TOP_LEVEL_SCALARS = ("run_dir",)
 _FLAG_CONSTANTS = {"bf16": "bfloat16", "sequence-parallel": "true", "recompute-activations": "true"}
 
 
@@ -292,7 +296,7 @@ def parse_overrides(argv: list[str]) -> dict:
             i += 1
             value = argv[i]
         path = MEGATRON_FLAGS.get(key, key.replace("-", "_") if "." not in key else key)
-        if "." not in path:
+        if "." not in path and path not in _TOP_LEVEL_SCALARS:
             raise ConfigError(f"unknown flag --{key}; use a dotted key (e.g. --train.lr) or one of the "
                               f"megatron flags: {', '.join('--' + f for f in MEGATRON_FLAGS)}")
         node = overrides

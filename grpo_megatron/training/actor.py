@@ -101,9 +101,11 @@ class Actor:
             params_dtype=model.dtype, use_distributed_optimizer=False,
         )
         self.optimizer = get_megatron_optimizer(opt_config, model.chunks)
+        # train_cfg counts RL steps; the schedule advances once per optimizer step.
+        per_step = max(total_steps // max(train_cfg.steps, 1), 1)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if train_cfg.lr_warmup_steps else train_cfg.lr, max_lr=train_cfg.lr,
-            min_lr=train_cfg.min_lr, lr_warmup_steps=train_cfg.lr_warmup_steps,
+            min_lr=train_cfg.min_lr, lr_warmup_steps=train_cfg.lr_warmup_steps * per_step,
             lr_decay_steps=max(total_steps, 1), lr_decay_style=train_cfg.lr_decay_style,
             start_wd=train_cfg.weight_decay, end_wd=train_cfg.weight_decay, wd_incr_steps=max(total_steps, 1),
             wd_incr_style="constant",
