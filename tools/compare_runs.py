@@ -1,0 +1,360 @@
+#!/usr/bin/env python
+"""Compare training runs: aligned plots and a Markdown summary table from each run's metrics and config.
+
+    python tools/compare_runs.py runs/stability/cpu/*/seed* --output runs/stability/cpu/compare
+
+Reads RUN_DIR/metrics.jsonl (one JSON object per step, "step" key) and RUN_DIR/config.yaml (the resolved
+config). Writes to OUTPUT: one PNG per panel (each metric against step and against tokens consumed, the
+cumulative `rollout/tokens`), summary.md (per-run and per-arm tables, config differences, warnings) and
+summary.json (the same numbers). Runs whose configs differ only in run_dir and train.seed form one arm.
+
+Definitions used in the table:
+  final / best acc   last / highest value of --accuracy-metric (default eval/accuracy, greedy held-out)
+  steps to target    first step at which the accuracy metric reaches --target (tokens: rollout tokens by then)
+  spikes             steps whose --spike-metric (default train/grad_norm) is finite and above --spike-factor
+                     times the median of the finite values of the previous --spike-window steps (at least
+                     half a window of history is needed, so the first steps are never spikes)
+  NaN steps          steps with any non-finite number in their metrics
+  means              over the steps where the metric is present and finite
+Runs with different metric sets or lengths are compared anyway, with a warning; a run directory without
+metrics is an error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+IGNORED_CONFIG_KEYS = ("run_dir",)
+SEED_KEY = "train.seed"
+# panel name -> (metrics, log-scale y); a panel is drawn when at least one run has one of its metrics
+PANELS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "accuracy": (("reward/accuracy", "eval/accuracy"), False),
+    "clip_fraction": (("train/clip_frac_tokens", "train/clip_frac_seqs"), True),
+    "train_rollout": (("train_rollout/k3_kl", "train_rollout/logprob_abs_diff"), False),
+    "policy_drift": (("train/approx_kl_old", "train/ratio_max"), True),
+    "routing": (("routing/agree_old_current", "routing/agree_rollout_train"), False),
+    "grad_norm": (("train/grad_norm",), True),
+    "entropy": (("train/entropy",), False),
+    "response_length": (("response/length_mean",), False),
+}
+MEAN_COLUMNS = {  # summary column -> metric averaged over steps
+    "clip frac (tokens)": "train/clip_frac_tokens",
+    "clip frac (seqs)": "train/clip_frac_seqs",
+    "KL old-current": "train/approx_kl_old",
+    "KL train-rollout (k3)": "train_rollout/k3_kl",
+    "routing agree old-current": "routing/agree_old_current",
+}
+
+
+class RunError(ValueError):
+    """A run directory that cannot be compared; the message names it."""
+
+
+class RunMismatchWarning(UserWarning):
+    """Runs that differ in metric sets or lengths: compared on what they share."""
+
+
+@dataclass
+class Run:
+    path: Path
+    records: dict[int, dict]  # step -> metrics of that step
+    config: dict  # flattened resolved config (dotted keys)
+    name: str = ""
+    arm: str = ""
+    tokens: dict[int, float] = field(default_factory=dict)  # step -> cumulative rollout tokens
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.records)
+
+    @property
+    def metric_names(self) -> set[str]:
+        return {k for record in self.records.values() for k in record if k != "step"}
+
+    def series(self, metric: str) -> tuple[list[int], list[float]]:
+        """Steps and values of one metric, where present and numeric (NaN kept: the plot shows a gap)."""
+        pairs = [(s, float(r[metric])) for s, r in sorted(self.records.items())
+                 if isinstance(r.get(metric), (int, float)) and not isinstance(r.get(metric), bool)]
+        return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat: dict = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_run(path: Path) -> Run:
+    """One run directory -> Run; a missing or empty metrics file is a RunError naming the directory."""
+    metrics = path / METRICS_FILE
+    if not metrics.is_file():
+        raise RunError(f"{path}: no {METRICS_FILE} (not a run directory, or the run has not logged a step)")
+    records: dict[int, dict] = {}
+    for number, line in enumerate(metrics.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RunError(f"{metrics}:{number}: not JSON ({exc})") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise RunError(f"{metrics}:{number}: a metrics line needs a \"step\" key")
+        records.setdefault(int(record["step"]), {}).update(record)
+    if not records:
+        raise RunError(f"{path}: {METRICS_FILE} is empty")
+    config_path = path / CONFIG_FILE
+    config = flatten(yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
+    if not config:
+        warnings.warn(f"{path}: no {CONFIG_FILE}; its config differences are unknown", RunMismatchWarning)
+    run = Run(path=path, records=records, config=config)
+    total = 0.0
+    for step in run.steps:
+        total += float(records[step].get("rollout/tokens", 0) or 0)
+        run.tokens[step] = total
+    return run
+
+
+def name_runs(runs: list[Run]) -> None:
+    """Run names: paths relative to the runs' common parent; arms: runs equal in config but run_dir/seed."""
+    paths = [run.path.resolve() for run in runs]
+    root = Path(os.path.commonpath(paths))
+    if root in paths:  # one run, or a run inside another's directory: name it by its own last part
+        root = root.parent
+    arms: dict[tuple, list[Run]] = {}
+    for run, path in zip(runs, paths):
+        run.name = str(path.relative_to(root))
+        key = tuple(sorted((k, repr(v)) for k, v in run.config.items() if k not in (*IGNORED_CONFIG_KEYS, SEED_KEY)))
+        arms.setdefault(key, []).append(run)
+    for members in arms.values():
+        parts = [Path(run.name).parts for run in members]
+        common = [p[0] for p in zip(*parts) if len(set(p)) == 1]
+        label = "/".join(common) if common and len(members) > 1 else members[0].name
+        for run in members:
+            run.arm = label
+
+
+def check_alignment(runs: list[Run]) -> list[str]:
+    """Warnings for metric sets and lengths that differ between runs (then compared on what they share)."""
+    notes = []
+    union = set().union(*(run.metric_names for run in runs))
+    for run in runs:
+        missing = sorted(m for m in union - run.metric_names if "/layer_" not in m)
+        if missing:
+            notes.append(f"{run.name} lacks {len(missing)} metric(s) other runs have: {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))
+    lengths = {run.name: run.steps[-1] for run in runs}
+    if len(set(lengths.values())) > 1:
+        notes.append("runs end at different steps: " + ", ".join(f"{n}={s}" for n, s in lengths.items()))
+    for note in notes:
+        warnings.warn(note, RunMismatchWarning)
+    return notes
+
+
+def finite(values: list[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
+def count_spikes(values: list[float], factor: float, window: int) -> int:
+    """Steps above factor x the median of the previous `window` finite values (>= window/2 of them)."""
+    spikes = 0
+    for i, value in enumerate(values):
+        history = finite(values[max(0, i - window):i])
+        if math.isfinite(value) and len(history) >= max(1, window // 2) and value > factor * statistics.median(history):
+            spikes += 1
+    return spikes
+
+
+def summarize(run: Run, args: argparse.Namespace) -> dict:
+    """The table row of one run (None where the metric is absent)."""
+    acc_steps, acc = run.series(args.accuracy_metric)
+    reached = [(s, v) for s, v in zip(acc_steps, acc) if math.isfinite(v) and v >= args.target]
+    _, spike_values = run.series(args.spike_metric)
+    rl_steps = [s for s in run.steps if any(k.startswith("train/") for k in run.records[s])]
+    row = {
+        "run": run.name,
+        "arm": run.arm,
+        "steps": rl_steps[-1] if rl_steps else 0,
+        "tokens": run.tokens[run.steps[-1]],
+        "final acc": acc[-1] if acc else None,
+        "best acc": max(finite(acc)) if finite(acc) else None,
+        "steps to target": reached[0][0] if reached else None,
+        "tokens to target": run.tokens[reached[0][0]] if reached else None,
+        "spikes": count_spikes(spike_values, args.spike_factor, args.spike_window) if spike_values else None,
+        "NaN steps": sum(1 for r in run.records.values() if any(
+            isinstance(v, float) and not math.isfinite(v) for v in r.values())),
+    }
+    for column, metric in MEAN_COLUMNS.items():
+        values = finite(run.series(metric)[1])
+        row[column] = statistics.fmean(values) if values else None
+    return row
+
+
+def summarize_arms(rows: list[dict]) -> list[dict]:
+    """Mean over each arm's runs (seeds); counts summed; clip fraction also relative to the least-clipping arm."""
+    arms: dict[str, list[dict]] = {}
+    for row in rows:
+        arms.setdefault(row["arm"], []).append(row)
+    out = []
+    for arm, members in arms.items():
+        merged: dict = {"arm": arm, "runs": len(members)}
+        for column in rows[0]:
+            if column in ("run", "arm"):
+                continue
+            values = [m[column] for m in members if m[column] is not None]
+            if column in ("spikes", "NaN steps"):
+                merged[column] = sum(values) if values else None
+            elif column in ("steps to target", "tokens to target"):
+                merged[column] = statistics.fmean(values) if len(values) == len(members) else None
+                merged[f"{column} reached"] = f"{len(values)}/{len(members)}"
+            else:
+                merged[column] = statistics.fmean(values) if values else None
+                if len(values) > 1 and column in ("final acc", "best acc"):
+                    merged[f"{column} std"] = statistics.stdev(values)
+        out.append(merged)
+    clips = [a["clip frac (tokens)"] for a in out if a["clip frac (tokens)"]]
+    for arm in out:
+        value = arm["clip frac (tokens)"]
+        arm["clip frac / lowest"] = value / min(clips) if value is not None and clips else None
+    return out
+
+
+def config_differences(runs: list[Run]) -> dict[str, list]:
+    keys = sorted(set().union(*(run.config for run in runs)) - set(IGNORED_CONFIG_KEYS))
+    return {k: [run.config.get(k, "—") for run in runs] for k in keys
+            if len({repr(run.config.get(k, "—")) for run in runs}) > 1}
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.4g}" if abs(value) < 100 else f"{value:.0f}"
+        return f"{value:.2e}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return lines
+
+
+def write_summary(out: Path, runs: list[Run], rows: list[dict], arms: list[dict], notes: list[str],
+                  args: argparse.Namespace) -> str:
+    run_cols = [c for c in rows[0] if c != "arm"]
+    arm_cols = ["arm", "runs", "steps", "tokens", "final acc", "final acc std", "best acc", "steps to target",
+                "steps to target reached", "spikes", "NaN steps", *MEAN_COLUMNS, "clip frac / lowest"]
+    lines = ["# Run comparison", "",
+             f"Accuracy metric `{args.accuracy_metric}`, target {args.target}; spikes: `{args.spike_metric}` above "
+             f"{args.spike_factor}x the median of the previous {args.spike_window} steps. Means are over steps.", "",
+             "## Per arm (mean over its runs; spikes and NaN steps summed)", "", *markdown_table(arms, arm_cols),
+             "", "## Per run", "", *markdown_table(rows, run_cols), "", "## Config differences", ""]
+    diffs = config_differences(runs)
+    if diffs:
+        lines += markdown_table([{"key": k, **{r.name: v for r, v in zip(runs, vals)}} for k, vals in diffs.items()],
+                                ["key", *[r.name for r in runs]])
+    else:
+        lines.append("The configs are identical (apart from run_dir).")
+    if notes:
+        lines += ["", "## Warnings", "", *[f"- {n}" for n in notes]]
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps({"runs": rows, "arms": arms, "config_differences": diffs,
+                                                  "warnings": notes}, indent=1, default=str))
+    return text
+
+
+def plot_panels(out: Path, runs: list[Run]) -> list[Path]:
+    """One PNG per panel: a row per metric, against step (left) and tokens consumed (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arm_names = list(dict.fromkeys(run.arm for run in runs))
+    colors = {arm: plt.get_cmap("tab10")(i % 10) for i, arm in enumerate(arm_names)}
+    written = []
+    for panel, (metrics, log_y) in PANELS.items():
+        present = [m for m in metrics if any(run.series(m)[0] for run in runs)]
+        if not present:
+            continue
+        fig, axes = plt.subplots(len(present), 2, figsize=(10, 2.8 * len(present)), squeeze=False)
+        for row, metric in enumerate(present):
+            labelled: set[str] = set()
+            for run in runs:
+                steps, values = run.series(metric)
+                if not steps:
+                    continue
+                style = dict(color=colors[run.arm], lw=1, alpha=0.8,
+                             label=None if run.arm in labelled else run.arm,
+                             marker="o" if metric.startswith("eval/") else None, ms=3)
+                labelled.add(run.arm)
+                axes[row][0].plot(steps, values, **style)
+                axes[row][1].plot([run.tokens[s] for s in steps], values, **{**style, "label": None})
+            for col, xlabel in enumerate(("step", "rollout tokens consumed")):
+                ax = axes[row][col]
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel(metric, fontsize=8)
+                ax.grid(alpha=0.3)
+                if log_y and any(v > 0 for run in runs for v in finite(run.series(metric)[1])):
+                    ax.set_yscale("log", nonpositive="mask")  # zeros (nothing clipped) leave gaps
+            axes[row][0].legend(fontsize=7)
+        fig.suptitle(panel.replace("_", " "))
+        fig.tight_layout()
+        path = out / f"{panel}.png"
+        fig.savefig(path, dpi=70)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--output", type=Path, required=True, help="directory for the PNGs and summary.md/json")
+    parser.add_argument("--accuracy-metric", default="eval/accuracy")
+    parser.add_argument("--target", type=float, default=0.9, help="accuracy for 'steps to target'")
+    parser.add_argument("--spike-metric", default="train/grad_norm")
+    parser.add_argument("--spike-factor", type=float, default=5.0)
+    parser.add_argument("--spike-window", type=int, default=10)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        runs = [load_run(path) for path in args.run_dirs]
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name_runs(runs)
+    notes = check_alignment(runs)
+    rows = [summarize(run, args) for run in runs]
+    args.output.mkdir(parents=True, exist_ok=True)
+    text = write_summary(args.output, runs, rows, summarize_arms(rows), notes, args)
+    plots = plot_panels(args.output, runs)
+    print(text)
+    print(f"wrote {args.output / 'summary.md'} and {len(plots)} plots to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("always", RunMismatchWarning)
+    warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
+    sys.exit(main())
