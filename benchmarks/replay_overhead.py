@@ -1,91 +1,107 @@
 """Step-time overhead of MoE routing replay (R2, R3) against none, on the CPU example's tiny Qwen3-MoE.
 
-Each mode runs in its own trainer process (`--worker`); rounds alternate the modes so that load from other
-processes on a shared machine hits all of them alike. Reported per mode: the median of the timed steps'
-whole step time and of their trainer-side time (old log-probs + training: where R2 records and replays,
-and R3 replays; R3's extra rollout cost, the engine recording routes, is in the whole step), and the
-overhead of each against none.
+One trainer, one rollout batch (with the engine's routes), then the trainer's side of a step (`train_on`:
+old log-probs, training mini-batches) timed again and again with the modes interleaved, so that load
+from other processes on a shared machine hits every mode alike; medians are reported. "off" is plain
+megatron routing with no hooks at all (what "none" costs for its agreement metrics). R3's rollout-side
+cost, the engine returning routes, is timed the same way on `generate`.
 
-    python benchmarks/replay_overhead.py [--rounds 2] [--steps 4] [--threads 1]
+    python benchmarks/replay_overhead.py [--repeats 7] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import statistics
-import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("none", "r2", "r3")
+MODES = ("off", "none", "r2", "r3")
 
 
-def config_for(mode: str, inputs: dict, run_dir: Path, steps: int, threads: int):
-    from grpo_megatron.config import load_config
-
-    return load_config(REPO / "examples" / "tiny_cpu" / "gspo_moe.yaml", {
-        "run_dir": str(run_dir),
-        "model": {"hf_path": str(inputs["hf"]), "megatron_path": str(inputs["mcore"])},
-        "data": {"train_files": [str(inputs["train"])], "eval_files": []},
-        "algorithm": {"routing_replay": mode},
-        "train": {"steps": steps, "sft_warmup_steps": 0, "lr_warmup_steps": 0, "num_threads": threads},
-        "logging": {"progress_bar": False, "tensorboard": False},
-        "checkpoint": {"save_interval": 0},
-    })
-
-
-def worker(mode: str, cache: Path, steps: int, threads: int) -> dict:
-    """One trainer: a warm-up step, then `steps` timed steps."""
+def make_trainer(cache: Path, run_dir: Path, threads: int):
     sys.path.insert(0, str(REPO / "examples" / "tiny_cpu"))
     from prepare import prepare
 
+    from grpo_megatron.config import load_config
     from grpo_megatron.training.loop import Trainer
 
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config_for(mode, prepare(cache, "copy"), Path(run_dir), steps + 1, threads))
-        trainer.train_step()
-        timed = [trainer.train_step() for _ in range(steps)]
-        trainer.close()
-    return {
-        "step": [m["time/step"] for m in timed],
-        "trainer": [m["time/old_logprobs"] + m["time/train"] for m in timed],
-        "agree_old_current": statistics.mean(m.get("routing/agree_old_current", float("nan")) for m in timed),
-        "agree_rollout_train": statistics.mean(m.get("routing/agree_rollout_train", float("nan")) for m in timed),
-    }
+    inputs = prepare(cache, "copy")
+    cfg = load_config(REPO / "examples" / "tiny_cpu" / "gspo_moe.yaml", {
+        "run_dir": str(run_dir),
+        "model": {"hf_path": str(inputs["hf"]), "megatron_path": str(inputs["mcore"])},
+        "data": {"train_files": [str(inputs["train"])], "eval_files": []},
+        "algorithm": {"routing_replay": "r3"},
+        "train": {"steps": 1000, "sft_warmup_steps": 0, "lr_warmup_steps": 0, "num_threads": threads},
+        "logging": {"progress_bar": False, "tensorboard": False},
+    })
+    return Trainer(cfg)
+
+
+def set_mode(trainer, mode: str, hooks: dict) -> None:
+    """Re-attach the policy's replay controller in `mode`; "off" takes the hooks out of the routers."""
+    from grpo_megatron.replay import attach_routing_replay
+
+    for router, hook in hooks.items():
+        router.router_replay = None if mode == "off" else hook
+    if mode == "off":
+        trainer.routing = trainer.policy.extra.pop("routing_replay", None) and None
+    else:
+        trainer.routing = attach_routing_replay(trainer.policy, mode)
+        hooks.update(_routers(trainer))
+
+
+def _routers(trainer) -> dict:
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return {m: m.router_replay for c in trainer.policy.chunks for m in c.modules() if isinstance(m, TopKRouter)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per mode and round")
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default=str(REPO / "examples" / "tiny_cpu" / "cache"))
-    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, Path(args.cache), args.steps, args.threads)))
-        return 0
-    results = {mode: {"step": [], "trainer": [], "agree_old_current": [], "agree_rollout_train": []} for mode in MODES}
-    for round_index in range(args.rounds):
-        for mode in MODES if round_index % 2 == 0 else MODES[::-1]:
-            out = subprocess.run([sys.executable, __file__, "--worker", mode, "--steps", str(args.steps),
-                                  "--threads", str(args.threads), "--cache", args.cache],
-                                 capture_output=True, text=True, check=True, cwd=REPO)
-            run = json.loads(out.stdout.strip().splitlines()[-1])
-            for key in ("step", "trainer"):
-                results[mode][key] += run[key]
-            for key in ("agree_old_current", "agree_rollout_train"):
-                results[mode][key].append(run[key])
-    base = {key: statistics.median(results["none"][key]) for key in ("step", "trainer")}
-    print(f"{'mode':<6}{'step s':>9}{'overhead':>10}{'trainer s':>11}{'overhead':>10}"
-          f"{'agree old/cur':>15}{'agree rollout/train':>21}")
+    from grpo_megatron.training.metrics import PhaseTimer
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = make_trainer(Path(args.cache), Path(run_dir), args.threads)
+        batch, _ = trainer.rollout()
+        hooks = _routers(trainer)
+        times = {mode: [] for mode in MODES}
+        agreement = {mode: [] for mode in MODES}
+        generation = {False: [], True: []}
+        items = [trainer.loader.next_batch() for _ in range(1)][0]
+        params = trainer.sampling_params(0)
+        for repeat in range(args.repeats + 1):  # the first round warms up
+            for mode in MODES if repeat % 2 else MODES[::-1]:
+                set_mode(trainer, mode, hooks)
+                start = time.perf_counter()
+                metrics = trainer.train_on(copy.deepcopy(batch), PhaseTimer())
+                if repeat:
+                    times[mode].append(time.perf_counter() - start)
+                    agreement[mode].append(metrics.get("routing/agree_old_current", float("nan")))
+            for routes in (False, True):
+                start = time.perf_counter()
+                trainer.engine.generate([it["prompt_ids"] for it in items], params, return_routed_experts=routes)
+                if repeat:
+                    generation[routes].append(time.perf_counter() - start)
+        trainer.close()
+    base = min(times["none"])
+    off = min(times["off"])
+    print(f"train_on (old log-probs + {trainer.cfg.train.num_minibatches} mini-batches), "
+          f"{len(batch)} sequences, best of {args.repeats}:")
+    print(f"{'mode':<6}{'seconds':>9}{'vs none':>9}{'vs off':>9}{'agree old/current':>19}")
     for mode in MODES:
-        step, trainer = (statistics.median(results[mode][key]) for key in ("step", "trainer"))
-        print(f"{mode:<6}{step:>9.3f}{100 * (step / base['step'] - 1):>9.1f}%{trainer:>11.3f}"
-              f"{100 * (trainer / base['trainer'] - 1):>9.1f}%{statistics.mean(results[mode]['agree_old_current']):>15.4f}"
-              f"{statistics.mean(results[mode]['agree_rollout_train']):>21.4f}")
+        t = min(times[mode])
+        print(f"{mode:<6}{t:>9.3f}{100 * (t / base - 1):>8.1f}%{100 * (t / off - 1):>8.1f}%"
+              f"{statistics.mean(agreement[mode]):>19.4f}")
+    plain, routed = (min(generation[r]) for r in (False, True))
+    print(f"rollout generate: {plain:.3f} s plain, {routed:.3f} s returning routes ({100 * (routed / plain - 1):+.1f}%)")
     return 0
 
 
