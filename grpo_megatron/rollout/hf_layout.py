@@ -5,7 +5,8 @@ experts.gate_up_proj), so the names the trainer exports (the ones save_pretraine
 model's parameter names. Rather than hard-coding each family's fusion, we run transformers' own reverse
 conversion (the one save_pretrained uses) over tensors of element ids: every checkpoint tensor then tells
 us exactly which elements of which parameter it fills. Most land in one contiguous range, so they are
-kept as (parameter, offset); only the rest keep an index tensor.
+kept as (parameter, offset); only the rest keep an index tensor. Building the map briefly holds one int64
+per parameter element, which is fine for the models an in-process engine serves.
 """
 from __future__ import annotations
 
