@@ -11,9 +11,11 @@ summary.json (the same numbers). Runs whose configs differ only in run_dir and t
 Definitions used in the table:
   final / best acc   last / highest value of --accuracy-metric (default eval/accuracy, greedy held-out)
   steps to target    first step at which the accuracy metric reaches --target (tokens: rollout tokens by then)
-  spikes             steps whose --spike-metric (default train/grad_norm) is finite and above --spike-factor
-                     times the median of the finite values of the previous --spike-window steps (at least
-                     half a window of history is needed, so the first steps are never spikes)
+  loss / grad spikes steps whose |train/pg_loss| (|train/grad_norm|) exceeds --spike-factor times both the
+                     median of the previous --spike-window steps' values (at least half a window of them, so
+                     the first steps are never spikes) and the run's median: the second condition keeps
+                     the noise of a converged run, whose typical values are tiny, from counting
+  max acc drop       largest fall of the accuracy metric below its best value so far (a collapse measure)
   NaN steps          steps with any non-finite number in their metrics
   means              over the steps where the metric is present and finite
 Runs with different metric sets or lengths are compared anyway, with a warning; a run directory without
@@ -48,6 +50,7 @@ PANELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "entropy": (("train/entropy",), False),
     "response_length": (("response/length_mean",), False),
 }
+SPIKE_COLUMNS = {"loss spikes": "train/pg_loss", "grad spikes": "train/grad_norm"}
 MEAN_COLUMNS = {  # summary column -> metric averaged over steps
     "clip frac (tokens)": "train/clip_frac_tokens",
     "clip frac (seqs)": "train/clip_frac_seqs",
@@ -170,20 +173,31 @@ def finite(values: list[float]) -> list[float]:
 
 
 def count_spikes(values: list[float], factor: float, window: int) -> int:
-    """Steps above factor x the median of the previous `window` finite values (>= window/2 of them)."""
+    """Steps with |value| above factor x both the median |value| of the previous `window` steps and the run's."""
+    magnitudes = [abs(v) for v in values]
+    run_median = statistics.median(finite(magnitudes)) if finite(magnitudes) else math.inf
     spikes = 0
-    for i, value in enumerate(values):
-        history = finite(values[max(0, i - window):i])
-        if math.isfinite(value) and len(history) >= max(1, window // 2) and value > factor * statistics.median(history):
+    for i, value in enumerate(magnitudes):
+        history = finite(magnitudes[max(0, i - window):i])
+        if (math.isfinite(value) and len(history) >= max(1, window // 2)
+                and value > factor * statistics.median(history) and value > factor * run_median):
             spikes += 1
     return spikes
+
+
+def max_drop(values: list[float]) -> float:
+    """Largest fall below the running maximum."""
+    best, drop = -math.inf, 0.0
+    for value in values:
+        best = max(best, value)
+        drop = max(drop, best - value)
+    return drop
 
 
 def summarize(run: Run, args: argparse.Namespace) -> dict:
     """The table row of one run (None where the metric is absent)."""
     acc_steps, acc = run.series(args.accuracy_metric)
     reached = [(s, v) for s, v in zip(acc_steps, acc) if math.isfinite(v) and v >= args.target]
-    _, spike_values = run.series(args.spike_metric)
     rl_steps = [s for s in run.steps if any(k.startswith("train/") for k in run.records[s])]
     row = {
         "run": run.name,
@@ -192,9 +206,11 @@ def summarize(run: Run, args: argparse.Namespace) -> dict:
         "tokens": run.tokens[run.steps[-1]],
         "final acc": acc[-1] if acc else None,
         "best acc": max(finite(acc)) if finite(acc) else None,
+        "max acc drop": max_drop(finite(acc)) if finite(acc) else None,
         "steps to target": reached[0][0] if reached else None,
         "tokens to target": run.tokens[reached[0][0]] if reached else None,
-        "spikes": count_spikes(spike_values, args.spike_factor, args.spike_window) if spike_values else None,
+        **{column: count_spikes(run.series(metric)[1], args.spike_factor, args.spike_window)
+           if run.series(metric)[0] else None for column, metric in SPIKE_COLUMNS.items()},
         "NaN steps": sum(1 for r in run.records.values() if any(
             isinstance(v, float) and not math.isfinite(v) for v in r.values())),
     }
@@ -216,7 +232,7 @@ def summarize_arms(rows: list[dict]) -> list[dict]:
             if column in ("run", "arm"):
                 continue
             values = [m[column] for m in members if m[column] is not None]
-            if column in ("spikes", "NaN steps"):
+            if column in (*SPIKE_COLUMNS, "NaN steps"):
                 merged[column] = sum(values) if values else None
             elif column in ("steps to target", "tokens to target"):
                 merged[column] = statistics.fmean(values) if len(values) == len(members) else None
@@ -243,7 +259,7 @@ def fmt(value) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        if value == 0 or 1e-3 <= abs(value) < 1e5:
+        if value == 0 or 1e-3 <= abs(value) < 1e10:
             return f"{value:.4g}" if abs(value) < 100 else f"{value:.0f}"
         return f"{value:.2e}"
     return str(value)
@@ -258,11 +274,14 @@ def markdown_table(rows: list[dict], columns: list[str]) -> list[str]:
 def write_summary(out: Path, runs: list[Run], rows: list[dict], arms: list[dict], notes: list[str],
                   args: argparse.Namespace) -> str:
     run_cols = [c for c in rows[0] if c != "arm"]
-    arm_cols = ["arm", "runs", "steps", "tokens", "final acc", "final acc std", "best acc", "steps to target",
-                "steps to target reached", "spikes", "NaN steps", *MEAN_COLUMNS, "clip frac / lowest"]
+    arm_cols = ["arm", "runs", "steps", "tokens", "final acc", "final acc std", "best acc", "max acc drop",
+                "steps to target",
+                "steps to target reached", *SPIKE_COLUMNS, "NaN steps", *MEAN_COLUMNS, "clip frac / lowest"]
     lines = ["# Run comparison", "",
-             f"Accuracy metric `{args.accuracy_metric}`, target {args.target}; spikes: `{args.spike_metric}` above "
-             f"{args.spike_factor}x the median of the previous {args.spike_window} steps. Means are over steps.", "",
+             f"Accuracy metric `{args.accuracy_metric}`, target {args.target}. Spikes: steps whose |value| of "
+             + " / ".join(f"`{m}`" for m in SPIKE_COLUMNS.values())
+             + f" exceeds {args.spike_factor}x both the median of the previous {args.spike_window} steps and the "
+             "run's median. Means are over steps.", "",
              "## Per arm (mean over its runs; spikes and NaN steps summed)", "", *markdown_table(arms, arm_cols),
              "", "## Per run", "", *markdown_table(rows, run_cols), "", "## Config differences", ""]
     diffs = config_differences(runs)
@@ -330,7 +349,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, required=True, help="directory for the PNGs and summary.md/json")
     parser.add_argument("--accuracy-metric", default="eval/accuracy")
     parser.add_argument("--target", type=float, default=0.9, help="accuracy for 'steps to target'")
-    parser.add_argument("--spike-metric", default="train/grad_norm")
     parser.add_argument("--spike-factor", type=float, default=5.0)
     parser.add_argument("--spike-window", type=int, default=10)
     return parser.parse_args(argv)

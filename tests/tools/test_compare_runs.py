@@ -19,6 +19,7 @@ sys.modules["compare_runs"] = compare_runs  # dataclasses look their module up t
 spec.loader.exec_module(compare_runs)
 
 GRAD = [1.0, 1.1, 0.9, 1.0, 1.2, 1.0, 9.0, 1.0, float("nan"), 1.1]  # one spike (step 7), one NaN (step 9)
+LOSS = [0.01, -0.02, 0.01, -0.01, 0.02, -0.01, 0.01, -0.3, 0.01, -0.01]  # |-0.3| is a spike (step 8)
 
 
 def make_run(path: Path, loss: str, seed: int, steps: int = 10, clip: float = 0.01, routing: bool = True) -> Path:
@@ -31,6 +32,7 @@ def make_run(path: Path, loss: str, seed: int, steps: int = 10, clip: float = 0.
         record = {"step": step, "rollout/tokens": 100 + step, "reward/accuracy": step / steps,
                   "train/clip_frac_tokens": clip * step, "train/approx_kl_old": 0.001 * step,
                   "train_rollout/k3_kl": 0.0, "train/grad_norm": GRAD[(step - 1) % len(GRAD)],
+                  "train/pg_loss": LOSS[(step - 1) % len(LOSS)],
                   "train/entropy": 1.0, "response/length_mean": 5.0}
         if routing:
             record["routing/agree_old_current"] = 0.9
@@ -54,18 +56,19 @@ def test_plots_and_table_values_match_inputs(tmp_path):
     assert row["run"] == "grpo/seed1" and row["arm"] == "grpo"
     assert row["steps"] == 10 and row["tokens"] == sum(100 + s for s in range(1, 11))
     assert row["final acc"] == pytest.approx(1.01) and row["best acc"] == pytest.approx(1.01)
+    assert row["max acc drop"] == 0.0
     assert row["steps to target"] == 5 and row["tokens to target"] == sum(100 + s for s in range(1, 6))
-    assert row["spikes"] == 1 and row["NaN steps"] == 1
+    assert row["loss spikes"] == 1 and row["grad spikes"] == 1 and row["NaN steps"] == 1
     assert row["clip frac (tokens)"] == pytest.approx(statistics.fmean(0.001 * s for s in range(1, 11)))
     assert row["KL old-current"] == pytest.approx(0.0055)
     arms = {a["arm"]: a for a in summary["arms"]}
     assert arms["gspo"]["runs"] == 2 and arms["gspo"]["final acc"] == pytest.approx(1.015)
     assert arms["gspo"]["clip frac / lowest"] == pytest.approx(20.0) and arms["grpo"]["clip frac / lowest"] == 1
-    assert arms["grpo"]["spikes"] == 2
+    assert arms["grpo"]["grad spikes"] == 2
     assert summary["config_differences"]["algorithm.loss"] == ["grpo", "grpo", "gspo", "gspo"]
     assert "run_dir" not in summary["config_differences"]
     table = (out / "summary.md").read_text()
-    assert "| grpo/seed1 | 10 | 1055 | 1.01 | 1.01 | 5 | 515 | 1 | 1 | 0.0055 |" in table
+    assert "| grpo/seed1 | 10 | 1055 | 1.01 | 1.01 | 0 | 5 | 515 | 1 | 1 | 1 | 0.0055 |" in table
     assert "| algorithm.loss | grpo | grpo | gspo | gspo |" in table
     assert not summary["warnings"]
 
@@ -102,8 +105,15 @@ def test_help_lists_the_definitions():
         assert text in result.stdout
 
 
+def test_max_accuracy_drop():
+    assert compare_runs.max_drop([0.1, 0.9, 0.3, 0.95, 0.6]) == pytest.approx(0.6)
+
+
 def test_spike_definition():
     assert compare_runs.count_spikes([1.0] * 5 + [5.1], factor=5.0, window=10) == 1
+    assert compare_runs.count_spikes([1.0] * 5 + [-5.1], factor=5.0, window=10) == 1  # magnitudes
+    # A converged run: tiny values, then one back at the run's typical size, is not a spike.
+    assert compare_runs.count_spikes([2.0] * 10 + [0.01] * 6 + [2.0], factor=5.0, window=10) == 0
     assert compare_runs.count_spikes([1.0] * 5 + [4.9], factor=5.0, window=10) == 0
     assert compare_runs.count_spikes([1.0] * 4 + [50.0], factor=5.0, window=10) == 0  # too little history
     assert compare_runs.count_spikes([1.0, math.nan] * 4 + [9.0], factor=5.0, window=8) == 1  # NaNs skipped
