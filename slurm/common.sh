@@ -70,12 +70,28 @@ _grpo_on_signal() {
     [[ "$sig" == USR1 ]] && _GRPO_PREEMPTED=1
     log "received SIG$sig: asking the trainer to save a checkpoint after the current step and exit"
     if [[ -n "$_GRPO_TRAIN_PID" ]] && kill -0 "$_GRPO_TRAIN_PID" 2>/dev/null; then
-        kill -USR1 "$_GRPO_TRAIN_PID" 2>/dev/null || true  # srun forwards it to every trainer process
+        _grpo_signal_trainer
         # Processes still setting up ignore USR1 (their handler comes with the training loop), so repeat.
         if [[ -z "$_GRPO_REPEATER" ]]; then
-            (while sleep 60; do kill -USR1 "$_GRPO_TRAIN_PID" 2>/dev/null || exit 0; done) &
+            (while sleep 60; do kill -0 "$_GRPO_TRAIN_PID" 2>/dev/null || exit 0; _grpo_signal_trainer; done) &
             _GRPO_REPEATER=$!
         fi
+    fi
+}
+
+# SIGUSR1 to the trainer processes only (their PIDs from node_launch.sh), not to the whole step: helper
+# processes the trainer spawns (checkpoint writers, ...) would die of it. One rank is enough (the trainer
+# all-reduces the stop flag); this shell runs on the head node, so its local ranks are signalled directly.
+_grpo_signal_trainer() {
+    local dir="${TMPDIR:-/tmp}/grpo-slurm-$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}" pids
+    pids=$(cat "$dir"/rank*.pid 2>/dev/null | tr '\n' ' ')
+    if [[ -n "${pids// }" ]]; then
+        # shellcheck disable=SC2086
+        kill -USR1 $pids 2>/dev/null || true
+    else
+        # The batch shell is not on a trainer node (unusual site setup): signal from a step on each.
+        srun --overlap --nodes="${#TRAIN_NODES[@]}" --ntasks-per-node=1 --nodelist="$GRPO_TRAIN_NODES" \
+            bash -c "cat '$dir'/rank*.pid 2>/dev/null | xargs -r kill -USR1" || true
     fi
 }
 
