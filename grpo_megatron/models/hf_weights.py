@@ -118,8 +118,13 @@ def _check_all_used(reader: SafetensorsReader, used: set[str], model: PolicyMode
             f"{sorted(leftover)[:5]}; the config does not describe these weights")
 
 
+@torch.no_grad()
 def export_hf_weights(model: PolicyModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, full tensor) for the whole model; every rank must iterate it (collectives)."""
+    """Yield (HF name, full tensor) for the whole model; every rank must iterate it (collectives).
+
+    Without grad mode: the bridge broadcasts parameters in place over the pipeline group, which in
+    grad mode records the broadcast as the parameters' autograd history.
+    """
     mpu = model.bridge.mpu
     if mpu.ep_size == 1 and mpu.etp_size not in (1, mpu.tp_size):
         raise NotImplementedError(

@@ -55,6 +55,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self._install_signal_handlers()  # first: a pre-emption warning during set-up must not be lost
         init_distributed()
         torch.manual_seed(cfg.train.seed)
         if cfg.train.num_threads:
@@ -250,8 +251,10 @@ class Trainer:
         max_len = self.cfg.rollout.max_new_tokens
 
         def loss_fn(mb, logprobs, entropy):
+            # No old-policy pass (see _old_logprobs_are_current): the policy is still the old one.
+            old_logprobs = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
             loss, metrics = compute_policy_loss(
-                logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, variant=alg.loss,
+                logprobs, old_logprobs, mb.advantages, mb.response_mask, variant=alg.loss,
                 clip_low=alg.clip_low, clip_high=alg.clip_high, loss_agg=alg.loss_agg,
                 ref_logprobs=mb.ref_logprobs, kl_coef=alg.kl_coef, kl_estimator=alg.kl_estimator,
                 dual_clip_c=alg.dual_clip_c, entropy=entropy, normalizer=normalizer, max_response_length=max_len)
@@ -273,6 +276,9 @@ class Trainer:
             if cfg.rollout.use_engine_logprobs:
                 for s in samples:
                     s.old_logprobs = torch.tensor(s.engine_logprobs, dtype=torch.float32)
+            elif self._old_logprobs_are_current():
+                for s in samples:
+                    s.old_logprobs = None  # the training pass's own detached log-probs are the old ones
             else:
                 old = self._logprob_pass(self.policy, samples)
                 for i, s in enumerate(samples):
@@ -302,6 +308,15 @@ class Trainer:
         if self.routing:
             metrics.update(self.routing.end_step())
         return {("train/" + k if "/" not in k else k): v for k, v in metrics.items()}
+
+    def _old_logprobs_are_current(self) -> bool:
+        """True when the old-policy pass would recompute what the training pass computes anyway.
+
+        With one optimizer step per rollout batch, the training pass runs the not-yet-updated policy on the
+        same micro-batches, so its detached log-probs equal the old ones exactly; only routing replay needs
+        the separate pass (r2 records its routes there, r3 measures rollout-vs-train agreement there).
+        """
+        return self.cfg.train.num_minibatches == 1 and self.cfg.algorithm.routing_replay == "none"
 
     @staticmethod
     def _loss_mask(samples: list[Sample], mb) -> torch.Tensor:
@@ -371,7 +386,6 @@ class Trainer:
         cfg = self.cfg
         history = []
         self.preempted = False
-        self._install_signal_handlers()
         if self.step == 0:
             self.sft_warmup()
             initial = self.evaluate()
