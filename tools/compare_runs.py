@@ -155,11 +155,14 @@ def check_alignment(runs: list[Run]) -> list[str]:
     """Warnings for metric sets and lengths that differ between runs (then compared on what they share)."""
     notes = []
     union = set().union(*(run.metric_names for run in runs))
+    lacking: dict[tuple[str, ...], list[str]] = {}  # missing metrics -> runs missing them (one note each)
     for run in runs:
-        missing = sorted(m for m in union - run.metric_names if "/layer_" not in m)
+        missing = tuple(sorted(m for m in union - run.metric_names if "/layer_" not in m))
         if missing:
-            notes.append(f"{run.name} lacks {len(missing)} metric(s) other runs have: {', '.join(missing[:8])}"
-                         + (" ..." if len(missing) > 8 else ""))
+            lacking.setdefault(missing, []).append(run.name)
+    for missing, names in lacking.items():
+        notes.append(f"{', '.join(names)} {'lacks' if len(names) == 1 else 'lack'} {len(missing)} metric(s) other "
+                     f"runs have: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
     lengths = {run.name: run.steps[-1] for run in runs}
     if len(set(lengths.values())) > 1:
         notes.append("runs end at different steps: " + ", ".join(f"{n}={s}" for n, s in lengths.items()))
