@@ -30,6 +30,7 @@ setup(
         "sglang": ["httpx", "requests"],
         "logging": ["tensorboard", "wandb"],
         "plots": ["matplotlib"],
+        "math": ["math-verify"],
     },
     entry_points={"console_scripts": ["grpo-megatron-train=grpo_megatron.train:main"]},
 )

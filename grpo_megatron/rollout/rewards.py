@@ -121,6 +121,28 @@ def format_reward(response_text: str, answer: str | None, meta: dict, *, pattern
     return float(re.fullmatch(pattern, response_text.strip(), flags=re.DOTALL) is not None)
 
 
+@register_reward("math_verify")
+def math_verify_reward(response_text: str, answer: str | None, meta: dict) -> float:
+    """1 when HF's math-verify judges the response's answer equal to the reference (LaTeX, fractions,
+    sets, intervals...), a more forgiving check than `math_answer`'s numbers-or-strings comparison."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as exc:
+        raise ImportError("reward 'math_verify' needs the math-verify package: pip install math-verify") from exc
+    reference = _require_answer("math_verify", answer)
+    gold = parse(reference if "$" in reference or "\\" in reference else f"${reference}$")
+    return float(bool(gold) and verify(gold, parse(response_text)))
+
+
+@register_reward("length")
+def length_reward(response_text: str, answer: str | None, meta: dict, *, max_words: int,
+                  penalty_per_word: float = 0.01) -> float:
+    """0 up to `max_words` whitespace-separated words, then -penalty_per_word for each word over, down
+    to -1: a soft brake on verbosity to combine with a correctness reward."""
+    excess = max(0, len(response_text.split()) - max_words)
+    return -min(1.0, excess * penalty_per_word)
+
+
 @dataclass
 class RewardSpec:
     """One term of the total reward: a registered reward, its weight and its config options."""

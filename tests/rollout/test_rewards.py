@@ -78,3 +78,23 @@ def test_compute_rewards_weights_and_breakdown():
     assert rewards.total == [1.0, 1.5, 1.0]
     with pytest.raises(ValueError, match="one answer and one meta per completion"):
         compute_rewards(texts, ["4"], [{}], [("math_answer", 1.0)])
+
+
+@pytest.mark.parametrize("response, answer, reward", [
+    ("so the answer is $\\frac{1}{2}$", "0.5", 1.0),
+    ("The result: \\boxed{\\frac{3}{6}}", "\\frac{1}{2}", 1.0),
+    ("I get 7.", "7", 1.0),
+    ("I get 8.", "7", 0.0),
+    ("no idea", "7", 0.0),
+])
+def test_math_verify_judges_equivalent_answers(response, answer, reward):
+    assert get_reward_fn("math_verify")(response, answer, {}) == reward
+
+
+def test_length_reward_penalises_words_over_the_limit():
+    fn = get_reward_fn("length", max_words=3, penalty_per_word=0.25)
+    assert fn("a b c", None, {}) == 0.0
+    assert fn("a b c d e", None, {}) == -0.5
+    assert fn(" ".join("x" * 1 for _ in range(50)), None, {}) == -1.0
+    with pytest.raises(ValueError, match="bad options"):
+        get_reward_fn("length")
