@@ -24,6 +24,7 @@ metrics is an error.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -340,10 +341,28 @@ def plot_panels(out: Path, runs: list[Run]) -> list[Path]:
         fig.suptitle(panel.replace("_", " "))
         fig.tight_layout()
         path = out / f"{panel}.png"
-        fig.savefig(path, dpi=70)
+        save_small_png(fig, path)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def save_small_png(fig, path: Path) -> None:
+    """A 256-colour palette PNG: a third of the size of matplotlib's RGBA, so the plots can be committed."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=70)
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
+
+
+def step_range(text: str) -> tuple[int, int]:
+    first, _, last = text.partition(":")
+    try:
+        return int(first or 0), int(last) if last else 2**62
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use FIRST:LAST, e.g. 1:30 or 40:") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -352,6 +371,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, required=True, help="directory for the PNGs and summary.md/json")
     parser.add_argument("--accuracy-metric", default="eval/accuracy")
     parser.add_argument("--target", type=float, default=0.9, help="accuracy for 'steps to target'")
+    parser.add_argument("--steps", type=step_range, default=None, metavar="FIRST:LAST",
+                        help="summarize and plot only these steps (inclusive; tokens still count from step 0)")
     parser.add_argument("--spike-factor", type=float, default=5.0)
     parser.add_argument("--spike-window", type=int, default=10)
     return parser.parse_args(argv)
@@ -364,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.steps:
+        for run in runs:
+            run.records = {s: r for s, r in run.records.items() if args.steps[0] <= s <= args.steps[1]}
+            if not run.records:
+                print(f"error: {run.path}: no metrics in steps {args.steps[0]}..{args.steps[1]}", file=sys.stderr)
+                return 2
     name_runs(runs)
     notes = check_alignment(runs)
     rows = [summarize(run, args) for run in runs]

@@ -118,3 +118,13 @@ def test_spike_definition():
     assert compare_runs.count_spikes([1.0] * 4 + [50.0], factor=5.0, window=10) == 0  # too little history
     assert compare_runs.count_spikes([1.0, math.nan] * 4 + [9.0], factor=5.0, window=8) == 1  # NaNs skipped
     assert compare_runs.count_spikes([1.0] * 5 + [math.nan, math.inf], factor=5.0, window=10) == 0
+
+
+def test_step_window_restricts_the_summary(tmp_path):
+    run = make_run(tmp_path / "run", "grpo", 1)
+    out = tmp_path / "out"
+    assert compare_runs.main([str(run), "--output", str(out), "--steps", "2:4"]) == 0
+    row = json.loads((out / "summary.json").read_text())["runs"][0]
+    assert row["steps"] == 4 and row["tokens"] == sum(100 + s for s in range(1, 5))
+    assert row["clip frac (tokens)"] == pytest.approx(0.03)  # 0.01 x mean(2, 3, 4)
+    assert compare_runs.main([str(run), "--output", str(out), "--steps", "50:"]) == 2
