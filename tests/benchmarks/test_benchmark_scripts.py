@@ -1,0 +1,31 @@
+"""Smoke tests: the benchmark scripts run end to end with tiny settings (each in its own process)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args: str, timeout: int = 120) -> str:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_train_mfu_prints_a_fraction():
+    out = _run("train_mfu.py", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--expert-width", "64",
+               "--layers", "2", "--vocab", "256", "--seq", "32", "--micro-batch", "2", "--micro-batches", "2",
+               "--repeats", "1", "--peak-n", "256", "--threads", "1")
+    assert "MFU (update / peak" in out and "forward+backward alone" in out
+
+
+def test_step_vs_trl_prints_the_ratio(tmp_path):
+    pytest.importorskip("trl")
+    out = _run("step_vs_trl.py", "--steps", "1", "--warmup", "0", "--prompts", "2", "--group", "2",
+               "--micro-batch", "4", "--max-new-tokens", "3", "--threads", "1")
+    assert "ratio TRL/ours step time" in out and "tokens/s" in out
