@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create (idempotently) the cached virtual environment holding the pinned SGLang
+# that the live tests in this directory start. Lives outside the repo.
+#
+#   tests/sglang_live/install_sglang.sh            # install if missing
+#   SGLANG_LIVE_VENV=/path tests/sglang_live/install_sglang.sh
+#
+# Takes ~5 min and ~11 GB the first time (sglang pins a CUDA build of torch,
+# which imports fine without a GPU); a no-op afterwards.
+set -euo pipefail
+SGLANG_VERSION="${SGLANG_VERSION:-0.5.23}"
+VENV="${SGLANG_LIVE_VENV:-$HOME/.cache/grpo_megatron/sglang-$SGLANG_VERSION}"
+PY="${SGLANG_LIVE_PYTHON:-python3.11}"
+STAMP="$VENV/.installed-sglang-$SGLANG_VERSION"
+
+if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import sglang, sys; sys.exit(sglang.__version__ != '$SGLANG_VERSION')" 2>/dev/null; then
+  echo "sglang $SGLANG_VERSION already installed in $VENV"
+  exit 0
+fi
+mkdir -p "$(dirname "$VENV")"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+start=$(date +%s)
+"$VENV/bin/python" -m pip install "sglang==$SGLANG_VERSION"
+"$VENV/bin/python" -c "import sglang; print('sglang', sglang.__version__)"
+echo "installed in $(( $(date +%s) - start )) s: $(du -sh "$VENV" | cut -f1)"
+touch "$STAMP"
