@@ -106,13 +106,17 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if world_size > 1:
-            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun or srun")
-        os.environ["MASTER_PORT"] = str(_free_port())
+    if "MASTER_PORT" in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        init_method = "env://"
+    elif world_size > 1:
+        raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun or srun")
+    else:
+        # A lone process gets a private port without exporting it, so that processes it starts
+        # (conversion tools, torchrun tests) do not inherit an address that is already taken.
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
     dist.init_process_group(
-        backend=platform.backend, rank=rank, world_size=world_size,
+        backend=platform.backend, init_method=init_method, rank=rank, world_size=world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
     return rank, world_size

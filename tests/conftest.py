@@ -37,7 +37,6 @@ def tiny_hf_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def dist_world1():
     """torch.distributed with one gloo process, for in-process megatron tests."""
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     from grpo_megatron.parallel import init_distributed
 
     init_distributed()
