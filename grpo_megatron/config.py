@@ -28,6 +28,7 @@ class ModelConfig:
     megatron_path: str | None = None  # optional megatron checkpoint with the initial weights
     dtype: str = "float32"
     recompute_activations: bool = False  # full activation recomputation in the backward pass
+    offload_reference: bool = True  # GPU: keep the frozen reference model in host memory between uses
 
 
 @dataclass

@@ -33,6 +33,7 @@ from grpo_megatron.training.batch import (
     Sample, make_micro_batch, make_micro_batches, scatter_response_values, split_for_rank)
 from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.metrics import MetricsLogger, PhaseTimer
+from grpo_megatron.training.reference import ReferenceModel
 from grpo_megatron.training.mismatch import train_rollout_mismatch
 from grpo_megatron.training.reward_runner import RewardRunner
 
@@ -73,10 +74,9 @@ class Trainer:
         self.routing = attach_routing_replay(self.policy, cfg.algorithm.routing_replay) if self.policy.is_moe else None
         self.reference = None
         if cfg.algorithm.kl_coef > 0:
-            self.reference = self._build(wrap_ddp=False)
-            self._load_initial_weights(self.reference)
-            for chunk in self.reference.chunks:
-                chunk.requires_grad_(False)
+            reference = self._build(wrap_ddp=False)
+            self._load_initial_weights(reference)
+            self.reference = ReferenceModel(reference, offload=cfg.model.offload_reference)
         self.train_data = PromptDataset(cfg.data.train_files, self.tokenizer, cfg.data.apply_chat_template,
                                         cfg.data.max_prompt_tokens)
         self.loader = PromptLoader(self.train_data, cfg.rollout.prompts_per_step, seed=cfg.train.seed,
@@ -285,7 +285,8 @@ class Trainer:
                     s.old_logprobs = old.get(i, torch.zeros(len(s.response_ids)))
         if self.reference is not None:
             with timer.phase("ref_logprobs"):
-                ref = self._logprob_pass(self.reference, samples)
+                with self.reference.on_device() as reference:
+                    ref = self._logprob_pass(reference, samples)
                 for i, s in enumerate(samples):
                     s.ref_logprobs = ref.get(i, torch.zeros(len(s.response_ids)))
         dp_rank, dp_size = data_parallel_info()

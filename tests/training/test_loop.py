@@ -72,3 +72,17 @@ def test_sft_warmup_lowers_answer_loss(make_config, dist_world1):
     losses = sft_warmup(trainer)
     trainer.close()
     assert losses[-1] < losses[0]
+
+
+def test_reference_model_is_frozen_and_starts_equal_to_the_policy(make_config, dist_world1):
+    trainer = Trainer(make_config(algorithm={"kl_coef": 0.1}, train={"steps": 2, "num_minibatches": 1},
+                                  reward=VARIED))
+    reference = trainer.reference.model
+    before = {n: p.detach().clone() for c in reference.chunks for n, p in c.named_parameters()}
+    first = trainer.train_step()  # one optimizer step per batch: the step's log-probs are pre-update
+    second = trainer.train_step()
+    after = {n: p.detach().clone() for c in reference.chunks for n, p in c.named_parameters()}
+    trainer.close()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not any(p.requires_grad for c in reference.chunks for p in c.parameters())
+    assert first["train/kl_ref"] < 1e-10 < second["train/kl_ref"]
