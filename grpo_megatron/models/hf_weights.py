@@ -129,8 +129,21 @@ def export_hf_weights(model: PolicyModel) -> Iterator[tuple[str, torch.Tensor]]:
     if mpu.ep_size == 1 and mpu.etp_size not in (1, mpu.tp_size):
         raise NotImplementedError(
             "export with expert_parallel=1 needs expert_tensor_parallel equal to tensor_parallel or 1")
+    if mpu.tp_size == mpu.pp_size == mpu.ep_size == mpu.etp_size == 1:
+        yield from _export_unsharded(model)
+        return
     for name, tensor in model.bridge.export_weights(model.unwrapped()):
         yield name, tensor.detach()
+
+
+def _export_unsharded(model: PolicyModel) -> Iterator[tuple[str, torch.Tensor]]:
+    """The same conversion without the bridge's per-tensor collectives, which a model that is not
+    sharded does not need (they cost more than the conversion itself: ~10x on the CPU example)."""
+    bridge = model.bridge
+    for chunk in model.unwrapped():
+        global_names = bridge._weight_name_mapping_mcore_local_to_global(chunk, consider_ep=False)
+        for local, param in chunk.named_parameters():
+            yield from zip(*bridge._weight_to_hf_format(global_names[local], param.detach()))
 
 
 def save_hf_checkpoint(
