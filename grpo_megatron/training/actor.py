@@ -27,12 +27,6 @@ def _tp_group():
     return parallel_state.get_tensor_model_parallel_group() if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
 
 
-def is_last_stage() -> bool:
-    from megatron.core import parallel_state
-
-    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-
-
 def data_parallel_info() -> tuple[int, int]:
     from megatron.core import parallel_state
 
@@ -195,6 +189,23 @@ def reduce_metrics(outputs: list[dict]) -> dict:
         else:
             result[key] = float(sums[j]) / total
     return result
+
+
+def combine_minibatch_metrics(results: list[dict]) -> dict:
+    """One step's metrics from its mini-batches: means, except extremes (min/max) and the
+    train-vs-rollout comparison, which only the first mini-batch (policy == rollout weights) measures."""
+    combined = {}
+    for key in results[0]:
+        values = [r[key] for r in results if key in r]
+        if key.startswith("train_rollout"):
+            combined[key] = results[0][key]
+        elif key in _MIN_KEYS:
+            combined[key] = min(values)
+        elif key in _MAX_KEYS:
+            combined[key] = max(values)
+        else:
+            combined[key] = sum(values) / len(values)
+    return combined
 
 
 def _agree_on_keys(keys: list[str]) -> list[str]:

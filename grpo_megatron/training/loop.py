@@ -28,7 +28,8 @@ from grpo_megatron.replay import attach_routing_replay
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.data import PromptDataset, PromptLoader
 from grpo_megatron.training import checkpoint as ckpt
-from grpo_megatron.training.actor import Actor, data_parallel_info, forward_logprobs, is_last_stage
+from grpo_megatron.training.actor import (
+    Actor, combine_minibatch_metrics, data_parallel_info, forward_logprobs)
 from grpo_megatron.training.batch import (
     Sample, make_micro_batch, make_micro_batches, scatter_response_values, split_for_rank)
 from grpo_megatron.training.engine_factory import make_engine
@@ -137,15 +138,16 @@ class Trainer:
                                         self.cfg.model.hf_path, self.cfg.checkpoint.keep_last)
 
     # ------------------------------------------------------------------------------------ rollout
-    def sampling_params(self, step: int, greedy: bool = False, n: int | None = None,
+    def sampling_params(self, seed_offset: int, greedy: bool = False, n: int | None = None,
                         max_new_tokens: int | None = None) -> SamplingParams:
+        """Sampling settings with a seed fixed by (run seed, offset): a resumed run draws the same samples."""
         r = self.cfg.rollout
         return SamplingParams(
             max_new_tokens=max_new_tokens or r.max_new_tokens, temperature=0.0 if greedy else r.temperature,
             top_p=r.top_p, top_k=r.top_k, stop_token_ids=list(r.stop_token_ids),
-            n=n or r.group_size, seed=self.cfg.train.seed * 1_000_003 + step)
+            n=n or r.group_size, seed=self.cfg.train.seed * 1_000_003 + seed_offset)
 
-    def _generate_groups(self, items, params, round_index: int, first_group: int) -> list[Sample]:
+    def _generate_groups(self, items, params, first_group: int) -> list[Sample]:
         prompts = [item["prompt_ids"] for item in items]
         replay = self.cfg.algorithm.routing_replay == "r3"
         completions = self.engine.generate(prompts, params, return_routed_experts=replay)
@@ -181,8 +183,8 @@ class Trainer:
         for round_index in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
             items = self.loader.next_batch()
             drawn += len(items)
-            samples = self._generate_groups(items, self.sampling_params(self.step * 97 + round_index),
-                                            round_index, first_group=drawn - len(items))
+            params = self.sampling_params(seed_offset=self.step * cfg.max_sampling_rounds + round_index)
+            samples = self._generate_groups(items, params, first_group=drawn - len(items))
             self._score(samples)
             if first_round_groups is None:
                 first_round_groups = samples
@@ -303,8 +305,7 @@ class Trainer:
                     mb.response_mask = self._loss_mask(samples, mb)
                 results.append(self.actor.train_step(micro, self._loss_fn(normalizer, m == 0),
                                                      cfg.rollout.temperature or 1.0))
-        metrics = {k: sum(r[k] for r in results) / len(results) for k in results[0] if not k.startswith("train_rollout")}
-        metrics.update({k: v for k, v in results[0].items() if k.startswith("train_rollout")})
+        metrics = combine_minibatch_metrics(results)
         metrics["lr"] = self.actor.lr
         if self.routing:
             metrics.update(self.routing.end_step())
