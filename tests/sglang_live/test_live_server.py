@@ -28,7 +28,11 @@ from tests.sglang_live.conftest import launch
 
 pytestmark = pytest.mark.sglang_live
 
-LOGPROB_TOL = 3e-2  # bf16 server vs float32 transformers
+LOGPROB_TOL = 3e-2  # bf16 server vs float32 transformers, on the tiny checkpoint
+# After a sync to heavily perturbed weights (sharper logits) bf16 drifts more from the float32 reference: seen
+# 0.007-0.105 depending on the perturbation (the same with every mode, so numerics, not transport). A sync is
+# judged by absolute closeness and by being far closer to the new weights than to the old ones.
+SYNC_TOL = 0.15
 PROBE = list(range(1, 17))
 ROUTED_SHAPE = (2, 2)  # tiny Qwen3-MoE: 2 MoE layers, top-2 of 4 experts
 
@@ -124,7 +128,8 @@ def test_weight_sync_changes_served_model(mode, live_server, live_model, restore
     url = live_server.spec.url
     pool = ServerPool([url], timeout_s=120)
     weights = perturbed(live_model, seed=MODES.index(mode) + 1)
-    probe = ProbeCheck(live_model, PROBE, tolerance=LOGPROB_TOL)
+    probe = ProbeCheck(live_model, PROBE, tolerance=SYNC_TOL)
+    old_reference = reference_logprobs(probe.model, PROBE)
     probe.layout.load(weights)
     new_reference = reference_logprobs(probe.model, PROBE)
     before = float((torch.tensor(server_logprobs(pool, url, PROBE)) - new_reference).abs().max())
@@ -133,10 +138,13 @@ def test_weight_sync_changes_served_model(mode, live_server, live_model, restore
     try:
         engine.update_weights(weights, version=7)
         after = engine.last_sync["probe_max_abs_diff"]
-        print(f"\n{mode}: probe |dlogprob| vs new weights: before sync {before:.3f}, after {after:.4f}; "
-              f"{engine.last_sync['bytes'] / 2**20:.2f} MB in {engine.last_sync['seconds']:.2f} s")
-        assert before > 10 * LOGPROB_TOL  # the perturbation is visible...
-        assert after < LOGPROB_TOL  # ...and the server now serves it
+        served = torch.tensor(server_logprobs(pool, url, PROBE))
+        to_old = float((served - old_reference).abs().max())
+        print(f"\n{mode}: probe |dlogprob| vs new weights: before sync {before:.3f}, after {after:.4f} "
+              f"(vs old weights after: {to_old:.3f}); {engine.last_sync['bytes'] / 2**20:.2f} MB in "
+              f"{engine.last_sync['seconds']:.2f} s")
+        assert before > 0.5 and to_old > 0.5  # the perturbation is visible...
+        assert after < SYNC_TOL and after < 0.25 * to_old  # ...and the server now serves it
         c = engine.generate([[1, 5, 6]], SamplingParams(max_new_tokens=3, temperature=1.0))[0][0]
         assert c.weight_version == 7  # the server reports the version we set
     finally:
