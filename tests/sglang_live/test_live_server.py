@@ -34,6 +34,7 @@ LOGPROB_TOL = 3e-2  # bf16 server vs float32 transformers, on the tiny checkpoin
 # judged by absolute closeness and by being far closer to the new weights than to the old ones.
 SYNC_TOL = 0.15
 PROBE = list(range(1, 17))
+LONG = 500  # tokens per interrupted generation (~4 s here; the tiny model's context is 512)
 ROUTED_SHAPE = (2, 2)  # tiny Qwen3-MoE: 2 MoE layers, top-2 of 4 experts
 
 
@@ -180,10 +181,10 @@ def _check_complete(box, prompts, params):
 def test_pause_and_abort_resubmit(how, live_server, ignore_eos, caplog):
     engine = make_engine([live_server.spec.url])
     prompts = [[1, 5 + i, 6] for i in range(4)]
-    params = SamplingParams(max_new_tokens=300, temperature=1.0, n=2)
+    params = SamplingParams(max_new_tokens=LONG, temperature=1.0, n=2)
     caplog.set_level(logging.WARNING, logger="grpo_megatron.rollout.sglang.transport")
     thread, box = _generate_in_thread(engine, prompts, params)
-    time.sleep(2.0)  # generations are running
+    time.sleep(1.0)  # generations are running
     assert thread.is_alive(), "generation finished before it could be interrupted; raise max_new_tokens"
     if how == "pause":
         engine.pause_generation()  # SGLang's default mode "abort": running requests come back aborted
@@ -204,10 +205,10 @@ def test_server_killed_mid_rollout(live_server, live_model, live_logs, ignore_eo
         # A: both servers; the victim dies mid-rollout, its requests move to the survivor.
         engine = make_engine([victim.spec.url, live_server.spec.url])
         prompts = [[1, 5 + i, 6] for i in range(6)]
-        params = SamplingParams(max_new_tokens=200, temperature=1.0, n=2)
+        params = SamplingParams(max_new_tokens=LONG, temperature=1.0, n=2)
         caplog.set_level(logging.WARNING, logger="grpo_megatron.rollout.sglang.transport")
         thread, box = _generate_in_thread(engine, prompts, params)
-        time.sleep(2.0)
+        time.sleep(1.0)
         assert thread.is_alive()
         os.killpg(victim.process.pid, signal.SIGKILL)
         victim.process.wait(30)
