@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 import grpo_megatron.rollout.sglang.engine as engine_module
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.sglang import (
-    DiskSync, DistributedSync, ProbeCheck, RetryPolicy, SGLangEngine, ServerPool, ServerUnavailableError, TensorSync,
+    DiskSync, ProbeCheck, RetryPolicy, SGLangEngine, ServerPool, ServerUnavailableError, TensorSync,
 )
 from grpo_megatron.rollout.sglang.probe import reference_logprobs, server_logprobs
-from tests.conftest import free_port
+from tests.sglang.test_weight_sync import make_sync  # the same three sync set-ups as the mock-server tests
 from tests.sglang_live.conftest import launch
 
 pytestmark = pytest.mark.sglang_live
@@ -104,15 +104,6 @@ def test_generation_logprobs_and_routed_experts(live_server, live_model, hf_mode
 
 
 MODES = ["tensor", "distributed", "disk"]
-
-
-def make_sync(mode, pool, model_dir):
-    if mode == "tensor":
-        return TensorSync(pool, bucket_mb=1, tp_size=1)
-    if mode == "distributed":
-        return DistributedSync(pool, bucket_mb=1, tp_size=1, master_address="127.0.0.1", master_port=free_port(),
-                               backend="gloo")
-    return DiskSync(pool, bucket_mb=1, hf_path=model_dir, disk_dir=None)
 
 
 @pytest.fixture
