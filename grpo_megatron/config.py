@@ -111,6 +111,7 @@ class TrainConfig:
     steps: int = 20
     num_minibatches: int = 4  # optimizer steps per rollout batch (off-policy after the first)
     micro_batch_size: int = 8
+    max_tokens_per_microbatch: int | None = None  # token budget per micro-batch (replaces micro_batch_size)
     lr: float = 1e-5
     min_lr: float = 0.0
     lr_warmup_steps: int = 0
@@ -182,6 +183,10 @@ class RunConfig:
         for name in ("steps", "num_minibatches", "micro_batch_size"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")
+        if self.train.max_tokens_per_microbatch is not None and (
+                self.train.max_tokens_per_microbatch < 1 or self.parallel.pipeline_parallel > 1):
+            raise ConfigError("train.max_tokens_per_microbatch must be >= 1 and needs parallel.pipeline_parallel 1 "
+                              "(pipeline stages exchange activations of one fixed micro-batch shape)")
         if self.train.lr_warmup_steps >= self.train.steps and self.train.lr_warmup_steps > 0:
             raise ConfigError(f"train.lr_warmup_steps={self.train.lr_warmup_steps} must be below train.steps="
                               f"{self.train.steps}; lower it or set it to 0")

@@ -4,8 +4,9 @@ mbridge (a maintained NVIDIA library) owns the per-family mapping of Hugging Fac
 layouts to megatron-core's (QKV interleaving, gate/up fusion, expert naming, TP split/merge). We add
 only what it gets wrong or does not cover here, each marked below:
 
-* it always builds the TransformerEngine layer spec; on CPU we build megatron's local spec and
-  translate the local spec's parameter names to the TE-style names its mapping expects;
+* it always builds the TransformerEngine layer spec; on CPU we build megatron's local spec (with torch's
+  fused SDPA as core attention, `models/attention.py`) and translate the local spec's parameter names to
+  the TE-style names its mapping expects;
 * Mixtral and Qwen3-MoE router settings that differ from Hugging Face's routing;
 * `rope_theta`, which transformers 5 moved into `rope_parameters`;
 * the tied-embedding mapping, which mbridge mutates on the class (leaking into later models);
@@ -127,8 +128,13 @@ class _GrpoBridgeMixin:
     def _get_transformer_layer_spec(self, vp_stage=None):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+        from grpo_megatron.models.attention import use_sdpa_core_attention
+
         self.has_vp_stage = True
-        return get_gpt_decoder_block_spec(self.config, use_transformer_engine=self._use_te, vp_stage=vp_stage)
+        spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=self._use_te, vp_stage=vp_stage)
+        if not self._use_te:
+            use_sdpa_core_attention(spec)
+        return spec
 
     def to_te_name(self, name: str) -> str:
         """A parameter name of our (possibly local-spec) model in the TE-style naming of the mapping."""

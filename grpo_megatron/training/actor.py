@@ -95,6 +95,7 @@ class Actor:
             params_dtype=model.dtype, use_distributed_optimizer=False,
         )
         self.optimizer = get_megatron_optimizer(opt_config, model.chunks)
+        use_fused_torch_adam(self.optimizer)
         # train_cfg counts RL steps; the schedule advances once per optimizer step.
         per_step = max(total_steps // max(train_cfg.steps, 1), 1)
         self.scheduler = OptimizerParamScheduler(
@@ -146,6 +147,25 @@ class Actor:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["update_skipped"] = float(not update_ok)
         return metrics
+
+
+def use_fused_torch_adam(optimizer) -> int:
+    """Run torch Adam/AdamW inside a megatron optimizer with torch's fused kernel; returns how many.
+
+    Without apex/TransformerEngine megatron falls back to `torch.optim.AdamW` with torch's default
+    implementation, which on CPU is a Python loop of ~7 elementwise ops per tensor; the fused kernel makes
+    one pass per tensor (3x faster on the CPU example's update). Same algorithm, same state layout.
+    """
+    switched = 0
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(wrapper, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            if all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in group["params"]):
+                group["fused"], group["foreach"] = True, False
+                switched += 1
+    return switched
 
 
 _MIN_KEYS = ("ratio_min",)

@@ -3,7 +3,8 @@
 Layout convention (one place, used by every forward pass): a sequence is prompt + response, right-
 padded; position t of every per-token tensor refers to the *target* token t + 1, so the response
 tokens r_0..r_{R-1} of a prompt of length P sit at positions P-1 .. P+R-2. Micro-batches are built
-from sequences of similar length (sorted by length) and padded only to their own longest sequence.
+from sequences of similar length (sorted by length) and padded only to their own longest sequence; with
+a token budget (like verl's dynamic batch size) their number of rows follows the sequence length.
 """
 from __future__ import annotations
 
@@ -98,14 +99,50 @@ def split_for_rank(indices: list[int], samples: list[Sample], dp_rank: int, dp_s
 
 
 def make_micro_batches(
-    samples: list[Sample], indices: list[int], micro_batch_size: int, pad_id: int, pad_multiple: int = 1
+    samples: list[Sample], indices: list[int], micro_batch_size: int, pad_id: int, pad_multiple: int = 1,
+    max_tokens: int | None = None, count: int | None = None,
 ) -> list[MicroBatch]:
-    """Length-bucketed micro-batches of at most `micro_batch_size` sequences."""
+    """Length-bucketed micro-batches: at most `micro_batch_size` sequences, or with `max_tokens` at most
+    that many padded tokens (rows x longest row; a longer sequence gets a micro-batch of its own).
+    `count` asks for exactly that many token-budget micro-batches (see `token_budget_count`)."""
     ordered = sorted(indices, key=lambda i: (samples[i].length, i))
-    return [
-        make_micro_batch(samples, ordered[start: start + micro_batch_size], pad_id, pad_multiple)
-        for start in range(0, len(ordered), micro_batch_size)
-    ]
+    if max_tokens:
+        groups = _token_budget_groups([samples[i].length for i in ordered], max_tokens, count)
+    else:
+        groups = [(start, min(start + micro_batch_size, len(ordered))) for start in range(0, len(ordered), micro_batch_size)]
+    return [make_micro_batch(samples, ordered[a:b], pad_id, pad_multiple) for a, b in groups]
+
+
+def _token_budget_groups(lengths: list[int], max_tokens: int, count: int | None) -> list[tuple[int, int]]:
+    """[start, end) runs of ascending `lengths` whose padded size (rows x last length) fits `max_tokens`;
+    with `count`, the largest padded run is split, or the smallest adjacent pair merged, until there are
+    exactly `count` runs."""
+    def padded(group: tuple[int, int]) -> int:
+        return (group[1] - group[0]) * lengths[group[1] - 1]
+
+    groups, start = [], 0
+    for end in range(1, len(lengths) + 1):
+        if end - start > 1 and (end - start) * lengths[end - 1] > max_tokens:
+            groups.append((start, end - 1))
+            start = end - 1
+    if lengths:
+        groups.append((start, len(lengths)))
+    while count is not None and len(groups) < count:
+        j = max(range(len(groups)), key=lambda k: (groups[k][1] - groups[k][0] > 1, padded(groups[k])))
+        (a, b), middle = groups[j], (groups[j][0] + groups[j][1]) // 2
+        groups[j:j + 1] = [(a, middle), (middle, b)]
+    while count is not None and len(groups) > count:
+        j = min(range(len(groups) - 1), key=lambda k: padded((groups[k][0], groups[k + 1][1])))
+        groups[j:j + 2] = [(groups[j][0], groups[j + 1][1])]
+    return groups
+
+
+def token_budget_count(samples: list[Sample], shares: list[list[int]], max_tokens: int) -> int:
+    """The number of token-budget micro-batches every data-parallel rank makes, so that collectives inside
+    the forward pass (expert all-to-all) line up: the most any rank's share needs, at most the smallest
+    share's size (then a rank with more rows merges two micro-batches beyond the budget)."""
+    needed = [len(_token_budget_groups(sorted(samples[i].length for i in share), max_tokens, None)) for share in shares]
+    return min(max(needed), min(len(share) for share in shares))
 
 
 def scatter_response_values(samples: list[Sample], micro_batch: MicroBatch, values: torch.Tensor) -> list[torch.Tensor]:

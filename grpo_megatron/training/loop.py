@@ -31,7 +31,7 @@ from grpo_megatron.training import checkpoint as ckpt
 from grpo_megatron.training.actor import (
     Actor, combine_minibatch_metrics, data_parallel_info, forward_logprobs)
 from grpo_megatron.training.batch import (
-    Sample, make_micro_batch, make_micro_batches, scatter_response_values, split_for_rank)
+    Sample, make_micro_batch, make_micro_batches, scatter_response_values, split_for_rank, token_budget_count)
 from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.metrics import MetricsLogger, PhaseTimer
 from grpo_megatron.training.reference import ReferenceModel
@@ -230,11 +230,21 @@ class Trainer:
     def _pad_multiple(self) -> int:
         return self.tp_size if self.cfg.parallel.sp else 1
 
+    def _micro_batches(self, samples: list[Sample], indices: list[int]):
+        """This data-parallel rank's micro-batches of `indices`: `train.micro_batch_size` rows each, or with
+        `train.max_tokens_per_microbatch` that many padded tokens (every DP rank makes the same number)."""
+        train = self.cfg.train
+        dp_rank, dp_size = data_parallel_info()
+        shares = [split_for_rank(indices, samples, rank, dp_size) for rank in range(dp_size)]
+        budget = train.max_tokens_per_microbatch
+        count = token_budget_count(samples, shares, budget) if budget else None
+        return make_micro_batches(samples, shares[dp_rank], train.micro_batch_size, self.pad_id, self._pad_multiple(),
+                                  max_tokens=budget, count=count)
+
     def _logprob_pass(self, model, samples: list[Sample]) -> dict[int, torch.Tensor]:
         """Per-sample response log-probs under `model`, available on every last-stage rank."""
-        dp_rank, dp_size = data_parallel_info()
-        mine = split_for_rank(list(range(len(samples))), samples, dp_rank, dp_size)
-        micro = make_micro_batches(samples, mine, self.cfg.train.micro_batch_size, self.pad_id, self._pad_multiple())
+        dp_size = data_parallel_info()[1]
+        micro = self._micro_batches(samples, list(range(len(samples))))
         outputs = forward_logprobs(model, micro, self.cfg.rollout.temperature or 1.0)
         result = {}
         for mb, out in zip(micro, outputs):
@@ -291,7 +301,6 @@ class Trainer:
                     ref = self._logprob_pass(reference, samples)
                 for i, s in enumerate(samples):
                     s.ref_logprobs = ref.get(i, torch.zeros(len(s.response_ids)))
-        dp_rank, dp_size = data_parallel_info()
         per_minibatch = len(samples) // cfg.train.num_minibatches
         results = []
         with timer.phase("train"):
@@ -299,8 +308,7 @@ class Trainer:
                 indices = list(range(m * per_minibatch, (m + 1) * per_minibatch))
                 whole = make_micro_batch(samples, indices, self.pad_id)
                 normalizer = loss_normalizer(self._loss_mask(samples, whole), alg.loss_agg, cfg.rollout.max_new_tokens)
-                mine = split_for_rank(indices, samples, dp_rank, dp_size)
-                micro = make_micro_batches(samples, mine, cfg.train.micro_batch_size, self.pad_id, self._pad_multiple())
+                micro = self._micro_batches(samples, indices)
                 for mb in micro:
                     mb.response_mask = self._loss_mask(samples, mb)
                 results.append(self.actor.train_step(micro, self._loss_fn(normalizer, m == 0),

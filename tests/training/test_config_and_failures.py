@@ -33,6 +33,8 @@ def test_type_errors_and_cross_field_checks(make_config):
         make_config(train={"num_minibatches": 3})
     with pytest.raises(ConfigError, match="routing_replay='r5'"):
         make_config(algorithm={"routing_replay": "r5"})
+    with pytest.raises(ConfigError, match="max_tokens_per_microbatch .*pipeline_parallel 1"):
+        make_config(train={"max_tokens_per_microbatch": 64}, parallel={"pipeline_parallel": 2})
 
 
 def test_missing_config_file(tmp_path):

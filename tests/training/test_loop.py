@@ -52,6 +52,18 @@ def test_engine_receives_the_updated_weights(make_config, dist_world1):
     assert all(p.is_leaf and p.grad_fn is None for c in trainer.policy.chunks for p in c.parameters())
 
 
+def test_token_budget_micro_batches_give_the_same_step(make_config, dist_world1):
+    results = []
+    for train in ({"micro_batch_size": 2}, {"max_tokens_per_microbatch": 48}):
+        trainer = Trainer(make_config(train={"steps": 1, **train}, reward=VARIED))
+        results.append(trainer.train_step())
+        trainer.close()
+    fixed, budget = results
+    assert fixed["reward/mean"] == budget["reward/mean"]  # same rollout
+    for key in ("train/grad_norm", "train/entropy", "train/ratio_mean"):
+        assert budget[key] == pytest.approx(fixed[key], rel=1e-5, abs=1e-9), key
+
+
 def test_dynamic_sampling_draws_more_prompts_and_keeps_varied_groups(make_config, dist_world1):
     cfg = make_config(rollout={"dynamic_sampling": True, "max_sampling_rounds": 3})
     trainer = Trainer(cfg)
