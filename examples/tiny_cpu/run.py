@@ -4,6 +4,13 @@
     python examples/tiny_cpu/run.py                  # full run (~5-10 min on 2 cores)
     python examples/tiny_cpu/run.py --quick          # a few steps, as CI runs it
     python examples/tiny_cpu/run.py --nproc 2 --ep 2 # two gloo processes, experts split over them
+    python examples/tiny_cpu/run.py --rollout-backend sglang                      # rollouts from a real SGLang
+    python examples/tiny_cpu/run.py --rollout-backend sglang --sglang-url URL     # ... server already running
+
+With `--rollout-backend sglang` and no `--sglang-url`, a CPU SGLang server is started on the example's checkpoint
+through the project's launcher (the pinned SGLang in the cached venv that tests/sglang_live/install_sglang.sh
+makes, with that directory's CPU adaptation) and stopped at the end; after every optimizer step the trainer
+pushes its weights to it (`--weight-sync`, default tensor: colocated, shared memory).
 
 Any extra arguments are trainer overrides (e.g. --algorithm.loss grpo --algorithm.clip_low 0.2).
 """
@@ -32,6 +39,11 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun, gloo)")
     parser.add_argument("--ep", type=int, default=1, help="expert parallel size")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    parser.add_argument("--rollout-backend", choices=("embedded", "sglang"), default="embedded",
+                        help="generate in the trainer process or on SGLang server(s)")
+    parser.add_argument("--sglang-url", action="append", default=[], help="a running SGLang server (repeatable)")
+    parser.add_argument("--weight-sync", choices=("tensor", "distributed", "disk"), default="tensor")
+    parser.add_argument("--sglang-dtype", default="float32", help="dtype of a server this script starts")
     args, overrides = parser.parse_known_args()
 
     started = time.perf_counter()
@@ -43,6 +55,14 @@ def main() -> int:
     if args.quick:
         overrides = ["--train-iters", "4", "--train.sft_warmup_steps", "2", "--train.lr_warmup_steps", "0", "--eval.interval", "0",
                      "--eval.num_prompts", "16", "--checkpoint.save_interval", "2", *overrides]
+    server = None
+    if args.rollout_backend == "sglang":
+        urls = args.sglang_url
+        if not urls:
+            server = start_cpu_sglang(files["hf"], Path(args.run_dir), args.sglang_dtype)
+            urls = [server.spec.url]
+        overrides = ["--rollout.engine", "sglang", "--rollout.sglang.urls", ",".join(urls),
+                     "--rollout.sglang.weight_sync", args.weight_sync, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if args.nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
@@ -51,9 +71,30 @@ def main() -> int:
         command = [sys.executable, "-m", "grpo_megatron.train"]
     command += ["--config", args.config, *overrides]
     print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True, env=env)
+    try:
+        subprocess.run(command, check=True, env=env)
+    finally:
+        if server is not None:
+            server.stop()
     report(Path(args.run_dir), time.perf_counter() - started)
     return 0
+
+
+def start_cpu_sglang(model_dir: Path, run_dir: Path, dtype: str):
+    """A real SGLang server on this CPU, started by the project's launcher (tests/sglang_live/server.py)."""
+    sys.path.insert(0, str(HERE.parents[1]))
+    from tests.conftest import free_port
+    from tests.sglang_live.server import INSTALL_HINT, start_server, venv_ready
+
+    if not venv_ready():
+        raise SystemExit(f"--rollout-backend sglang without --sglang-url needs the pinned SGLang: {INSTALL_HINT}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "sglang_server.log"
+    print(f"starting SGLang on {model_dir} (log {log}) ...", flush=True)
+    server = start_server(model_dir, free_port(), log, routed_experts=True,
+                          extra_args=["--dtype", dtype])
+    print(f"SGLang healthy at {server.spec.url}", flush=True)
+    return server
 
 
 def report(run_dir: Path, wall: float) -> None:

@@ -1,6 +1,11 @@
 """Weight sync in the three modes against mock SGLang servers: session envelope, version, and new weights served."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,7 +17,7 @@ from grpo_megatron.rollout.sglang import (
     DiskSync, DistributedSync, ProbeCheck, ProbeMismatchError, RetryPolicy, SGLangEngine, ServerPool, TensorSync,
 )
 from grpo_megatron.rollout.sglang.weight_sync import buckets
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 from tests.sglang.conftest import request_log
 
 PROBE = list(range(1, 17))
@@ -86,3 +91,18 @@ def test_config_of_written_checkpoint_is_copied(tiny_hf_dir, tmp_path, mock):
     sync = DiskSync(ServerPool(mock[:1]), 1, model_dir, tmp_path)
     sync.write_checkpoint(new_weights(model_dir, 0), tmp_path / "ck")
     assert AutoConfig.from_pretrained(tmp_path / "ck").model_type == "qwen3_moe"
+
+
+def test_tensor_sync_leaves_no_process_holding_the_trainers_output(mock, tiny_hf_dir):
+    """torch's shm daemon outlives the trainer while the server maps its tensors; it must not keep our stdout."""
+    script = textwrap.dedent(f"""
+        from grpo_megatron.rollout.sglang import ServerPool, TensorSync
+        from tests.sglang.test_weight_sync import new_weights
+        from pathlib import Path
+        sync = TensorSync(ServerPool([{mock[0]!r}]), bucket_mb=1, tp_size=1)
+        print("pushed", sync.push(new_weights(Path({str(tiny_hf_dir("qwen3_moe"))!r}), seed=3), 1), flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("pushed ")

@@ -13,13 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.sglang_live.server import SGLANG_VERSION, VENV, start_server, venv_ready
+from tests.sglang_live.server import INSTALL_HINT, SGLANG_VERSION, start_server, venv_ready
 
 DTYPE = "bfloat16"  # what the server computes in (--dtype); log-prob tolerances below are for bf16
-# The launcher's CPU flags use --mem-fraction-static 0.05; SGLang then fails at start ("Loaded weights leave no
-# GPU memory for the KV cache") whenever free host memory drops while it loads (other processes on a shared
-# machine). A larger fraction with a fixed, small KV cache starts reliably (later flags win).
-MEMORY_ARGS = ["--mem-fraction-static", "0.6", "--max-total-tokens", "32768"]
 
 
 def pytest_configure(config):
@@ -37,8 +33,7 @@ def pytest_collection_modifyitems(config, items):
     for item in mine:
         item.add_marker(pytest.mark.sglang_live)
     if not venv_ready():
-        reason = (f"no SGLang {SGLANG_VERSION} venv at {VENV}: run tests/sglang_live/install_sglang.sh "
-                  f"(~10 min, 11 GB) to enable the real-server tests")
+        reason = f"no SGLang {SGLANG_VERSION} venv: {INSTALL_HINT}"
     elif not _selected(config):
         reason = "real-SGLang tests start servers (~1 min each): run `pytest -m sglang_live tests/sglang_live` " \
                  "or set GRPO_SGLANG_LIVE=1"
@@ -61,7 +56,7 @@ def live_logs(tmp_path_factory) -> Path:
 def launch(model_dir: Path, logs: Path, name: str):
     """A real SGLang server on the tiny model with routed experts on; returns (server, log path)."""
     log = logs / f"{name}.log"
-    server = start_server(model_dir, free_port(), log, routed_experts=True, extra_args=["--dtype", DTYPE, *MEMORY_ARGS])
+    server = start_server(model_dir, free_port(), log, routed_experts=True, extra_args=["--dtype", DTYPE])
     return server, log
 
 

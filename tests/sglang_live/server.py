@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("SGLANG_LIVE_VENV",
                            Path.home() / ".cache" / "grpo_megatron" / f"sglang-{SGLANG_VERSION}"))
 PYTHON = VENV / "bin" / "python"
+INSTALL_HINT = f"run tests/sglang_live/install_sglang.sh (~10 min, 11 GB) to make {VENV}"
 
 
 def venv_ready() -> bool:

@@ -18,7 +18,11 @@ from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
 
 # What SGLang needs to run on a CPU without a GPU kernel library (cpu-platform-facts.md, "SGLang on CPU").
 CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
-             "--disable-cuda-graph", "--skip-server-warmup", "--mem-fraction-static", "0.05"]
+             "--disable-cuda-graph", "--skip-server-warmup"]
+# On CPU SGLang sizes its KV cache from *free host memory* at load time: a small --mem-fraction-static (0.05)
+# failed to start ("no memory for the KV cache") whenever other processes held memory. A generous fraction with a
+# fixed KV size (cpu_kv_tokens) starts reliably and uses a predictable amount.
+CPU_MEMORY_FRACTION = "0.6"
 
 
 @dataclass
@@ -32,6 +36,7 @@ class ServerSpec:
     routed_experts: bool = False  # R3: return the experts each token was routed to
     api_key: str | None = None
     cpu: bool = False
+    cpu_kv_tokens: int = 32768  # CPU only: --max-total-tokens, the KV cache size in tokens
     extra_args: list[str] = field(default_factory=list)
     python: str = "python"
 
@@ -48,7 +53,8 @@ class ServerSpec:
         if self.api_key:
             cmd += ["--api-key", self.api_key]
         if self.cpu:
-            cmd += CPU_FLAGS
+            cmd += [*CPU_FLAGS, "--mem-fraction-static", CPU_MEMORY_FRACTION,
+                    "--max-total-tokens", str(self.cpu_kv_tokens)]
         return cmd + list(self.extra_args)
 
 

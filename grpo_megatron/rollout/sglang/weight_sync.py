@@ -17,7 +17,9 @@ import base64
 import io
 import json
 import logging
+import os
 import shutil
+import sys
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -104,6 +106,7 @@ class TensorSync(WeightSync):
         # CPU tensors pickled with the default fd strategy need a live connection to the sender;
         # the file_system strategy lets the server map them by name (see cpu-platform-facts.md).
         mp.set_sharing_strategy("file_system")
+        _start_shm_manager_detached()
 
     def transfer(self, named_tensors: NamedTensors, version: str) -> int:
         moved = 0
@@ -206,6 +209,28 @@ class DiskSync(WeightSync):
     def close(self) -> None:
         if self._own_dir:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _start_shm_manager_detached() -> None:
+    """Start torch's shared-memory daemon (torch_shm_manager) with its stdout/stderr on /dev/null.
+
+    The file_system strategy spawns that daemon at the first share, and it inherits the trainer's stdio. It lives
+    as long as a server still maps shared tensors, i.e. past the trainer's exit, so a caller reading the trainer's
+    output through a pipe (CI, `subprocess.run(capture_output=True)`, `| tee`) would wait for the server to stop.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        torch.empty(1).share_memory_()  # the first share starts the daemon (a no-op once it runs)
+    finally:
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+        os.close(devnull)
 
 
 def _serialize(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
