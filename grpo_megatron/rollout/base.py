@@ -79,3 +79,7 @@ class RolloutEngine(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Release the engine's resources; it cannot generate afterwards."""
+
+    def sync_metrics(self) -> dict[str, float]:
+        """Figures of the last update_weights for the step's metrics (bytes, MB/s, post-sync probe); none here."""
+        return {}

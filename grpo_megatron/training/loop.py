@@ -367,7 +367,8 @@ class Trainer:
         with timer.phase("weight_sync"):
             self.sync_weights()
         elapsed = time.perf_counter() - start
-        metrics = {**rollout_metrics, **train_metrics, **timer.times, "time/step": elapsed,
+        sync_metrics = self.engine.sync_metrics() if _rank0() else {}
+        metrics = {**rollout_metrics, **train_metrics, **sync_metrics, **timer.times, "time/step": elapsed,
                    "throughput/tokens_per_s": rollout_metrics["rollout/tokens"] / elapsed}
         return metrics
 

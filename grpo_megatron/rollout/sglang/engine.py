@@ -86,6 +86,9 @@ class SGLangEngine(RolloutEngine):
         if self.probe is not None:
             self.last_sync["probe_max_abs_diff"] = self.probe.run(self.pool, tensors, version)
 
+    def sync_metrics(self) -> dict[str, float]:
+        return {f"weight_sync/{key}": value for key, value in self.last_sync.items()}
+
     def pause_generation(self) -> None:
         for url in self.pool.urls:
             self.pool.call(url, "POST", "/pause_generation", {})
