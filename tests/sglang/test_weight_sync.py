@@ -16,7 +16,7 @@ from grpo_megatron.rollout.embedded import EmbeddedEngine
 from grpo_megatron.rollout.sglang import (
     DiskSync, DistributedSync, ProbeCheck, ProbeMismatchError, RetryPolicy, SGLangEngine, ServerPool, TensorSync,
 )
-from grpo_megatron.rollout.sglang.weight_sync import buckets
+from grpo_megatron.rollout.sglang.weight_sync import _serialize, buckets
 from tests.conftest import REPO, free_port
 from tests.sglang.conftest import request_log
 
@@ -106,3 +106,20 @@ def test_tensor_sync_leaves_no_process_holding_the_trainers_output(mock, tiny_hf
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("pushed ")
+
+
+def test_a_bucket_travels_as_views_of_one_shared_buffer():
+    """Mixed dtypes/shapes come back exact, all mapping one shared storage (one shm registration per bucket)."""
+    import base64
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    bucket = [("a", torch.randn(3, 5)), ("b", torch.randn(7).to(torch.bfloat16)), ("c", torch.arange(5)),
+              ("d", torch.randn(2, 3, 4).double()), ("e", torch.tensor(1.5))]
+    loaded = ForkingPickler.loads(base64.b64decode(_serialize(bucket)))
+    assert [n for n, _ in loaded] == [n for n, _ in bucket]
+    for (_, want), (_, got) in zip(bucket, loaded):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    assert len({t.untyped_storage().data_ptr() for _, t in loaded}) == 1
+    assert all(t.is_shared() for _, t in loaded)

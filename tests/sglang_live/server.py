@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -57,6 +59,7 @@ def main() -> None:
     server = start_server(args.model_dir, args.port, args.log, args.routed_experts, extra)
     print(f"SGLang {SGLANG_VERSION} healthy at {server.spec.url} after {time.monotonic() - started:.0f} s "
           f"(pid {server.process.pid}, log {args.log})", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server's process group too
     try:
         server.process.wait()
     except KeyboardInterrupt:

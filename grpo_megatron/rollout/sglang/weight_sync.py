@@ -234,7 +234,39 @@ def _start_shm_manager_detached() -> None:
 
 
 def _serialize(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
-    """What SGLang's MultiprocessingSerializer.serialize(..., output_str=True) produces."""
+    """What SGLang's MultiprocessingSerializer.serialize(..., output_str=True) produces, for one flat buffer.
+
+    The bucket is copied into one byte buffer and sent as views of it, so a bucket shares one storage: on CPU one
+    registration with torch's shm daemon instead of one per tensor (each must be answered within 1 s, which a
+    loaded machine missed: "Shared memory manager connection has timed out"), on GPU one CUDA IPC handle.
+    """
     buffer = io.BytesIO()
-    ForkingPickler(buffer).dump([(n, t.detach()) for n, t in named_tensors])
+    ForkingPickler(buffer).dump(_flat_views(named_tensors))
     return base64.b64encode(buffer.getvalue()).decode("utf-8")
+
+
+_ALIGN = 64  # bytes: every view starts at a multiple of any element size
+
+
+def _flat_views(named_tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    offsets, total = [], 0
+    for _, tensor in named_tensors:
+        offsets.append(total)
+        total += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+    flat = torch.empty(total, dtype=torch.uint8, device=named_tensors[0][1].device)
+    if flat.device.type == "cpu":
+        for attempt in range(3):  # the shm daemon may miss its 1 s deadline under load; the share is idempotent
+            try:
+                flat.share_memory_()
+                break
+            except RuntimeError as err:
+                if "Shared memory manager" not in str(err) or attempt == 2:
+                    raise
+                logger.warning("retrying a shared-memory allocation for the weight sync: %s", err)
+    views = []
+    for (name, tensor), offset in zip(named_tensors, offsets):
+        nbytes = tensor.numel() * tensor.element_size()
+        view = flat[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor.detach())
+        views.append((name, view))
+    return views
