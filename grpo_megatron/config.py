@@ -42,7 +42,8 @@ class DataConfig:
 
 @dataclass
 class SGLangConfig:
-    urls: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)  # the servers themselves: weight sync, pause/abort, probe
+    router_url: str = ""  # optional sglang-router in front of `urls`: /generate goes there instead
     api_key: str | None = None
     timeout_s: float = 300.0
     max_in_flight: int = 64

@@ -131,7 +131,8 @@ _grpo_wait_health() {
 }
 
 # Start one SGLang server per rollout node, wait for /health, put sglang-router in front when it is
-# installed; sets SGLANG_URLS (comma list) for the trainer's --rollout.sglang.urls.
+# installed; sets SGLANG_URLS (comma list of the servers, for --rollout.sglang.urls: weights are pushed to each)
+# and SGLANG_ROUTER_URL (for --rollout.sglang.router_url: generation only; empty without a router).
 _grpo_start_sglang() {
     local nodes=("$@") base=$(( ${SGLANG_PORT_BASE:-$((25000 + (SLURM_JOB_ID % 1000) * 16))} ))
     local nodelist
@@ -161,6 +162,7 @@ _grpo_start_sglang() {
         _grpo_wait_health "${urls[$i]}" "${_GRPO_PIDS[$i]}" "$RUN_DIR/slurm/sglang-$SLURM_JOB_ID-${nodes[$i]}.log"
     done
     SGLANG_URLS=$(IFS=,; echo "${urls[*]}")
+    SGLANG_ROUTER_URL=
     if [[ "${SGLANG_ROUTER:-auto}" != 0 ]] && "$PYTHON" -c 'import sglang_router' 2>/dev/null; then
         local rport=$((base + 15)) head=${nodes[0]} rlog="$RUN_DIR/slurm/sglang-router-$SLURM_JOB_ID.log"
         url="http://$(_grpo_node_addr "$head"):$rport"
@@ -169,7 +171,7 @@ _grpo_start_sglang() {
                 --worker-urls ${urls[*]} --host 0.0.0.0 --port $rport" >"$rlog" 2>&1 &
         _GRPO_PIDS+=($!)
         _grpo_wait_health "$url" "$!" "$rlog"
-        SGLANG_URLS=$url
+        SGLANG_ROUTER_URL=$url
     fi
 }
 
@@ -248,6 +250,7 @@ grpo_slurm_main() {
             (( ${#server_nodes[@]} )) || server_nodes=("${TRAIN_NODES[@]}")
             _grpo_start_sglang "${server_nodes[@]}"
             trainer_args+=(--rollout.sglang.urls "$SGLANG_URLS")
+            [[ -z "$SGLANG_ROUTER_URL" ]] || trainer_args+=(--rollout.sglang.router_url "$SGLANG_ROUTER_URL")
         fi
     elif (( rollout_n > 0 )); then
         die "ROLLOUT_NODES=$rollout_n but rollout.engine is $ROLLOUT_ENGINE: dedicated rollout nodes need rollout.engine: sglang"

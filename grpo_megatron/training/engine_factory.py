@@ -28,7 +28,9 @@ def _sglang_engine(cfg: RunConfig) -> RolloutEngine:
 
     s = cfg.rollout.sglang
     if not s.urls:
-        raise ConfigError("rollout.engine=sglang needs rollout.sglang.urls (e.g. [http://127.0.0.1:30000])")
+        raise ConfigError("rollout.engine=sglang needs rollout.sglang.urls (e.g. [http://127.0.0.1:30000]): the servers "
+                          "themselves, also behind a router (rollout.sglang.router_url), since weights are pushed "
+                          "to each one")
     pool = ServerPool(s.urls, s.api_key, s.timeout_s, RetryPolicy(attempts=s.retries))
     if s.weight_sync == "tensor":
         sync = TensorSync(pool, s.bucket_mb, s.server_tp_size)
@@ -45,7 +47,8 @@ def _sglang_engine(cfg: RunConfig) -> RolloutEngine:
     routed_shape = (hf.num_hidden_layers, topk) if topk else None
     probe = (ProbeCheck(cfg.model.hf_path, list(range(1, s.probe_tokens + 1)), s.probe_tolerance)
              if s.probe_tokens > 1 else None)
-    return SGLangEngine(pool, sync, s.max_in_flight, routed_shape, probe, s.gpu_servers)
+    router = ServerPool([s.router_url], s.api_key, s.timeout_s, RetryPolicy(attempts=s.retries)) if s.router_url else None
+    return SGLangEngine(pool, sync, s.max_in_flight, routed_shape, probe, s.gpu_servers, generate_pool=router)
 
 
 def _free_port() -> int:

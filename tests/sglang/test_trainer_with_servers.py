@@ -4,10 +4,14 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from grpo_megatron.config import load_config
+from grpo_megatron.rollout.base import SamplingParams
+from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.loop import Trainer
 from tests.sglang.conftest import request_log
+from tests.sglang.test_weight_sync import new_weights
 
 
 @pytest.mark.parametrize("mode", ["tensor", "disk"])
@@ -40,3 +44,22 @@ def test_trainer_rolls_out_on_servers_and_pushes_each_update(mode, mock, tiny_hf
     # Step 2 samples come from the servers after step 1's push: the trainer's log-probs agree with theirs.
     assert steps[1]["train_rollout/logprob_abs_diff"] < 1e-4
     assert steps[0]["train/grad_norm"] > 0
+
+
+def test_router_takes_generation_and_servers_take_weights(mock, tiny_hf_dir, tmp_path):
+    """With rollout.sglang.router_url, /generate goes to the router; sync and probe go to each server directly."""
+    server, router = mock  # the second mock stands in for sglang-router's URL
+    model = tiny_hf_dir("qwen3_moe")
+    cfg = load_config(None, {"model": {"hf_path": str(model)}, "data": {"train_files": [str(tmp_path / "unused.jsonl")]},
+                             "reward": {"functions": [{"name": "copy"}]},
+                             "rollout": {"engine": "sglang", "sglang": {"urls": [server], "router_url": router,
+                                                                        "weight_sync": "tensor"}}})
+    engine = make_engine(cfg, dtype=torch.float32)
+    out = engine.generate([[1, 5, 6], [1, 7]], SamplingParams(max_new_tokens=2, n=2))
+    assert [len(group) for group in out] == [2, 2]
+    assert request_log(router).count("/generate") == 2 and "/generate" not in request_log(server)
+    engine.update_weights(new_weights(model, seed=5), version=1)
+    engine.shutdown()
+    assert "/update_weights_from_tensor" in request_log(server)
+    assert not {"/begin_weight_update", "/update_weights_from_tensor", "/flush_cache"} & set(request_log(router))
+    assert engine.last_sync["probe_max_abs_diff"] < 1e-4 and request_log(server).count("/generate") == 1  # probe

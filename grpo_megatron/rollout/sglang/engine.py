@@ -23,14 +23,19 @@ class SGLangEngine(RolloutEngine):
     routed_shape is (MoE layers, top-k) of the model, used to check and shape `routed_experts`. A generation the
     server aborted (/abort_request, pause in abort mode) is resubmitted like a failed one, so every prompt gets
     exactly its n completions or the call raises.
+
+    `generate_pool` (an sglang-router in front of the servers) takes the /generate requests when given; weight
+    sync, pause/abort and the probe always address every server in `pool` directly, because a router neither
+    forwards the begin/end weight-update session nor gives each server its rank in a distributed update.
     """
 
     def __init__(self, pool: ServerPool, sync: WeightSync, max_in_flight: int = 64,
                  routed_shape: tuple[int, int] | None = None, probe: ProbeCheck | None = None,
-                 gpu_servers: bool = False):
+                 gpu_servers: bool = False, generate_pool: ServerPool | None = None):
         if max_in_flight < 1:
             raise ValueError(f"rollout.sglang.max_in_flight={max_in_flight}: must be >= 1")
         self.pool, self.sync, self.max_in_flight = pool, sync, max_in_flight
+        self.generate_pool = generate_pool or pool
         self.routed_shape, self.probe, self.gpu_servers = routed_shape, probe, gpu_servers
         self.last_sync: dict[str, float] = {}
         self._version = 0
@@ -66,10 +71,10 @@ class SGLangEngine(RolloutEngine):
         async def one(i: int, prompt: list[int]) -> list[Completion]:
             seed = None if params.seed is None else params.seed + i
             async with window:
-                return await self.pool.post(client, "/generate", generate_payload(prompt, params, routed, seed),
-                                            handle(prompt))
+                return await self.generate_pool.post(client, "/generate",
+                                                     generate_payload(prompt, params, routed, seed), handle(prompt))
 
-        async with self.pool.client(self.max_in_flight) as client:
+        async with self.generate_pool.client(self.max_in_flight) as client:
             return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
