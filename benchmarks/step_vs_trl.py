@@ -29,8 +29,12 @@ Settings that differ, and why:
   * weight sync: this project copies the updated weights into its engine every step (time/weight_sync, counted
     in its step time); TRL generates with the trained model itself, so it has no sync.
   * TRL also computes its own logging metrics (entropy, clip ratios); this project its metrics. Both counted.
+  * micro-batches (only when asked): --max-tokens-per-microbatch gives this project token-budget micro-batches
+    (train.max_tokens_per_microbatch) and --trl-micro-batch sets TRL's per_device_train_batch_size (with
+    gradient_accumulation_steps = batch / it); "each system's best" = one micro-batch of the whole batch for both.
 
     python benchmarks/step_vs_trl.py [--steps 7] [--warmup 1] [--threads 1] [--prompts 16] [--group 8]
+        [--max-tokens-per-microbatch N] [--trl-micro-batch N]
 """
 from __future__ import annotations
 
@@ -73,7 +77,8 @@ def make_ours(args, inputs, prompts: Path, run_dir: Path):
         "reward": {"functions": [{"name": "copy"}]},
         "algorithm": {"loss": "gspo", "clip_low": 3e-4, "clip_high": 4e-4, "loss_agg": "seq_mean_token_mean"},
         "train": {"steps": 10_000, "num_minibatches": 1, "micro_batch_size": args.micro_batch, "lr": args.lr,
-                  "lr_warmup_steps": 0, "weight_decay": 0.0, "clip_grad": 1.0, "num_threads": args.threads},
+                  "lr_warmup_steps": 0, "weight_decay": 0.0, "clip_grad": 1.0, "num_threads": args.threads,
+                  "max_tokens_per_microbatch": args.max_tokens_per_microbatch},
         "logging": {"progress_bar": False, "tensorboard": False},
         "checkpoint": {"save_interval": 0},
         "eval": {"interval": 0},
@@ -98,9 +103,10 @@ def make_trl(args, inputs, rows: list[dict], out_dir: Path, callback):
 
     model = AutoModelForCausalLM.from_pretrained(inputs["hf"], dtype=torch.float32)
     batch = args.prompts * args.group
+    micro = args.trl_micro_batch or args.micro_batch
     config = GRPOConfig(
-        output_dir=str(out_dir), max_steps=args.steps + args.warmup, per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=batch // args.micro_batch, num_generations=args.group,
+        output_dir=str(out_dir), max_steps=args.steps + args.warmup, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro, num_generations=args.group,
         max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
         adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
@@ -128,12 +134,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=6)
     parser.add_argument("--micro-batch", type=int, default=32)
+    parser.add_argument("--max-tokens-per-microbatch", type=int, default=None,
+                        help="ours: token-budget micro-batches instead of --micro-batch rows")
+    parser.add_argument("--trl-micro-batch", type=int, default=None,
+                        help="TRL's per_device_train_batch_size (default --micro-batch)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both systems)")
     parser.add_argument("--cache", default=str(REPO / "examples" / "tiny_cpu" / "cache"))
     args = parser.parse_args(argv)
-    if (args.prompts * args.group) % args.micro_batch:
-        parser.error("prompts x group must be a multiple of --micro-batch")
+    if (args.prompts * args.group) % (args.trl_micro_batch or args.micro_batch):
+        parser.error("prompts x group must be a multiple of --micro-batch and --trl-micro-batch")
 
     import torch
     from transformers import TrainerCallback
@@ -174,7 +184,9 @@ def main(argv=None) -> dict:
     results["ours_phases_median"] = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
     results["ratio"] = results["trl"]["median_s"] / results["ours"]["median_s"]
     results["settings"] = {"threads": args.threads, "prompts": args.prompts, "group": args.group,
-                           "max_new_tokens": args.max_new_tokens, "micro_batch": args.micro_batch, "lr": args.lr}
+                           "max_new_tokens": args.max_new_tokens, "micro_batch": args.micro_batch, "lr": args.lr,
+                           "max_tokens_per_microbatch": args.max_tokens_per_microbatch,
+                           "trl_micro_batch": args.trl_micro_batch or args.micro_batch}
     print(f"\nsettings: {results['settings']}")
     for key in ("trl", "ours"):
         r = results[key]

@@ -105,6 +105,7 @@ def _patch_for_missing_te() -> None:
     # fp32 gating raises NameError; None selects its torch fallback.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    _patch_unfused_rope()
 
     # torch's norms refuse sequence_parallel (required for MoE with TP > 1). A norm computes the same
     # thing either way; like TE's norms, tag the weights `sequence_parallel` so that DDP all-reduces
@@ -125,6 +126,30 @@ def _patch_for_missing_te() -> None:
 
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(new)
     torch_norm.WrappedTorchNorm._grpo_patched = True
+
+
+def _patch_unfused_rope() -> None:
+    """Skip the copy at the end of megatron's unfused RoPE when it rotates the whole head.
+
+    Without TE's fused RoPE, megatron ends every q/k rotation with `torch.cat((rotated, t[..., rot_dim:]))`,
+    which copies q and k once more (and again in the backward) even when the pass-through part is empty.
+    Same values; partial rotary and MLA keep megatron's function.
+    """
+    from megatron.core.models.common.embeddings import rope_utils
+
+    original = rope_utils._apply_rotary_pos_emb_bshd
+    if getattr(original, "_grpo_patched", False):
+        return
+
+    def apply(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
+        if multi_latent_attention or t.shape[-1] != freqs.shape[-1]:
+            return original(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+        cos_ = (torch.cos(freqs) * mscale).to(t.dtype)
+        sin_ = (torch.sin(freqs) * mscale).to(t.dtype)
+        return (t * cos_) + (rope_utils._rotate_half(t, rotary_interleaved) * sin_)
+
+    apply._grpo_patched, apply.__wrapped__ = True, original
+    rope_utils._apply_rotary_pos_emb_bshd = apply
 
 
 # --------------------------------------------------------------------------------------- CPU shims

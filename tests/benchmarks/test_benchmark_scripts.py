@@ -29,3 +29,9 @@ def test_step_vs_trl_prints_the_ratio(tmp_path):
     out = _run("step_vs_trl.py", "--steps", "1", "--warmup", "0", "--prompts", "2", "--group", "2",
                "--micro-batch", "4", "--max-new-tokens", "3", "--threads", "1")
     assert "ratio TRL/ours step time" in out and "tokens/s" in out
+
+
+def test_logprobs_prints_memory_and_alternating_time_ratios():
+    out = _run("logprobs.py", "--rows", "256", "--vocab", "512", "--repeats", "2", "--threads", "1")
+    lines = [line for line in out.splitlines() if "chunked/naive" in line]
+    assert len(lines) == 2 and all("memory" in line and "median of per-pair ratios" in line for line in lines)

@@ -63,3 +63,15 @@ def test_local_spec_models_use_sdpa(dist_world1):
     model = build_model(config, layout)
     kinds = {type(layer.self_attention.core_attention) for layer in model.chunks[0].decoder.layers}
     assert kinds == {SdpaDotProductAttention}
+
+
+@pytest.mark.parametrize("rot_dim", [HEAD_DIM, HEAD_DIM // 2])
+def test_rope_without_the_trailing_copy_gives_megatrons_values(rot_dim, modules):
+    from megatron.core.models.common.embeddings import rope_utils
+
+    patched = rope_utils._apply_rotary_pos_emb_bshd
+    assert getattr(patched, "_grpo_patched", False)  # setup_platform() installed it
+    original = patched.__wrapped__
+    t = torch.randn(SEQ, BATCH, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(2))
+    freqs = torch.randn(SEQ, 1, 1, rot_dim, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(patched(t, freqs), original(t, freqs))
