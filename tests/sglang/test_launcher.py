@@ -8,7 +8,7 @@ import time
 import pytest
 
 from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
-from grpo_megatron.rollout.sglang.launcher import CPU_FLAGS, ServerSpec, SGLangServer
+from grpo_megatron.rollout.sglang.launcher import CPU_FLAGS, RouterSpec, ServerSpec, SGLangServer
 from tests.conftest import free_port
 
 
@@ -78,3 +78,14 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped) counts as gone
         return f.read().split()[2] != "Z"
+
+
+def test_router_command_lists_every_worker():
+    spec = RouterSpec(["http://a:1", "http://b:2"], 30100, policy="round_robin", python="/venv/python")
+    cmd = spec.command()
+    assert cmd[:3] == ["/venv/python", "-m", "sglang_router.launch_router"]
+    workers = cmd[cmd.index("--worker-urls") + 1:cmd.index("--host")]
+    assert workers == ["http://a:1", "http://b:2"]
+    assert cmd[cmd.index("--policy") + 1] == "round_robin" and spec.url == "http://127.0.0.1:30100"
+    with pytest.raises(ValueError, match="worker URL"):
+        RouterSpec([], 1).command()

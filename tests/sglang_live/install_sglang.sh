@@ -13,7 +13,7 @@ VENV="${SGLANG_LIVE_VENV:-$HOME/.cache/grpo_megatron/sglang-$SGLANG_VERSION}"
 PY="${SGLANG_LIVE_PYTHON:-python3.11}"
 STAMP="$VENV/.installed-sglang-$SGLANG_VERSION"
 
-if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import sglang, sys; sys.exit(sglang.__version__ != '$SGLANG_VERSION')" 2>/dev/null; then
+if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import sglang, sglang_router, sys; sys.exit(sglang.__version__ != '$SGLANG_VERSION')" 2>/dev/null; then
   echo "sglang $SGLANG_VERSION already installed in $VENV"
   exit 0
 fi
@@ -23,7 +23,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 start=$(date +%s)
-"$VENV/bin/python" -m pip install "sglang==$SGLANG_VERSION"
+"$VENV/bin/python" -m pip install "sglang==$SGLANG_VERSION" "sglang-router==${SGLANG_ROUTER_VERSION:-0.3.2}"
 "$VENV/bin/python" -c "import sglang; print('sglang', sglang.__version__)"
 echo "installed in $(( $(date +%s) - start )) s: $(du -sh "$VENV" | cut -f1)"
 touch "$STAMP"

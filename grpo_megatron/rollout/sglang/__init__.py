@@ -3,13 +3,13 @@ from grpo_megatron.rollout.sglang.engine import SGLangEngine
 from grpo_megatron.rollout.sglang.errors import (
     MalformedResponseError, SGLangError, ServerRequestError, ServerTimeoutError, ServerUnavailableError,
 )
-from grpo_megatron.rollout.sglang.launcher import ServerSpec, SGLangServer
+from grpo_megatron.rollout.sglang.launcher import RouterSpec, ServerSpec, SGLangServer
 from grpo_megatron.rollout.sglang.probe import ProbeCheck, ProbeMismatchError
 from grpo_megatron.rollout.sglang.transport import RetryPolicy, ServerPool
 from grpo_megatron.rollout.sglang.weight_sync import DiskSync, DistributedSync, TensorSync, WeightSync
 
 __all__ = [
     "SGLangEngine", "SGLangError", "MalformedResponseError", "ServerRequestError", "ServerTimeoutError",
-    "ServerUnavailableError", "ServerSpec", "SGLangServer", "ProbeCheck", "ProbeMismatchError", "RetryPolicy",
+    "ServerUnavailableError", "RouterSpec", "ServerSpec", "SGLangServer", "ProbeCheck", "ProbeMismatchError", "RetryPolicy",
     "ServerPool", "DiskSync", "DistributedSync", "TensorSync", "WeightSync",
 ]

@@ -27,6 +27,8 @@ class SGLangEngine(RolloutEngine):
     `generate_pool` (an sglang-router in front of the servers) takes the /generate requests when given; weight
     sync, pause/abort and the probe always address every server in `pool` directly, because a router neither
     forwards the begin/end weight-update session nor gives each server its rank in a distributed update.
+    Generations that ask for routed experts (R3) bypass the router too: sglang-router 0.3.2 drops
+    `return_routed_experts` from the request (seen live), so they are balanced over `pool` by this client.
     """
 
     def __init__(self, pool: ServerPool, sync: WeightSync, max_in_flight: int = 64,
@@ -59,6 +61,7 @@ class SGLangEngine(RolloutEngine):
                         routed: bool) -> list[list[Completion]]:
         window = asyncio.Semaphore(self.max_in_flight)
         shape = self.routed_shape if routed else None
+        pool = self.pool if routed else self.generate_pool
 
         def handle(prompt: list[int]):
             def parse(url: str, body) -> list[Completion]:
@@ -71,10 +74,10 @@ class SGLangEngine(RolloutEngine):
         async def one(i: int, prompt: list[int]) -> list[Completion]:
             seed = None if params.seed is None else params.seed + i
             async with window:
-                return await self.generate_pool.post(client, "/generate",
-                                                     generate_payload(prompt, params, routed, seed), handle(prompt))
+                return await pool.post(client, "/generate", generate_payload(prompt, params, routed, seed),
+                                       handle(prompt))
 
-        async with self.generate_pool.client(self.max_in_flight) as client:
+        async with pool.client(self.max_in_flight) as client:
             return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:

@@ -58,10 +58,38 @@ class ServerSpec:
         return cmd + list(self.extra_args)
 
 
-class SGLangServer:
-    """One server process: start() launches it, wait_healthy() polls /health, stop() ends it by PID."""
+@dataclass
+class RouterSpec:
+    """`python -m sglang_router.launch_router` in front of worker servers (package sglang-router).
 
-    def __init__(self, spec: ServerSpec, log_path: str | Path | None = None, env: dict[str, str] | None = None):
+    Only /generate should go through it (rollout.sglang.router_url); weights are pushed to each worker directly.
+    """
+    worker_urls: list[str]
+    port: int
+    host: str = "127.0.0.1"
+    policy: str = "cache_aware"  # random | round_robin | cache_aware | power_of_two
+    api_key: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    python: str = "python"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        if not self.worker_urls:
+            raise ValueError("RouterSpec needs at least one worker URL")
+        cmd = [self.python, "-m", "sglang_router.launch_router", "--worker-urls", *self.worker_urls,
+               "--host", self.host, "--port", str(self.port), "--policy", self.policy]
+        if self.api_key:
+            cmd += ["--api-key", self.api_key]
+        return cmd + list(self.extra_args)
+
+
+class SGLangServer:
+    """One server (or router) process: start() launches it, wait_healthy() polls /health, stop() ends it by PID."""
+
+    def __init__(self, spec: ServerSpec | RouterSpec, log_path: str | Path | None = None, env: dict[str, str] | None = None):
         self.spec, self.log_path, self.env = spec, log_path, env
         self.process: subprocess.Popen | None = None
 
