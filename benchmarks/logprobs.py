@@ -91,21 +91,26 @@ def main() -> None:
     print(f"rows (B*T) = {args.rows}, V = {args.vocab}, float32 [B*T, V] = {full_bytes / 2**20:.0f} MiB, "
           f"torch threads = {torch.get_num_threads()}, {args.repeats} alternating pairs")
     print(f"{'pass':<18}{'impl':<9}{'extra MiB':>10}{'x [N,V]':>9}{'median s':>10}{'min s':>8}{'max s':>8}")
+    # Every memory subprocess runs before this process allocates anything large: Linux carries the parent's
+    # RSS high-water mark into a forked child (preserved across execve), which would hide the child's peak.
+    memory = {(pass_name, impl): _measure_memory(impl, pass_name, args) for pass_name in PASSES for impl in IMPLEMENTATIONS}
     for pass_name in PASSES:
-        memory = {}
-        for impl in IMPLEMENTATIONS:
-            command = [sys.executable, __file__, "--worker", impl, pass_name, "--rows", str(args.rows),
-                       "--vocab", str(args.vocab), "--threads", str(args.threads)]
-            memory[impl] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
         times = alternate_times(pass_name == "forward+backward", args.rows, args.vocab, args.repeats)
         for impl in IMPLEMENTATIONS:
-            extra, t = memory[impl]["extra_bytes"], times[impl]
+            extra, t = memory[pass_name, impl], times[impl]
             print(f"{pass_name:<18}{impl:<9}{extra / 2**20:>10.0f}{extra / full_bytes:>9.2f}"
                   f"{statistics.median(t):>10.3f}{min(t):>8.3f}{max(t):>8.3f}")
         ratios = [c / n for n, c in zip(times["naive"], times["chunked"])]
-        print(f"{pass_name:<18}chunked/naive: memory {memory['chunked']['extra_bytes'] / memory['naive']['extra_bytes']:.3f}, "
-              f"time {statistics.median(ratios):.2f} (median of per-pair ratios; {min(ratios):.2f}-{max(ratios):.2f})")
+        naive_extra = memory[pass_name, "naive"]
+        memory_ratio = f"{memory[pass_name, 'chunked'] / naive_extra:.3f}" if naive_extra else "n/a"
+        print(f"{pass_name:<18}chunked/naive: memory {memory_ratio}, time {statistics.median(ratios):.2f} "
+              f"(median of per-pair ratios; {min(ratios):.2f}-{max(ratios):.2f})")
 
+
+def _measure_memory(impl: str, pass_name: str, args) -> int:
+    command = [sys.executable, __file__, "--worker", impl, pass_name, "--rows", str(args.rows),
+               "--vocab", str(args.vocab), "--threads", str(args.threads)]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)["extra_bytes"]
 
 if __name__ == "__main__":
     main()
