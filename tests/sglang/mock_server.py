@@ -117,6 +117,8 @@ def update(state: MockState, route: str, req: dict) -> tuple[int, dict]:
         error = load(state, named)
         if error:
             return 400, {"success": False, "message": error}
+    if req.get("flush_cache", True):  # io_struct's default: the scheduler flushes after applying the update
+        state.log.append("(flush_cache in update)")
     message = "Succeeded to update model weights."
     if req.get("weight_version") is not None:
         state.weight_version = req["weight_version"]

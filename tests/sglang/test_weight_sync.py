@@ -58,7 +58,9 @@ def test_sync_then_generation_uses_new_weights(mode, mock, tiny_hf_dir):
                      "disk": "/update_weights_from_disk"}[mode]
             first, last = log.index("/begin_weight_update"), log.index("/end_weight_update")
             assert first < log.index(route) and max(i for i, p in enumerate(log) if p == route) < last
-            assert log.index("/flush_cache") > last
+            # The cache is flushed exactly once, by the last update request, not by a slow separate call.
+            assert log.count("(flush_cache in update)") == 1 and "/flush_cache" not in log
+            assert log.index(route) < log.index("(flush_cache in update)") < last
         params = SamplingParams(max_new_tokens=4, temperature=0.0)
         reference = EmbeddedEngine(model_dir)
         reference.update_weights(weights, version=7)
