@@ -170,10 +170,13 @@ def use_fused_torch_adam(optimizer) -> int:
 
 _MIN_KEYS = ("ratio_min",)
 _MAX_KEYS = ("ratio_max",)
+# Each micro-batch reports its share of the mini-batch loss (normalised by the global count): summed, not averaged.
+_SUM_KEYS = ("pg_loss", "kl_loss")
 
 
 def reduce_metrics(outputs: list[dict]) -> dict:
-    """Token-weighted means of per-micro-batch metrics over micro-batches, DP ranks and pipeline stages.
+    """Token-weighted means of per-micro-batch metrics over micro-batches, DP ranks and pipeline stages; the loss
+    terms, which are shares of the mini-batch loss, are summed.
 
     Only the last pipeline stage computes losses; other stages contribute nothing, and the result is
     the same on every rank.
@@ -190,7 +193,7 @@ def reduce_metrics(outputs: list[dict]) -> dict:
         sums[-1] += weight
         for j, key in enumerate(keys):
             value = float(out[key]) if key in out else 0.0
-            sums[j] += value * weight
+            sums[j] += value if key in _SUM_KEYS else value * weight
             mins[j] = min(mins[j], value)
             maxs[j] = max(maxs[j], value)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -206,6 +209,8 @@ def reduce_metrics(outputs: list[dict]) -> dict:
             result[key] = float(mins[j])
         elif key in _MAX_KEYS:
             result[key] = float(maxs[j])
+        elif key in _SUM_KEYS:
+            result[key] = float(sums[j])
         else:
             result[key] = float(sums[j]) / total
     return result

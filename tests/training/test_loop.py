@@ -55,12 +55,15 @@ def test_engine_receives_the_updated_weights(make_config, dist_world1):
 def test_token_budget_micro_batches_give_the_same_step(make_config, dist_world1):
     results = []
     for train in ({"micro_batch_size": 2}, {"max_tokens_per_microbatch": 48}):
-        trainer = Trainer(make_config(train={"steps": 1, **train}, reward=VARIED))
+        trainer = Trainer(make_config(train={"steps": 1, **train}, reward=VARIED,
+                                      algorithm={"loss": "grpo", "loss_agg": "token_mean", "kl_coef": 0.01}))
         results.append(trainer.train_step())
         trainer.close()
     fixed, budget = results
     assert fixed["reward/mean"] == budget["reward/mean"]  # same rollout
-    for key in ("train/grad_norm", "train/entropy", "train/ratio_mean"):
+    assert abs(fixed["train/pg_loss"]) > 1e-4 and fixed["train/kl_loss"] >= 0
+    # The logged losses are the mini-batch's, whatever the split (each micro-batch holds a share of it).
+    for key in ("train/grad_norm", "train/entropy", "train/ratio_mean", "train/pg_loss", "train/kl_loss"):
         assert budget[key] == pytest.approx(fixed[key], rel=1e-5, abs=1e-9), key
 
 
