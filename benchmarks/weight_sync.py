@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from grpo_megatron.models.tiny import make_tiny_hf_checkpoint  # noqa: E402
 from grpo_megatron.rollout.sglang import DiskSync, DistributedSync, ServerPool, TensorSync  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from grpo_megatron.parallel import free_port  # noqa: E402
 
 SIZES = {  # Qwen3-MoE shapes: the tests' tiny model, and one whose sync moves ~120 MB (float32)
     "tiny": {},

@@ -114,7 +114,7 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     else:
         # A lone process gets a private port without exporting it, so that processes it starts
         # (conversion tools, torchrun tests) do not inherit an address that is already taken.
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
     dist.init_process_group(
         backend=platform.backend, init_method=init_method, rank=rank, world_size=world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),
@@ -150,7 +150,8 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a lone process group, an update group, a server)."""
     import socket
 
     with socket.socket() as s:

@@ -83,7 +83,7 @@ def main() -> int:
 def start_cpu_sglang(model_dir: Path, run_dir: Path, dtype: str):
     """A real SGLang server on this CPU, started by the project's launcher (tests/sglang_live/server.py)."""
     sys.path.insert(0, str(HERE.parents[1]))
-    from tests.conftest import free_port
+    from grpo_megatron.parallel import free_port
     from tests.sglang_live.server import INSTALL_HINT, start_server, venv_ready
 
     if not venv_ready():

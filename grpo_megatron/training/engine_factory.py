@@ -1,11 +1,10 @@
 """The rollout engine named by the config."""
 from __future__ import annotations
 
-import socket
-
 import torch
 
 from grpo_megatron.config import ConfigError, RunConfig
+from grpo_megatron.parallel import free_port
 from grpo_megatron.rollout.base import RolloutEngine
 
 
@@ -37,7 +36,7 @@ def _sglang_engine(cfg: RunConfig) -> RolloutEngine:
     elif s.weight_sync == "distributed":
         backend = s.update_backend or ("nccl" if torch.cuda.is_available() else "gloo")
         sync = DistributedSync(pool, s.bucket_mb, s.server_tp_size, s.update_master_address,
-                               s.update_master_port or _free_port(), backend)
+                               s.update_master_port or free_port(), backend)
     elif s.weight_sync == "disk":
         sync = DiskSync(pool, s.bucket_mb, cfg.model.hf_path, s.disk_dir or None)
     else:
@@ -49,9 +48,3 @@ def _sglang_engine(cfg: RunConfig) -> RolloutEngine:
              if s.probe_tokens > 1 else None)
     router = ServerPool([s.router_url], s.api_key, s.timeout_s, RetryPolicy(attempts=s.retries)) if s.router_url else None
     return SGLangEngine(pool, sync, s.max_in_flight, routed_shape, probe, s.gpu_servers, generate_pool=router)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -1,23 +1,16 @@
 """Vocab-parallel log-probs / entropy under TP=2 (two gloo processes) equal the single-process values."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from grpo_megatron.algorithms import token_logprobs_and_entropy
+from grpo_megatron.parallel import free_port
 from tests.algorithms import reference
 
 WORLD_SIZE = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, port: int) -> None:
@@ -49,4 +42,4 @@ def _worker(rank: int, port: int) -> None:
 
 @pytest.mark.distributed
 def test_tp2_equals_single_process():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD_SIZE, join=True)

@@ -9,7 +9,8 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import REPO, free_port
+from grpo_megatron.parallel import free_port
+from tests.conftest import REPO
 
 
 def _start(model_dir, port: int) -> subprocess.Popen:

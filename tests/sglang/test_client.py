@@ -11,7 +11,7 @@ from grpo_megatron.rollout.sglang import (
     MalformedResponseError, RetryPolicy, SGLangEngine, ServerPool, ServerRequestError, ServerTimeoutError,
     ServerUnavailableError, TensorSync,
 )
-from tests.conftest import free_port
+from grpo_megatron.parallel import free_port
 from tests.sglang.conftest import inject, request_log
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.05)

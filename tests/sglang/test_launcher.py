@@ -9,7 +9,7 @@ import pytest
 
 from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
 from grpo_megatron.rollout.sglang.launcher import CPU_FLAGS, RouterSpec, ServerSpec, SGLangServer
-from tests.conftest import free_port
+from grpo_megatron.parallel import free_port
 
 
 def test_command_carries_layout_routing_and_auth():

@@ -17,7 +17,8 @@ from grpo_megatron.rollout.sglang import (
     DiskSync, DistributedSync, ProbeCheck, ProbeMismatchError, RetryPolicy, SGLangEngine, ServerPool, TensorSync,
 )
 from grpo_megatron.rollout.sglang.weight_sync import _serialize, buckets
-from tests.conftest import REPO, free_port
+from grpo_megatron.parallel import free_port
+from tests.conftest import REPO
 from tests.sglang.conftest import request_log
 
 PROBE = list(range(1, 17))

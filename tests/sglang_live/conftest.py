@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from grpo_megatron.parallel import free_port
 from tests.sglang_live.server import INSTALL_HINT, SGLANG_VERSION, start_server, venv_ready
 
 DTYPE = "bfloat16"  # what the server computes in (--dtype); log-prob tolerances below are for bf16

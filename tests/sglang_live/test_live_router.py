@@ -10,7 +10,7 @@ import torch
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.sglang import ProbeCheck, RouterSpec, SGLangEngine, ServerPool, SGLangServer, TensorSync
 from grpo_megatron.rollout.sglang.probe import reference_logprobs
-from tests.conftest import free_port
+from grpo_megatron.parallel import free_port
 from tests.sglang_live.server import PYTHON
 from tests.sglang_live.test_live_server import PROBE, ROUTED_SHAPE, SYNC_TOL, perturbed, restore_weights  # noqa: F401
 
