@@ -18,6 +18,12 @@ if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import sglang, sglang_router, sys
   exit 0
 fi
 mkdir -p "$(dirname "$VENV")"
+free_gb=$(( $(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print $4}') / 1048576 ))
+if (( free_gb < 14 )); then
+  echo "ERROR: SGLang $SGLANG_VERSION needs ~11 GB (plus pip's temporary files) under $(dirname "$VENV"); only" \
+       "${free_gb} GB free. Free space there or point SGLANG_LIVE_VENV at a larger disk." >&2
+  exit 1
+fi
 if [[ ! -x "$VENV/bin/python" ]]; then
   "$PY" -m venv "$VENV"
 fi
