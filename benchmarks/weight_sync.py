@@ -36,8 +36,6 @@ SIZES = {  # Qwen3-MoE shapes: the tests' tiny model, and one whose sync moves ~
 
 def start(server: str, model: Path, logs: Path):
     """(url, stop) for a mock or real server on model."""
-    import httpx
-
     port = free_port()
     if server == "sglang":
         from tests.sglang_live.server import INSTALL_HINT, start_server, venv_ready
@@ -46,16 +44,11 @@ def start(server: str, model: Path, logs: Path):
             raise SystemExit(f"--server sglang needs the pinned SGLang: {INSTALL_HINT}")
         proc = start_server(model, port, logs / "sglang.log", routed_experts=False, extra_args=["--dtype", "float32"])
         return proc.spec.url, proc.stop
-    from tests.sglang.conftest import _start
+    from tests.sglang.conftest import _start, wait_healthy
 
     proc = _start(model, port)
     url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.3)
+    wait_healthy(url, proc, time.monotonic() + 120)
 
     def stop():
         proc.terminate()

@@ -19,6 +19,21 @@ def _start(model_dir, port: int) -> subprocess.Popen:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, deadline: float) -> None:
+    """Poll the mock's /health until 200; raise if its process dies or `deadline` (monotonic) passes."""
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mock server {url} died: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"mock server {url} did not start")
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="session")
 def mock_urls(tiny_hf_dir):
     """Two mock servers serving the same tiny Qwen3-MoE; yields their URLs."""
@@ -28,17 +43,7 @@ def mock_urls(tiny_hf_dir):
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     deadline = time.monotonic() + 120
     for url, proc in zip(urls, procs):
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mock server {url} died: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mock server {url} did not start")
-            time.sleep(0.3)
+        wait_healthy(url, proc, deadline)
     yield urls
     for proc in procs:
         proc.terminate()

@@ -112,7 +112,8 @@ class TensorSync(WeightSync):
         moved = 0
         batches = list(buckets(named_tensors, self.bucket_bytes))
         for i, bucket in enumerate(batches):
-            payload = {"serialized_named_tensors": [_serialize(bucket)] * self.tp_size, **_last(i, batches, version)}
+            payload = {"serialized_named_tensors": [_serialize(bucket)] * self.tp_size,
+                       **_bucket_fields(i == len(batches) - 1, version)}
             self._post_all("/update_weights_from_tensor", payload)
             moved += sum(t.numel() * t.element_size() for _, t in bucket)
         return moved
@@ -136,7 +137,7 @@ class DistributedSync(WeightSync):
         for i, bucket in enumerate(batches):
             payload = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
                        "shapes": [list(t.shape) for _, t in bucket], "group_name": GROUP_NAME,
-                       **_last(i, batches, version)}
+                       **_bucket_fields(i == len(batches) - 1, version)}
             with ThreadPoolExecutor(len(self.pool.urls)) as executor:
                 calls = [executor.submit(self.pool.call, url, "POST", "/update_weights_from_distributed", payload,
                                          None, False) for url in self.pool.urls]
@@ -208,11 +209,9 @@ class DiskSync(WeightSync):
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _last(index: int, batches: list, version: str) -> dict:
-    """Fields of bucket `index`: the last one sets the weight version and flushes the server's cache."""
-    if index == len(batches) - 1:
-        return {"weight_version": version, "flush_cache": True}
-    return {"flush_cache": False}
+def _bucket_fields(last: bool, version: str) -> dict:
+    """Request fields of a bucket: the last one sets the weight version and flushes the server's cache."""
+    return {"weight_version": version, "flush_cache": True} if last else {"flush_cache": False}
 
 
 def _start_shm_manager_detached() -> None:
