@@ -5,7 +5,7 @@ layouts to megatron-core's (QKV interleaving, gate/up fusion, expert naming, TP 
 only what it gets wrong or does not cover here, each marked below:
 
 * it always builds the TransformerEngine layer spec; on CPU we build megatron's local spec (with torch's
-  fused SDPA as core attention, `models/attention.py`) and translate the local spec's parameter names to
+  fused SDPA as core attention, `models/attention.py`, and grouped-GEMM experts, `models/experts.py`) and translate the local spec's parameter names to
   the TE-style names its mapping expects;
 * Mixtral and Qwen3-MoE router settings that differ from Hugging Face's routing;
 * `rope_theta`, which transformers 5 moved into `rope_parameters`;
@@ -129,11 +129,13 @@ class _GrpoBridgeMixin:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
         from grpo_megatron.models.attention import use_sdpa_core_attention
+        from grpo_megatron.models.experts import use_grouped_mm_experts
 
         self.has_vp_stage = True
         spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=self._use_te, vp_stage=vp_stage)
         if not self._use_te:
             use_sdpa_core_attention(spec)
+            use_grouped_mm_experts(spec)
         return spec
 
     def to_te_name(self, name: str) -> str:
