@@ -3,8 +3,10 @@
 It is deliberately plain but exact: all prompts x n samples are generated together (sorted by prompt
 length and cut into micro-batches of at most max_batch_tokens), left-padded with explicit position ids,
 decoding one token per step through the model's KV cache, and rows that have stopped are dropped from the
-batch (and from the cache) as soon as they stop. Log-probs, finish reasons and MoE routed experts follow
-the conventions of `Completion`, so the trainer can replay them without caring which engine produced them.
+batch (and from the cache) as soon as they stop. As with SGLang's prefix cache, the prefill is shared: each
+distinct prompt of a micro-batch is prefilled once, and its KV cache, last logits and routes are copied to
+its n sample rows. Log-probs, finish reasons and MoE routed experts follow the conventions of `Completion`,
+so the trainer can replay them without caring which engine produced them.
 """
 from __future__ import annotations
 
@@ -93,12 +95,18 @@ class EmbeddedEngine(RolloutEngine):
         return [completions[p * params.n:(p + 1) * params.n] for p in range(len(prompts))]
 
     def _micro_batches(self, rows: list[int], prompt_lengths: list[int], params: SamplingParams) -> list[list[int]]:
-        """Consecutive runs of `rows` whose padded size (rows x (longest prompt + new tokens)) fits the budget."""
+        """Consecutive runs of `rows` whose decode size (rows x (longest prompt + new tokens)) fits the budget.
+
+        `rows` come sorted by prompt length in groups of n rows of one prompt. A group that does not fit beside
+        the rows already taken starts a new micro-batch, so that its n samples share one prefill; only a group
+        too big for the budget on its own is split (each part then prefills the prompt once).
+        """
         batches: list[list[int]] = []
         current: list[int] = []
-        for row in rows:
-            padded = (len(current) + 1) * (prompt_lengths[row] + params.max_new_tokens)  # rows come sorted by length
-            if current and padded > self._max_batch_tokens:
+        for i, row in enumerate(rows):
+            adding = params.n if i % params.n == 0 else 1  # the whole group at its first row, then row by row
+            width = prompt_lengths[row] + params.max_new_tokens
+            if current and (len(current) + adding) * width > self._max_batch_tokens:
                 batches.append(current)
                 current = []
             current.append(row)
@@ -108,17 +116,26 @@ class EmbeddedEngine(RolloutEngine):
     def _generate_batch(
         self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator, record_routes: bool
     ) -> list[Completion]:
+        # Prefill each distinct prompt once, then copy its cache, logits and mask to every row sampling it.
+        distinct: dict[tuple[int, ...], int] = {}
+        source = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]  # row -> distinct prompt
         batch_size, width = len(prompts), max(len(p) for p in prompts)
-        input_ids = torch.full((batch_size, width), self._pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-            attention_mask[row, width - len(prompt):] = 1
+        input_ids = torch.full((len(distinct), width), self._pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(distinct), width), dtype=torch.long)
+        for i, prompt in enumerate(distinct):
+            input_ids[i, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[i, width - len(prompt):] = 1
         input_ids, attention_mask = input_ids.to(self._device), attention_mask.to(self._device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        next_position = attention_mask.sum(-1)
         cache = DynamicCache(config=self._model.config)
         logits, prefill_routes = self._forward(input_ids, attention_mask, position_ids, cache, record_routes)
+        if len(distinct) < batch_size:
+            # Index selection rather than batch_repeat_interleave(n): prompts of a micro-batch may have unequal
+            # row counts (part of a split group, or a prompt given twice).
+            expand = torch.tensor(source, device=self._device)
+            cache.batch_select_indices(expand)
+            logits, attention_mask = logits[expand], attention_mask[expand]
+        next_position = attention_mask.sum(-1)
 
         stop_ids = torch.tensor(sorted(self._eos_ids | set(params.stop_token_ids)), device=self._device)
         active = torch.arange(batch_size, device=self._device)  # batch rows still generating
@@ -153,7 +170,8 @@ class EmbeddedEngine(RolloutEngine):
         for row, prompt in enumerate(prompts):
             routed = None
             if record_routes:
-                prompt_routes = prefill_routes.view(batch_size, width, *prefill_routes.shape[1:])[row, width - len(prompt):]
+                prompt_routes = prefill_routes.view(len(distinct), width, *prefill_routes.shape[1:])[
+                    source[row], width - len(prompt):]
                 routed = torch.cat([prompt_routes, *[r[None] for r in decode_routes[row]]]).cpu()
             completions.append(Completion(
                 prompt_ids=list(prompt), response_ids=responses[row], response_logprobs=logprobs[row],

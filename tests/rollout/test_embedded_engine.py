@@ -1,5 +1,5 @@
 """EmbeddedEngine against transformers itself: log-probs, greedy decoding, sampling law, truncation,
-routed experts, finish reasons and weight updates."""
+routed experts, finish reasons, weight updates, and the prefill shared by the samples of a prompt."""
 from __future__ import annotations
 
 import pytest
@@ -97,6 +97,65 @@ def test_greedy_equals_transformers_generate(tiny_checkpoint, family):
             expected = expected[:expected.index(EOS) + 1]
         assert group[0].response_ids == expected
         assert group[1].response_ids == expected
+
+
+# PROMPTS sorted by length need 12, 13, 16 and 19 tokens a row with max_new_tokens=10, so with n=3 and a budget
+# of 80 the two shortest groups share a micro-batch and each longer group is one alone; with 40 the two longest
+# groups are too big and are split in two.
+@pytest.mark.parametrize("max_batch_tokens,prefill_rows", [(16384, [4]), (80, [2, 1, 1]), (40, [1] * 6)])
+def test_prefill_runs_once_per_distinct_prompt(tiny_checkpoint, max_batch_tokens, prefill_rows):
+    engine = EmbeddedEngine(tiny_checkpoint("qwen3_moe"), max_batch_tokens=max_batch_tokens)
+    forward, generate_batch = engine._forward, engine._generate_batch
+    prefills, batches = [], []
+
+    def counting_forward(input_ids, attention_mask, position_ids, cache, record_routes):
+        if cache.get_seq_length() == 0:
+            prefills.append(input_ids.shape[0])
+        return forward(input_ids, attention_mask, position_ids, cache, record_routes)
+
+    def recording_generate_batch(prompts, *args):
+        batches.append(prompts)
+        return generate_batch(prompts, *args)
+
+    engine._forward, engine._generate_batch = counting_forward, recording_generate_batch
+    params = SamplingParams(max_new_tokens=10, n=3, seed=0)
+    groups = engine.generate(PROMPTS, params, return_routed_experts=True)
+
+    assert prefills == prefill_rows
+    assert sum(len(b) for b in batches) == 3 * len(PROMPTS)
+    for batch in batches:
+        assert len(batch) * (max(map(len, batch)) + params.max_new_tokens) <= max_batch_tokens
+    assert [[c.prompt_ids for c in g] for g in groups] == [[p] * 3 for p in PROMPTS]
+
+
+def test_repeated_prompts_share_one_prefill(tiny_checkpoint):
+    engine = EmbeddedEngine(tiny_checkpoint("qwen3"))
+    forward, prefills = engine._forward, []
+
+    def counting_forward(input_ids, attention_mask, position_ids, cache, record_routes):
+        if cache.get_seq_length() == 0:
+            prefills.append(input_ids.shape[0])
+        return forward(input_ids, attention_mask, position_ids, cache, record_routes)
+
+    engine._forward = counting_forward
+    prompts = PROMPTS + [PROMPTS[2], PROMPTS[0]]
+    groups = engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert prefills == [len(PROMPTS)]
+    assert [g[0].response_ids for g in groups[-2:]] == [groups[2][0].response_ids, groups[0][0].response_ids]
+
+
+def test_greedy_samples_of_a_prompt_equal_each_other_and_n1(tiny_checkpoint):
+    engine = EmbeddedEngine(tiny_checkpoint("qwen3_moe"))
+    single = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.0), return_routed_experts=True)
+    groups = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.0, n=4),
+                             return_routed_experts=True)
+    for [reference], group in zip(single, groups):
+        assert len(group) == 4
+        for c in group:
+            assert c.response_ids == reference.response_ids
+            assert c.finish_reason == reference.finish_reason
+            assert c.response_logprobs == pytest.approx(reference.response_logprobs, abs=1e-5)
+            assert torch.equal(c.routed_experts, reference.routed_experts)
 
 
 def _next_token_logits(path, prompt) -> torch.Tensor:
