@@ -161,8 +161,8 @@ class Trainer:
         return samples
 
     def _score(self, samples: list[Sample]) -> None:
-        texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-        prompts = [self.tokenizer.decode(s.prompt_ids, skip_special_tokens=True) for s in samples]
+        texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        prompts = self.tokenizer.batch_decode([s.prompt_ids for s in samples], skip_special_tokens=True)
         rewards = self.rewards.score(prompts, texts, [s.answer for s in samples], [s.meta for s in samples])
         if self.cfg.reward.overlong_penalty:
             lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)

@@ -41,10 +41,9 @@ class RewardRunner:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward")
         self.failures = 0
 
-    def _call(self, name, fn, text, answer, meta) -> float:
-        future = self._pool.submit(fn, text, answer, meta)
+    def _result(self, name: str, future: concurrent.futures.Future, text: str, answer) -> float:
         try:
-            value = float(future.result(timeout=self.cfg.timeout_s))
+            return float(future.result(timeout=self.cfg.timeout_s))
         except concurrent.futures.TimeoutError:
             self.failures += 1
             logger.warning("reward %s timed out after %.1fs on response %r (answer %r); scoring %s",
@@ -55,12 +54,13 @@ class RewardRunner:
             logger.warning("reward %s raised %s: %s on response %r (answer %r); scoring %s",
                            name, type(exc).__name__, exc, text[:200], answer, self.cfg.fallback)
             return self.cfg.fallback
-        return value
 
     def score(self, prompts: list[str], texts: list[str], answers: list, metas: list[dict]) -> list[float]:
-        totals = []
+        """Weighted sum of the reward functions per sample. Every call is submitted before any is awaited,
+        so slow rewards (math verification, sandboxes) run `max_workers` at a time instead of one by one."""
+        calls = []
         for prompt, text, answer, meta in zip(prompts, texts, answers, metas):
             meta = {**meta, "prompt": prompt}
-            totals.append(sum(weight * self._call(name, fn, text, answer, meta)
-                              for name, weight, fn in self.functions))
-        return totals
+            calls.append([(name, weight, self._pool.submit(fn, text, answer, meta)) for name, weight, fn in self.functions])
+        return [sum(weight * self._result(name, future, text, answer) for name, weight, future in sample_calls)
+                for sample_calls, text, answer in zip(calls, texts, answers)]

@@ -1,5 +1,6 @@
 """Documented behaviour for bad config keys, bad dataset lines and failing reward functions."""
 import logging
+import threading
 import time
 
 import pytest
@@ -83,6 +84,21 @@ def test_reward_exception_and_timeout_score_the_fallback(caplog):
     assert slow.score(["p"], ["x"], [None], [{}]) == [0.0]
     assert time.perf_counter() - start < 2.0
     assert slow.failures == 1
+
+
+_BARRIER = threading.Barrier(4, timeout=5)
+
+
+def _meets_the_others(text, answer, meta):
+    _BARRIER.wait()  # breaks (raises) unless 4 calls run at the same time
+    return float(text)
+
+
+def test_rewards_of_a_batch_run_concurrently_and_keep_their_order():
+    runner = RewardRunner(RewardConfig(functions=[RewardFunctionConfig(name=f"{__name__}:_meets_the_others")],
+                                       fallback=-1.0, timeout_s=10))
+    assert runner.score(["p"] * 4, ["1", "2", "3", "4"], [None] * 4, [{}] * 4) == [1.0, 2.0, 3.0, 4.0]
+    assert runner.failures == 0
 
 
 def test_unimportable_user_reward_is_an_error():
