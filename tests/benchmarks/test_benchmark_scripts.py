@@ -35,3 +35,10 @@ def test_logprobs_prints_memory_and_alternating_time_ratios():
     out = _run("logprobs.py", "--rows", "256", "--vocab", "512", "--repeats", "2", "--threads", "1")
     lines = [line for line in out.splitlines() if "chunked/naive" in line]
     assert len(lines) == 2 and all("memory" in line and "median of per-pair ratios" in line for line in lines)
+
+
+def test_moe_experts_prints_both_paths_and_the_pick():
+    out = _run("moe_experts.py", "--sizes", "64", "512", "--pairs", "64", "--repeats", "1", "--threads", "1")
+    lines = [line for line in out.splitlines() if line.startswith("hidden = expert width")]
+    assert len(lines) == 2 and all("grouped/loop" in line for line in lines)
+    assert lines[0].endswith("the module uses: grouped") and lines[1].endswith("the module uses: loop")

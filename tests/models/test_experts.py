@@ -66,6 +66,20 @@ def test_uncovered_config_runs_megatrons_loop(experts):
     assert not torch.allclose(unclamped, reference)
 
 
+def test_experts_above_the_size_limit_run_megatrons_loop(experts, monkeypatch):
+    import grpo_megatron.models.experts as module
+
+    size = sum(p.numel() for p in experts.local_experts[0].parameters())
+    assert experts._grouped_applies(torch.zeros(1))
+    monkeypatch.setattr(module, "GROUPED_MAX_EXPERT_ELEMENTS", size - 1)
+    assert not experts._grouped_applies(torch.zeros(1))
+    calls = []
+    monkeypatch.setattr(GroupedMMSequentialMLP, "grouped_forward", lambda *a: calls.append(a))
+    ours, _, _ = _run(GroupedMMSequentialMLP.forward, experts, [5, 3, 7, 1])
+    reference, _, _ = _run(SequentialMLP.forward, experts, [5, 3, 7, 1])
+    assert calls == [] and torch.equal(ours, reference)
+
+
 def test_local_spec_moe_models_use_grouped_experts(experts):
     assert type(experts) is GroupedMMSequentialMLP
     assert experts.local_experts[0].linear_fc1.weight.shape[0] == 2 * experts.config.moe_ffn_hidden_size
