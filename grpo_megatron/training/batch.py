@@ -61,24 +61,27 @@ def response_span(sample: Sample) -> slice:
 def _aligned(samples: list[Sample], values: list[torch.Tensor | list[float] | None], width: int) -> torch.Tensor | None:
     if any(v is None for v in values):
         return None
-    out = torch.zeros(len(samples), width, dtype=torch.float32)
-    for row, (sample, value) in enumerate(zip(samples, values)):
-        out[row, response_span(sample)] = torch.as_tensor(value, dtype=torch.float32)
-    return out
+    rows = []
+    for sample, value in zip(samples, values):
+        value = value.tolist() if isinstance(value, torch.Tensor) else list(value)
+        start = len(sample.prompt_ids) - 1
+        rows.append([0.0] * start + value + [0.0] * (width - start - len(value)))
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def make_micro_batch(samples: list[Sample], indices: list[int], pad_id: int, pad_multiple: int = 1) -> MicroBatch:
+    """Rows built as Python lists and converted once: one tensor per field rather than per-row writes."""
     chosen = [samples[i] for i in indices]
     width = max(s.length for s in chosen)
     width = -(-width // pad_multiple) * pad_multiple
-    tokens = torch.full((len(chosen), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(chosen), width, dtype=torch.float32)
-    for row, sample in enumerate(chosen):
-        sequence = sample.prompt_ids + sample.response_ids
-        tokens[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, response_span(sample)] = 1.0
+    tokens = torch.tensor([s.prompt_ids + s.response_ids + [pad_id] * (width - s.length) for s in chosen],
+                          dtype=torch.long)
+    columns = torch.arange(width)
+    starts = torch.tensor([len(s.prompt_ids) - 1 for s in chosen]).unsqueeze(1)
+    ends = starts + torch.tensor([len(s.response_ids) for s in chosen]).unsqueeze(1)
+    mask = ((columns >= starts) & (columns < ends)).to(torch.float32)
     targets = torch.cat([tokens[:, 1:], torch.full((len(chosen), 1), pad_id, dtype=torch.long)], dim=1)
-    positions = torch.arange(width).unsqueeze(0).expand(len(chosen), -1).contiguous()
+    positions = columns.unsqueeze(0).expand(len(chosen), -1).contiguous()
     return MicroBatch(
         indices=list(indices),
         tokens=tokens,

@@ -36,3 +36,26 @@ def test_every_data_parallel_rank_gets_the_same_count():
     count = token_budget_count(batch, shares, max_tokens=40)
     counts = {len(make_micro_batches(batch, share, 4, 0, max_tokens=40, count=count)) for share in shares}
     assert counts == {count} and count >= 2
+
+
+def test_micro_batch_layout_follows_the_convention():
+    import torch
+
+    from grpo_megatron.training.batch import make_micro_batch
+
+    batch = [Sample(prompt_ids=[5, 6, 7], response_ids=[8, 9], group=0, engine_logprobs=[-0.5, -0.25], advantage=1.5,
+                    old_logprobs=torch.tensor([-1.0, -2.0])),
+             Sample(prompt_ids=[5], response_ids=[10, 11, 12, 13], group=1, engine_logprobs=[-1.0, -2.0, -3.0, -4.0],
+                    advantage=-0.5, old_logprobs=torch.tensor([-0.1, -0.2, -0.3, -0.4]))]
+    mb = make_micro_batch(batch, [1, 0], pad_id=0, pad_multiple=4)
+    assert mb.indices == [1, 0]
+    assert mb.tokens.tolist() == [[5, 10, 11, 12, 13, 0, 0, 0], [5, 6, 7, 8, 9, 0, 0, 0]]  # width 5 -> 8
+    assert mb.targets.tolist() == [[10, 11, 12, 13, 0, 0, 0, 0], [6, 7, 8, 9, 0, 0, 0, 0]]
+    assert mb.positions.tolist() == [list(range(8))] * 2
+    # position t predicts token t + 1: the response of a prompt of length P sits at P-1 .. P+R-2
+    assert mb.response_mask.tolist() == [[1, 1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0, 0]]
+    assert mb.engine_logprobs.tolist() == [[-1, -2, -3, -4, 0, 0, 0, 0], [0, 0, -0.5, -0.25, 0, 0, 0, 0]]
+    assert torch.allclose(mb.old_logprobs, torch.tensor([[-0.1, -0.2, -0.3, -0.4, 0, 0, 0, 0],
+                                                         [0, 0, -1.0, -2.0, 0, 0, 0, 0]]))
+    assert mb.ref_logprobs is None and mb.advantages.tolist() == [-0.5, 1.5] and mb.num_response_tokens == 6
+    assert mb.tokens.dtype == torch.long and mb.response_mask.dtype == torch.float32
