@@ -25,8 +25,27 @@ CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--sampli
 CPU_MEMORY_FRACTION = "0.6"
 
 
+class _LaunchSpec:
+    """What a server's and a router's command share: their address, the API key and the user's extra args."""
+
+    host: str
+    port: int
+    api_key: str | None
+    extra_args: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _with_auth_and_extras(self, cmd: list[str]) -> list[str]:
+        """`cmd` + --api-key (if set) + the extra args, last so that they win."""
+        if self.api_key:
+            cmd = cmd + ["--api-key", self.api_key]
+        return cmd + list(self.extra_args)
+
+
 @dataclass
-class ServerSpec:
+class ServerSpec(_LaunchSpec):
     model_path: str
     port: int
     host: str = "127.0.0.1"
@@ -40,26 +59,20 @@ class ServerSpec:
     extra_args: list[str] = field(default_factory=list)
     python: str = "python"
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
     def command(self) -> list[str]:
         cmd = [self.python, "-m", "sglang.launch_server", "--model-path", str(self.model_path),
                "--host", self.host, "--port", str(self.port),
                "--tp-size", str(self.tp), "--ep-size", str(self.ep), "--dp-size", str(self.dp)]
         if self.routed_experts:
             cmd.append("--enable-return-routed-experts")
-        if self.api_key:
-            cmd += ["--api-key", self.api_key]
         if self.cpu:
             cmd += [*CPU_FLAGS, "--mem-fraction-static", CPU_MEMORY_FRACTION,
                     "--max-total-tokens", str(self.cpu_kv_tokens)]
-        return cmd + list(self.extra_args)
+        return self._with_auth_and_extras(cmd)
 
 
 @dataclass
-class RouterSpec:
+class RouterSpec(_LaunchSpec):
     """`python -m sglang_router.launch_router` in front of worker servers (package sglang-router).
 
     Only /generate should go through it (rollout.sglang.router_url); weights are pushed to each worker directly.
@@ -72,18 +85,12 @@ class RouterSpec:
     extra_args: list[str] = field(default_factory=list)
     python: str = "python"
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
     def command(self) -> list[str]:
         if not self.worker_urls:
             raise ValueError("RouterSpec needs at least one worker URL")
         cmd = [self.python, "-m", "sglang_router.launch_router", "--worker-urls", *self.worker_urls,
                "--host", self.host, "--port", str(self.port), "--policy", self.policy]
-        if self.api_key:
-            cmd += ["--api-key", self.api_key]
-        return cmd + list(self.extra_args)
+        return self._with_auth_and_extras(cmd)
 
 
 class SGLangServer:
