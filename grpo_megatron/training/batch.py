@@ -64,8 +64,8 @@ def _aligned(samples: list[Sample], values: list[torch.Tensor | list[float] | No
     rows = []
     for sample, value in zip(samples, values):
         value = value.tolist() if isinstance(value, torch.Tensor) else list(value)
-        start = len(sample.prompt_ids) - 1
-        rows.append([0.0] * start + value + [0.0] * (width - start - len(value)))
+        span = response_span(sample)
+        rows.append([0.0] * span.start + value + [0.0] * (width - span.stop))
     return torch.tensor(rows, dtype=torch.float32)
 
 
@@ -77,9 +77,8 @@ def make_micro_batch(samples: list[Sample], indices: list[int], pad_id: int, pad
     tokens = torch.tensor([s.prompt_ids + s.response_ids + [pad_id] * (width - s.length) for s in chosen],
                           dtype=torch.long)
     columns = torch.arange(width)
-    starts = torch.tensor([len(s.prompt_ids) - 1 for s in chosen]).unsqueeze(1)
-    ends = starts + torch.tensor([len(s.response_ids) for s in chosen]).unsqueeze(1)
-    mask = ((columns >= starts) & (columns < ends)).to(torch.float32)
+    spans = torch.tensor([[span.start, span.stop] for span in map(response_span, chosen)])
+    mask = ((columns >= spans[:, :1]) & (columns < spans[:, 1:])).to(torch.float32)
     targets = torch.cat([tokens[:, 1:], torch.full((len(chosen), 1), pad_id, dtype=torch.long)], dim=1)
     positions = columns.unsqueeze(0).expand(len(chosen), -1).contiguous()
     return MicroBatch(
