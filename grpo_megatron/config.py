@@ -8,6 +8,7 @@ MEGATRON_FLAGS). The resolved config is written to the run directory as `config.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,10 @@ from typing import Any
 import yaml
 
 from grpo_megatron.parallel import ParallelLayout
+
+
+# rollout.sglang.api_key when the config leaves it unset: a secret kept out of config files and logs.
+API_KEY_ENV = "GRPO_SGLANG_API_KEY"
 
 
 class ConfigError(ValueError):
@@ -44,7 +49,7 @@ class DataConfig:
 class SGLangConfig:
     urls: list[str] = field(default_factory=list)  # the servers themselves: weight sync, pause/abort, probe
     router_url: str = ""  # optional sglang-router in front of `urls`: /generate goes there instead
-    api_key: str | None = None
+    api_key: str | None = None  # unset: $GRPO_SGLANG_API_KEY (the Slurm scripts set one per job)
     timeout_s: float = 300.0
     max_in_flight: int = 64
     weight_sync: str = "disk"  # tensor | distributed | disk
@@ -281,7 +286,13 @@ def _from_dict(cls, data: dict, where: str = ""):
 
 
 def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    """The config as plain data, without an API key taken from the environment: config.yaml and the
+    metrics backends receive this, and a secret passed by environment must not end up in them."""
+    data = dataclasses.asdict(config)
+    sglang = data.get("rollout", {}).get("sglang", {})
+    if sglang.get("api_key") and sglang["api_key"] == os.environ.get(API_KEY_ENV):
+        sglang["api_key"] = None
+    return data
 
 
 def parse_overrides(argv: list[str]) -> dict:
@@ -355,6 +366,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
         data = _merge(data, extra)
     config = _from_dict(RunConfig, data)
+    if config.rollout.sglang.api_key is None:
+        config.rollout.sglang.api_key = os.environ.get(API_KEY_ENV) or None
     config.validate()
     return config
 

@@ -15,6 +15,12 @@
 #   SGLANG_TP         --tp-size of each server (default: NPROC_PER_NODE)
 #   SGLANG_ARGS       extra `sglang.launch_server` flags (e.g. "--mem-fraction-static 0.4" colocated)
 #   SGLANG_START_TIMEOUT  seconds to wait for /health (default 900)
+#   SGLANG_DETERMINISTIC  auto | 1 | 0: --enable-deterministic-inference, without which SGLang ignores the
+#                     per-request seeds, so a resumed run does not redraw the same samples (default auto:
+#                     1 on GPU, 0 on CPU; it costs some generation speed)
+#   SGLang servers the job starts require an API key (--api-key): rollout.sglang.api_key when the config
+#                     sets one, else a fresh random key per job, handed to the servers, the router and the
+#                     trainer as GRPO_SGLANG_API_KEY in the environment (never in config.yaml or the logs)
 #   SGLANG_ROUTER     auto | 0: put sglang-router in front of the servers when installed (default auto)
 #   PYTHON            interpreter with grpo_megatron installed (default: python3 on PATH)
 #   SITE_SETUP        a file sourced first on the batch host and every node (module load, venv, ...)
@@ -130,6 +136,26 @@ _grpo_wait_health() {
     log "SGLang server $url is healthy"
 }
 
+# A fresh random key per job: the servers listen on 0.0.0.0 and their weight-update endpoints load any
+# path they are given, so nobody without the key may call them.
+_grpo_api_key() {
+    od -An -tx1 -N24 /dev/urandom | tr -d ' \n'
+}
+
+# `sglang.launch_server` flags beyond model/host/port: TP size, R3's routed experts, deterministic sampling
+# (per-request seeds are ignored without it), the API key (as a reference expanded inside the step, so the
+# key is not on srun's or this script's command line), then SGLANG_ARGS. Args: device routing_replay.
+_grpo_sglang_flags() {
+    local device=$1 replay=$2 deterministic=${SGLANG_DETERMINISTIC:-auto}
+    [[ "$deterministic" == auto ]] && { [[ "$device" == gpu ]] && deterministic=1 || deterministic=0; }
+    [[ "$deterministic" =~ ^[01]$ ]] || die "SGLANG_DETERMINISTIC=$deterministic: use auto, 1 or 0"
+    local flags="--tp-size ${SGLANG_TP:-$NPROC_PER_NODE}"
+    [[ "$replay" == r3 ]] && flags+=" --enable-return-routed-experts"
+    (( deterministic )) && flags+=" --enable-deterministic-inference"
+    flags+=' --api-key "$GRPO_SGLANG_API_KEY"'
+    echo "$flags ${SGLANG_ARGS:-}"
+}
+
 # Start one SGLang server per rollout node, wait for /health, put sglang-router in front when it is
 # installed; sets SGLANG_URLS (comma list of the servers, for --rollout.sglang.urls: weights are pushed to each)
 # and SGLANG_ROUTER_URL (for --rollout.sglang.router_url: generation only; empty without a router).
@@ -143,7 +169,8 @@ _grpo_start_sglang() {
         die "SGLang is not importable by $PYTHON on the rollout nodes ($nodelist): install it there " \
             "(pip install 'sglang[all]') or point PYTHON/SITE_SETUP at an environment that has it"
     fi
-    local urls=() i node port url logfile
+    local urls=() i node port url logfile flags
+    flags=$(_grpo_sglang_flags "$GRPO_DEVICE_KIND" "$ROUTING_REPLAY")
     for i in "${!nodes[@]}"; do
         node=${nodes[$i]}
         port=$((base + i))  # distinct per server, so simulated nodes on one host do not collide
@@ -152,8 +179,7 @@ _grpo_start_sglang() {
         # --overlap: colocated servers share the trainer nodes' resources with the trainer step.
         srun --overlap --nodes=1 --ntasks=1 --nodelist="$node" --kill-on-bad-exit=1 \
             bash -c "${SITE_SETUP:+source '$SITE_SETUP';} exec '$PYTHON' -m sglang.launch_server \
-                --model-path '$MODEL_HF_PATH' --host 0.0.0.0 --port $port \
-                --tp-size ${SGLANG_TP:-$NPROC_PER_NODE} ${SGLANG_ARGS:-}" >"$logfile" 2>&1 &
+                --model-path '$MODEL_HF_PATH' --host 0.0.0.0 --port $port $flags" >"$logfile" 2>&1 &
         _GRPO_PIDS+=($!)
         log "SGLang server on $node: $url (log $logfile)"
         urls+=("$url")
@@ -168,7 +194,8 @@ _grpo_start_sglang() {
         url="http://$(_grpo_node_addr "$head"):$rport"
         srun --overlap --nodes=1 --ntasks=1 --nodelist="$head" \
             bash -c "${SITE_SETUP:+source '$SITE_SETUP';} exec '$PYTHON' -m sglang_router.launch_router \
-                --worker-urls ${urls[*]} --host 0.0.0.0 --port $rport" >"$rlog" 2>&1 &
+                --worker-urls ${urls[*]} --host 0.0.0.0 --port $rport --api-key \"\$GRPO_SGLANG_API_KEY\"" \
+            >"$rlog" 2>&1 &
         _GRPO_PIDS+=($!)
         _grpo_wait_health "$url" "$!" "$rlog"
         SGLANG_ROUTER_URL=$url
@@ -205,6 +232,7 @@ grpo_slurm_main() {
     [[ "$gpus" =~ ^[0-9]+$ ]] || gpus=0
     local device=${GRPO_DEVICE:-auto}
     [[ "$device" == auto ]] && { (( gpus > 0 )) && device=gpu || device=cpu; }
+    GRPO_DEVICE_KIND=$device
     if [[ "$device" == cpu ]]; then
         export CUDA_VISIBLE_DEVICES=""
         NPROC_PER_NODE=${NPROC_PER_NODE:-1}
@@ -248,6 +276,8 @@ grpo_slurm_main() {
         else
             local server_nodes=("${ROLLOUT_NODE_LIST[@]}")
             (( ${#server_nodes[@]} )) || server_nodes=("${TRAIN_NODES[@]}")
+            # Exported: the server steps and the trainer (rollout.sglang.api_key unset) read it from there.
+            export GRPO_SGLANG_API_KEY=${CONFIG_SGLANG_API_KEY:-$(_grpo_api_key)}
             _grpo_start_sglang "${server_nodes[@]}"
             trainer_args+=(--rollout.sglang.urls "$SGLANG_URLS")
             [[ -z "$SGLANG_ROUTER_URL" ]] || trainer_args+=(--rollout.sglang.router_url "$SGLANG_ROUTER_URL")

@@ -80,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         "RESOLVED_CONFIG": str(resolved),
         "TRAIN_STEPS": cfg.train.steps,
         "ROLLOUT_ENGINE": cfg.rollout.engine,
+        "ROUTING_REPLAY": cfg.algorithm.routing_replay,
         "MODEL_HF_PATH": str(hf),
         "CONFIG_SGLANG_URLS": ",".join(cfg.rollout.sglang.urls),
+        # The key the trainer will send (config, else GRPO_SGLANG_API_KEY): servers the job starts require it.
+        "CONFIG_SGLANG_API_KEY": cfg.rollout.sglang.api_key or "",
         "LAYOUT": f"tp={cfg.parallel.tensor_parallel} pp={cfg.parallel.pipeline_parallel} "
                   f"ep={cfg.parallel.expert_parallel} cp={cfg.parallel.context_parallel} "
                   f"dp={cfg.parallel.data_parallel(args.world_size)}",
