@@ -99,6 +99,20 @@ class RewardConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """Train-inference mismatch correction (algorithms/rollout_correction.py); needs engine log-probs and
+    trainer-recomputed old log-probs (decoupled), so not rollout.use_engine_logprobs (bypass)."""
+
+    mode: str = "none"  # none | tis (truncate at high) | mis (drop outside [low, high]) | reject (same, weights 1)
+    level: str = "token"  # token | sequence (product) | geometric (geometric mean): what one weight covers
+    low: float = 0.0  # mis / reject: units with weight below are dropped (0 = no lower bound)
+    high: float = 2.0  # tis: truncation bound; mis / reject: units above are dropped
+    veto: float | None = None  # drop a sequence with any token ratio old/rollout below this (e.g. 1e-4)
+    max_seq_kl: float | None = None  # drop a sequence whose mean token k3 KL(rollout || old) is above this
+    adaptive_ess_target: float | None = None  # tis: per-step bound, the largest <= high keeping ESS >= target
+
+
+@dataclass
 class AlgorithmConfig:
     loss: str = "gspo"  # grpo | gspo | gspo_token
     clip_low: float = 3e-4  # GSPO paper defaults; use 0.2 / 0.28 for GRPO/DAPO
@@ -110,6 +124,7 @@ class AlgorithmConfig:
     kl_estimator: str = "k3"
     overlong_filter: bool = False  # DAPO: mask truncated samples out of the loss
     routing_replay: str = "none"  # none | r2 | r3 (MoE only)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 @dataclass
@@ -145,6 +160,8 @@ class EvalConfig:
     interval: int = 0  # 0: only before and after training
     num_prompts: int = 64
     max_new_tokens: int | None = None
+    num_samples: int = 0  # k sampled responses per prompt for avg@k / pass@k beside greedy (0 = greedy only)
+    temperature: float | None = None  # of the sampled responses (None = rollout.temperature)
 
 
 @dataclass
@@ -181,6 +198,7 @@ class RunConfig:
             raise ConfigError(f"rollout.engine={self.rollout.engine!r}: use 'embedded' or 'sglang'")
         if self.algorithm.routing_replay not in ("none", "r2", "r3"):
             raise ConfigError(f"algorithm.routing_replay={self.algorithm.routing_replay!r}: use none, r2 or r3")
+        self._validate_rollout_correction()
         batch = self.rollout.prompts_per_step * self.rollout.group_size
         if batch % self.train.num_minibatches:
             raise ConfigError(
@@ -196,8 +214,38 @@ class RunConfig:
         if self.train.lr_warmup_steps >= self.train.steps and self.train.lr_warmup_steps > 0:
             raise ConfigError(f"train.lr_warmup_steps={self.train.lr_warmup_steps} must be below train.steps="
                               f"{self.train.steps}; lower it or set it to 0")
+        if self.eval.num_samples < 0 or (self.eval.temperature is not None and self.eval.temperature <= 0):
+            raise ConfigError("eval.num_samples must be >= 0 and eval.temperature > 0 (greedy accuracy is always reported)")
         if self.rollout.group_size < 2:
             raise ConfigError("rollout.group_size must be >= 2: group-relative advantages need a group")
+
+    def _validate_rollout_correction(self) -> None:
+        from grpo_megatron.algorithms import ROLLOUT_CORRECTIONS, ROLLOUT_IS_LEVELS
+
+        rc, key = self.algorithm.rollout_correction, "algorithm.rollout_correction"
+        if rc.mode != "none" and rc.mode not in ROLLOUT_CORRECTIONS:
+            raise ConfigError(f"{key}.mode={rc.mode!r}: use none, {', '.join(ROLLOUT_CORRECTIONS.names())}")
+        if rc.level not in ROLLOUT_IS_LEVELS:
+            raise ConfigError(f"{key}.level={rc.level!r}: use {', '.join(ROLLOUT_IS_LEVELS.names())}")
+        if rc.mode == "none":
+            if rc.veto is not None or rc.max_seq_kl is not None or rc.adaptive_ess_target is not None:
+                raise ConfigError(f"{key}.veto / max_seq_kl / adaptive_ess_target act only with a mode: set "
+                                  f"{key}.mode to tis, mis or reject, or remove them")
+            return
+        if self.rollout.use_engine_logprobs:
+            raise ConfigError(f"{key}.mode={rc.mode} needs trainer-recomputed old log-probs, but rollout."
+                              "use_engine_logprobs=true makes the rollout's the old ones (bypass: the PPO ratio is "
+                              "then pi/pi_rollout and its clip is the correction): set one of them off")
+        if not 0 <= rc.low <= 1 <= rc.high:
+            raise ConfigError(f"{key}: need 0 <= low <= 1 <= high (agreeing policies give weight 1), got "
+                              f"low={rc.low}, high={rc.high}")
+        if rc.veto is not None and not 0 < rc.veto < 1:
+            raise ConfigError(f"{key}.veto={rc.veto}: must be in (0, 1), e.g. 1e-4, or null for off")
+        if rc.max_seq_kl is not None and rc.max_seq_kl <= 0:
+            raise ConfigError(f"{key}.max_seq_kl={rc.max_seq_kl}: must be > 0, or null for off")
+        if rc.adaptive_ess_target is not None and (rc.mode != "tis" or not 0 < rc.adaptive_ess_target <= 1):
+            raise ConfigError(f"{key}.adaptive_ess_target={rc.adaptive_ess_target}: needs mode tis and a "
+                              "target in (0, 1], e.g. 0.9")
 
 
 # megatron-LM flag -> dotted config path

@@ -1,4 +1,5 @@
-"""Pure-torch RL algorithms: advantages, policy losses (GRPO, GSPO, GSPO-token), KL, DAPO, log-probs.
+"""Pure-torch RL algorithms: advantages, policy losses (GRPO, GSPO, GSPO-token), KL, DAPO, log-probs,
+rollout (train-inference mismatch) correction, pass@k.
 
 Everything selectable from the config is looked up by name in the registries of registry.py.
 """
@@ -21,8 +22,17 @@ from grpo_megatron.algorithms.registry import (
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,
+    ROLLOUT_CORRECTIONS,
+    ROLLOUT_IS_LEVELS,
     Registry,
 )
+from grpo_megatron.algorithms.rollout_correction import (
+    Correction,
+    adaptive_truncation_bound,
+    compute_rollout_correction,
+    effective_sample_size,
+)
+from grpo_megatron.algorithms.evaluation import pass_at_k
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -32,21 +42,28 @@ __all__ = [
     "LOSS_AGGREGATIONS",
     "MAX_LOG_RATIO",
     "POLICY_LOSSES",
+    "ROLLOUT_CORRECTIONS",
+    "ROLLOUT_IS_LEVELS",
     "ClipRange",
+    "Correction",
     "LossAggregation",
     "Registry",
     "Surrogate",
+    "adaptive_truncation_bound",
     "aggregate_loss",
     "clipped_surrogate",
     "compute_group_advantages",
     "compute_policy_loss",
     "dr_grpo_advantages",
+    "compute_rollout_correction",
     "dynamic_sampling_keep",
+    "effective_sample_size",
     "estimate_kl",
     "grpo_advantages",
     "loss_normalizer",
     "overlong_filter_mask",
     "overlong_reward_penalty",
+    "pass_at_k",
     "sequence_log_ratio",
     "token_logprobs_and_entropy",
 ]

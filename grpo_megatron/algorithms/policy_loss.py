@@ -221,6 +221,7 @@ def compute_policy_loss(
     entropy: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
     max_response_length: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy loss `pg_loss + kl_coef * kl_loss` and detached metrics.
 
@@ -233,6 +234,9 @@ def compute_policy_loss(
     micro-batches of a global batch add up to the global loss (see `loss_normalizer`).
     KL to the reference (Seed GRPO: ... - beta * D_KL(pi_theta || pi_ref)) is estimated per token
     with `kl_estimator` and aggregated like the policy loss; `kl_coef=0` disables it.
+    is_weights: optional `[B, T]` rollout-correction weights (rollout_correction.py); they multiply the
+    per-token policy-gradient loss, detached, and not the KL term (a regulariser towards pi_ref, not an
+    expectation under the rollout policy); tokens the correction drops must also be 0 in response_mask.
 
     Metrics: clip_frac_tokens, clip_frac_seqs, clip_frac_low, clip_frac_high, ratio_mean,
     ratio_min, ratio_max (token ratio for grpo, sequence ratio s_i for gspo*), approx_kl_old (k3 of
@@ -253,7 +257,13 @@ def compute_policy_loss(
     surrogate = surrogate_fn(logprobs, old_logprobs, advantages, mask, clip)
     aggregate = partial(aggregate_loss, response_mask=mask, loss_agg=loss_agg, normalizer=normalizer,
                         max_response_length=max_response_length)
-    pg_loss = aggregate(surrogate.token_loss)
+    token_loss = surrogate.token_loss
+    if is_weights is not None:
+        if is_weights.shape != logprobs.shape:
+            raise ValueError(f"is_weights must have the shape of logprobs {tuple(logprobs.shape)}, "
+                             f"got {tuple(is_weights.shape)}")
+        token_loss = token_loss * is_weights.detach().masked_fill(~mask, 0.0)
+    pg_loss = aggregate(token_loss)
 
     metrics = _metrics(surrogate, logprobs, old_logprobs, mask, entropy)
     metrics["pg_loss"] = pg_loss.detach()

@@ -30,6 +30,7 @@ class Sample:
     advantage: float = 0.0
     old_logprobs: torch.Tensor | None = None  # [R]
     ref_logprobs: torch.Tensor | None = None  # [R]
+    rollout_weights: torch.Tensor | None = None  # [R] mismatch-correction weights, 0 = dropped from the loss
 
     @property
     def length(self) -> int:
@@ -47,6 +48,7 @@ class MicroBatch:
     old_logprobs: torch.Tensor | None = None  # [b, s]
     ref_logprobs: torch.Tensor | None = None  # [b, s]
     engine_logprobs: torch.Tensor | None = None  # [b, s]
+    rollout_weights: torch.Tensor | None = None  # [b, s]
 
     @property
     def num_response_tokens(self) -> int:
@@ -91,6 +93,7 @@ def make_micro_batch(samples: list[Sample], indices: list[int], pad_id: int, pad
         old_logprobs=_aligned(chosen, [s.old_logprobs for s in chosen], width),
         ref_logprobs=_aligned(chosen, [s.ref_logprobs for s in chosen], width),
         engine_logprobs=_aligned(chosen, [s.engine_logprobs for s in chosen], width),
+        rollout_weights=_aligned(chosen, [s.rollout_weights for s in chosen], width),
     )
 
 

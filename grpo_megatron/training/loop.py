@@ -8,16 +8,20 @@ megatron passes on its share of the data.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from grpo_megatron.algorithms import (
-    ADVANTAGE_ESTIMATORS, compute_policy_loss, dynamic_sampling_keep, loss_normalizer, overlong_reward_penalty)
+    ADVANTAGE_ESTIMATORS, MAX_LOG_RATIO, adaptive_truncation_bound, compute_policy_loss, compute_rollout_correction,
+    dynamic_sampling_keep, loss_normalizer, overlong_reward_penalty, pass_at_k)
+from grpo_megatron.algorithms.rollout_correction import unit_values
 from grpo_megatron.config import RunConfig, save_config, to_dict
 from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, model_dims
 from grpo_megatron.models.mcore_checkpoint import dtype_from_name, load_mcore_checkpoint
@@ -35,10 +39,20 @@ from grpo_megatron.training.batch import (
 from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.metrics import MetricsLogger, PhaseTimer
 from grpo_megatron.training.reference import ReferenceModel
-from grpo_megatron.training.mismatch import train_rollout_mismatch
+from grpo_megatron.training.mismatch import rollout_correction_metrics, train_rollout_mismatch
 from grpo_megatron.training.reward_runner import RewardRunner
 
 logger = logging.getLogger(__name__)
+
+
+_EVAL_SEED_OFFSET = 1 << 30
+"""Sampled evaluation draws with seed offsets from here (one per eval file), apart from the rollouts' offsets."""
+
+
+def _eval_names(files: list[str]) -> dict[str, str]:
+    """Metric name -> eval file: the file's stem, with `_<i>` added where two files share a stem."""
+    stems = [Path(f).stem for f in files]
+    return {(stem if stems.count(stem) == 1 else f"{stem}_{i}"): f for i, (stem, f) in enumerate(zip(stems, files))}
 
 
 def _rank0() -> bool:
@@ -82,8 +96,9 @@ class Trainer:
                                         cfg.data.max_prompt_tokens)
         self.loader = PromptLoader(self.train_data, cfg.rollout.prompts_per_step, seed=cfg.train.seed,
                                    shuffle=cfg.data.shuffle)
-        self.eval_data = (PromptDataset(cfg.data.eval_files, self.tokenizer, cfg.data.apply_chat_template,
-                                        cfg.data.max_prompt_tokens) if cfg.data.eval_files else None)
+        self.eval_sets = {name: PromptDataset([path], self.tokenizer, cfg.data.apply_chat_template,
+                                              cfg.data.max_prompt_tokens)
+                          for name, path in _eval_names(cfg.data.eval_files).items()}
         self.rewards = RewardRunner(cfg.reward)
         self.engine = make_engine(cfg, self.dtype) if _rank0() else None
         self.step = 0
@@ -269,7 +284,8 @@ class Trainer:
                 logprobs, old_logprobs, mb.advantages, mb.response_mask, variant=alg.loss,
                 clip_low=alg.clip_low, clip_high=alg.clip_high, loss_agg=alg.loss_agg,
                 ref_logprobs=mb.ref_logprobs, kl_coef=alg.kl_coef, kl_estimator=alg.kl_estimator,
-                dual_clip_c=alg.dual_clip_c, entropy=entropy, normalizer=normalizer, max_response_length=max_len)
+                dual_clip_c=alg.dual_clip_c, entropy=entropy, normalizer=normalizer, max_response_length=max_len,
+                is_weights=mb.rollout_weights)
             if first_minibatch and mb.engine_logprobs is not None:
                 metrics.update(train_rollout_mismatch(logprobs.detach(), mb.engine_logprobs, mb.response_mask))
             return loss, metrics
@@ -288,13 +304,14 @@ class Trainer:
             if cfg.rollout.use_engine_logprobs:
                 for s in samples:
                     s.old_logprobs = torch.tensor(s.engine_logprobs, dtype=torch.float32)
-            elif self._old_logprobs_are_current():
+            elif self._old_logprobs_are_current() and alg.rollout_correction.mode == "none":
                 for s in samples:
                     s.old_logprobs = None  # the training pass's own detached log-probs are the old ones
             else:
                 old = self._logprob_pass(self.policy, samples)
                 for i, s in enumerate(samples):
                     s.old_logprobs = old.get(i, torch.zeros(len(s.response_ids)))
+            correction_metrics = self._correct_rollout(samples)
         if self.reference is not None:
             with timer.phase("ref_logprobs"):
                 with self.reference.on_device() as reference:
@@ -315,6 +332,7 @@ class Trainer:
                                                      cfg.rollout.temperature or 1.0))
         metrics = combine_minibatch_metrics(results)
         metrics["lr"] = self.actor.lr
+        metrics.update(correction_metrics)
         if self.routing:
             metrics.update(self.routing.end_step())
         return {("train/" + k if "/" not in k else k): v for k, v in metrics.items()}
@@ -330,8 +348,59 @@ class Trainer:
 
     @staticmethod
     def _loss_mask(samples: list[Sample], mb) -> torch.Tensor:
+        """Response tokens in the loss: not overlong-filtered, not dropped by the mismatch correction."""
         keep = torch.tensor([float(samples[i].meta.get("_in_loss", True)) for i in mb.indices])
-        return mb.response_mask * keep.unsqueeze(1)
+        mask = mb.response_mask * keep.unsqueeze(1)
+        return mask if mb.rollout_weights is None else mask * (mb.rollout_weights > 0)
+
+    def _correct_rollout(self, samples: list[Sample]) -> dict:
+        """Decoupled mismatch correction: weights from the trainer's old and the engine's log-probs on every
+        sample (`rollout_weights`, 0 where dropped), and the step's `rollout_correction/*` metrics, over the
+        whole step so that neither depends on the mini- or micro-batch split. Metrics only with mode none,
+        and nothing where old log-probs are the engine's (bypass) or come from the training pass itself."""
+        rc = self.cfg.algorithm.rollout_correction
+        for s in samples:
+            s.rollout_weights = None
+        if self.cfg.rollout.use_engine_logprobs or any(s.old_logprobs is None for s in samples):
+            return {}
+        if any(s.engine_logprobs is None for s in samples):
+            if rc.mode != "none":
+                raise RuntimeError("algorithm.rollout_correction needs the engine's per-token log-probs, and the "
+                                   "rollout engine returned none: set algorithm.rollout_correction.mode none")
+            return {}
+        pad = torch.nn.utils.rnn.pad_sequence
+        old = pad([s.old_logprobs.float() for s in samples], batch_first=True)
+        rollout = pad([torch.tensor(s.engine_logprobs, dtype=torch.float32) for s in samples], batch_first=True)
+        lengths = torch.tensor([len(s.response_ids) for s in samples])
+        in_loss = torch.tensor([bool(s.meta.get("_in_loss", True)) for s in samples])
+        mask = (torch.arange(old.shape[1]) < lengths.unsqueeze(1)) & in_loss.unsqueeze(1)
+        if rc.mode == "none":
+            return self._from_last_stage(rollout_correction_metrics(old, rollout, mask, level=rc.level))
+        correct = partial(compute_rollout_correction, old, rollout, mask, mode=rc.mode, level=rc.level, low=rc.low,
+                          veto=rc.veto, max_seq_kl=rc.max_seq_kl)
+        correction, bound = correct(high=rc.high), (rc.high if rc.mode == "tis" else None)
+        if rc.adaptive_ess_target is not None:
+            unit_weights = unit_values(correction.log_unit, correction.keep, rc.level).clamp(max=MAX_LOG_RATIO).exp()
+            bound = adaptive_truncation_bound(unit_weights, rc.high, rc.adaptive_ess_target)
+            correction = correct(high=bound)
+        for s, row in zip(samples, correction.weights):
+            s.rollout_weights = row[:len(s.response_ids)].clone()
+        return self._from_last_stage(rollout_correction_metrics(old, rollout, mask, correction, rc.level, bound))
+
+    @staticmethod
+    def _from_last_stage(metrics: dict) -> dict:
+        """Metrics that only last pipeline stages can compute (the others hold no old log-probs), on every rank."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1) or not metrics:
+            return metrics
+        from megatron.core import parallel_state
+
+        from grpo_megatron.platform import detect
+
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=detect().device)
+        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            values.fill_(float("-inf"))
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return dict(zip(metrics, values.tolist()))
 
     # ------------------------------------------------------------------------------------ sync / eval
     def sync_weights(self) -> None:
@@ -342,18 +411,48 @@ class Trainer:
             self.engine.update_weights(weights, version=self.step)
 
     def evaluate(self) -> dict:
-        """Greedy accuracy on held-out prompts (rank 0; the engine has the current weights)."""
-        if self.eval_data is None or not _rank0():
+        """Held-out evaluation on rank 0 (the engine has the current weights), each eval file on its own:
+        `eval/<file stem>/accuracy` and `reward_mean` of greedy responses and, with eval.num_samples = k,
+        `avg@k` (accuracy over the k sampled responses of every prompt) and unbiased `pass@j` for
+        j = 1, 2, 4, ... up to k. `eval/accuracy` and `eval/reward_mean` pool the greedy results of all files."""
+        if not self.eval_sets or not _rank0():
             return {}
-        n = min(self.cfg.eval.num_prompts, len(self.eval_data))
-        items = [self.eval_data[i] for i in range(n)]
-        params = self.sampling_params(0, greedy=True, n=1, max_new_tokens=self.cfg.eval.max_new_tokens)
+        cfg, threshold = self.cfg.eval, self.cfg.reward.correct_threshold
+        greedy = self.sampling_params(0, greedy=True, n=1, max_new_tokens=cfg.max_new_tokens)
+        metrics, pooled = {}, []
+        for index, (name, data) in enumerate(self.eval_sets.items()):
+            items = [data[i] for i in range(min(cfg.num_prompts, len(data)))]
+            if not items:
+                continue
+            rewards = [group[0] for group in self._eval_rewards(items, greedy)]
+            pooled += rewards
+            metrics[f"eval/{name}/accuracy"] = sum(r >= threshold for r in rewards) / len(items)
+            metrics[f"eval/{name}/reward_mean"] = sum(rewards) / len(items)
+            if cfg.num_samples:
+                k = cfg.num_samples
+                params = self.sampling_params(_EVAL_SEED_OFFSET + index, n=k, max_new_tokens=cfg.max_new_tokens)
+                if cfg.temperature is not None:
+                    params = dataclasses.replace(params, temperature=cfg.temperature)
+                hits = [sum(r >= threshold for r in group) for group in self._eval_rewards(items, params)]
+                metrics[f"eval/{name}/avg@{k}"] = sum(hits) / (k * len(items))
+                for j in sorted({2 ** p for p in range(k.bit_length()) if 2 ** p <= k} | {k}):
+                    metrics[f"eval/{name}/pass@{j}"] = sum(pass_at_k(k, c, j) for c in hits) / len(items)
+        if pooled:
+            metrics["eval/accuracy"] = sum(r >= threshold for r in pooled) / len(pooled)
+            metrics["eval/reward_mean"] = sum(pooled) / len(pooled)
+        return metrics
+
+    def _eval_rewards(self, items: list[dict], params: SamplingParams) -> list[list[float]]:
+        """Rewards of params.n responses to every eval item, one list per item."""
         outs = self.engine.generate([it["prompt_ids"] for it in items], params)
-        texts = [self.tokenizer.decode(o[0].response_ids, skip_special_tokens=True) for o in outs]
-        prompts = [self.tokenizer.decode(it["prompt_ids"], skip_special_tokens=True) for it in items]
-        rewards = self.rewards.score(prompts, texts, [it["answer"] for it in items], [it["meta"] for it in items])
-        correct = [r >= self.cfg.reward.correct_threshold for r in rewards]
-        return {"eval/accuracy": sum(correct) / n, "eval/reward_mean": sum(rewards) / n}
+        responses = [o.response_ids for group in outs for o in group]
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        prompts = self.tokenizer.batch_decode([it["prompt_ids"] for it in items], skip_special_tokens=True)
+        n = params.n
+        rewards = self.rewards.score([p for p in prompts for _ in range(n)], texts,
+                                     [it["answer"] for it in items for _ in range(n)],
+                                     [it["meta"] for it in items for _ in range(n)])
+        return [rewards[i * n:(i + 1) * n] for i in range(len(items))]
 
     # ------------------------------------------------------------------------------------ main loop
     def train_step(self) -> dict:
