@@ -11,6 +11,7 @@ the conversion succeeds.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,12 +43,18 @@ def main(argv=None) -> int:
         model = build_model(hf_config, layout, dtype)
         load_hf_weights(model, hf_path)
         save_mcore_checkpoint(model, args.output, tokenizer_path=hf_path,
-                              metadata={"source_hf_path": str(hf_path.resolve())})
+                              metadata={"source_hf_path": source_path(hf_path, Path(args.output))})
         if rank == 0:
             print(f"wrote megatron checkpoint {args.output} ({hf_config.model_type}, {args.dtype})")
     finally:
         destroy()
     return 0
+
+
+def source_path(hf_path: Path, output: Path) -> str:
+    """Where the weights came from, relative to the checkpoint: a checkpoint that is copied or committed
+    does not carry an absolute path of the machine that converted it."""
+    return os.path.relpath(hf_path.resolve(), output.resolve())
 
 
 if __name__ == "__main__":

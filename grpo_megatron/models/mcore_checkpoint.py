@@ -23,6 +23,19 @@ MODEL_SUBDIR = "model"
 HF_SUBDIR = "hf"
 METADATA_FILE = "metadata.json"
 _TOKENIZER_PREFIXES = ("tokenizer", "special_tokens", "vocab", "merges", "chat_template")
+# One tensor, two names. megatron-core's local layer spec saves every layer's pre-MLP norm under the TE
+# spec's fused-norm name (gpt_layer_specs.get_gpt_layer_local_spec: sharded_state_dict_keys_map), but the
+# TE spec keeps an MoE layer's pre-MLP norm as its own module (`pre_mlp_layernorm=... if num_experts`): a
+# CPU-converted MoE checkpoint names it one way, a GPU model asks for it the other way (and vice versa).
+_KEY_ALIASES = {
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+_EXTRA_STATE = "_extra_state"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint lacks weights the model needs (another architecture or layer spec)."""
 
 
 def _is_rank0() -> bool:
@@ -38,10 +51,10 @@ def sharded_model_state(model: PolicyModel) -> dict:
     return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model.unwrapped())}
 
 
-def _full_state(model: PolicyModel, optimizer, is_loading: bool) -> dict:
+def _full_state(model: PolicyModel, optimizer) -> dict:
     state = sharded_model_state(model)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False)
     return state
 
 
@@ -62,9 +75,10 @@ def save_mcore_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         (staging / MODEL_SUBDIR).mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(_full_state(model, optimizer, is_loading=False), str(staging / MODEL_SUBDIR))
+    dist_checkpointing.save(_full_state(model, optimizer), str(staging / MODEL_SUBDIR))
     _barrier()
     if _is_rank0():
+        _forget_save_path(staging / MODEL_SUBDIR)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
         model.hf_config.save_pretrained(staging / HF_SUBDIR)
@@ -73,6 +87,7 @@ def save_mcore_checkpoint(
                 if file.name.startswith(_TOKENIZER_PREFIXES):
                     shutil.copy2(file, staging / HF_SUBDIR / file.name)
         meta = {"dtype": str(model.dtype).replace("torch.", ""), "saved_layout": model.layout.to_dict(),
+                "layer_spec": "transformer_engine" if getattr(model.bridge, "_use_te", False) else "local",
                 "format": "grpo_megatron/torch_dist", **(metadata or {})}
         (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2))
         if output.exists():
@@ -97,13 +112,72 @@ def load_mcore_checkpoint(model: PolicyModel, path: str | Path, optimizer=None) 
     """Load weights (and the optimizer, if given) saved at any layout into `model` at the current layout."""
     from megatron.core import dist_checkpointing
 
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
     path = Path(path)
-    read_checkpoint_config(path)
-    loaded = dist_checkpointing.load(_full_state(model, optimizer, is_loading=True), str(path / MODEL_SUBDIR))
+    _, meta = read_checkpoint_config(path)
+    saved = {item.key for item in load_sharded_metadata(str(path / MODEL_SUBDIR)).values()}
+    state = sharded_model_state(model)
+    missing = _match_checkpoint_keys(state, saved)
+    if missing:
+        raise CheckpointMismatchError(
+            f"{path} lacks {len(missing)} weight(s) this model needs, e.g. {', '.join(sorted(missing)[:3])} "
+            f"(saved with the {meta.get('layer_spec', 'unrecorded')} layer spec from "
+            f"{meta.get('source_hf_path', 'an unrecorded HF model')}): check model.hf_path is the model the "
+            f"checkpoint came from, or reconvert it with tools/convert_hf_to_megatron.py")
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(path / MODEL_SUBDIR))
     for i, chunk in enumerate(model.unwrapped()):
-        chunk.load_state_dict(loaded[f"chunk{i}"], strict=True)
+        result = chunk.load_state_dict(loaded[f"chunk{i}"], strict=False)
+        _check_only_extra_state_missing(result, path)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+
+
+def _match_checkpoint_keys(state: dict, saved: set[str]) -> list[str]:
+    """Point each requested tensor at the name the checkpoint stores it under (_KEY_ALIASES) and drop the
+    `_extra_state` entries the checkpoint lacks: TransformerEngine's per-layer fp8 metadata, absent from a
+    checkpoint written with the local spec (CPU); TE starts it afresh, as for a new model. Returns the
+    keys still missing."""
+    missing = []
+    for name, item in list(state.items()):
+        if isinstance(item, dict):
+            missing += _match_checkpoint_keys(item, saved)
+            continue
+        key = getattr(item, "key", None)
+        if key is None or key in saved:
+            continue
+        alias = next((key[:-len(a)] + b for a, b in _KEY_ALIASES.items() if key.endswith(a)), None)
+        if alias in saved:
+            item.key = alias
+        elif key.endswith(_EXTRA_STATE):
+            del state[name]
+        else:
+            missing.append(key)
+    return missing
+
+
+def _check_only_extra_state_missing(result, path: Path) -> None:
+    """The dropped `_extra_state` entries may be missing from the loaded dict; any other mismatch is an error."""
+    other = [k for k in result.missing_keys if not k.endswith(_EXTRA_STATE)] + list(result.unexpected_keys)
+    if other:
+        raise CheckpointMismatchError(f"{path} does not match this model ({', '.join(sorted(other)[:3])}); "
+                                      f"reconvert it with tools/convert_hf_to_megatron.py")
+
+
+def _forget_save_path(model_dir: Path) -> None:
+    """torch.distributed.checkpoint records the directory it wrote to (the staging path, wrong after the
+    rename and a path of the machine that saved) in `.metadata`; loading does not use it, so drop it."""
+    import pickle
+
+    file = model_dir / ".metadata"
+    with open(file, "rb") as f:
+        metadata = pickle.load(f)
+    if getattr(metadata, "storage_meta", None) is not None:
+        metadata.storage_meta.checkpoint_id = None
+        with open(file, "wb") as f:
+            pickle.dump(metadata, f)
 
 
 def dtype_from_name(name: str) -> torch.dtype:
