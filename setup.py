@@ -9,10 +9,14 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["grpo_megatron", "grpo_megatron.*"]),
     python_requires=">=3.10",
-    # No CPU pins here: GPU images bring their own torch / megatron-core builds.
+    # No CPU pins here: GPU images bring their own torch / megatron-core builds. The versions this project
+    # was tested with are in requirements-tested.txt (pip install ... -c requirements-tested.txt).
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16",
+        # HF <-> megatron-core name mapping, imported by every model build. Its own megatron/transformers
+        # requirements sit behind its `megatron` extra (none are required), so nothing else is pinned by it.
+        "mbridge>=0.15.1,<0.16",
         "numpy",
         "transformers>=4.51",
         "safetensors",
@@ -31,6 +35,10 @@ setup(
         "logging": ["tensorboard", "wandb"],
         "plots": ["matplotlib"],
         "math": ["math-verify"],
+        "parquet": ["pyarrow"],
+        # Everything the code imports except TransformerEngine (which builds against the cluster's CUDA):
+        # a GPU cluster installs `.[gpu,cluster]`, CI checks `.[cluster]` in a fresh venv.
+        "cluster": ["httpx", "requests", "tensorboard", "wandb", "math-verify", "pyarrow"],
     },
     entry_points={"console_scripts": ["grpo-megatron-train=grpo_megatron.train:main"]},
 )

@@ -12,7 +12,5 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # torch first and pinned, so nothing later pulls a multi-GB CUDA build.
 "$VENV/bin/python" -m pip install -q torch==2.13.0
 "$VENV/bin/python" -m pip install -q -r requirements-cpu.txt -r requirements-test.txt
-# mbridge (HF <-> megatron-core name mapping) pins a transformers/megatron range we do not need: no-deps.
-"$VENV/bin/python" -m pip install -q --no-deps mbridge==0.15.1
 "$VENV/bin/python" -m pip install -q --no-deps -e .
 echo "installed into $VENV"
