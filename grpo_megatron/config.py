@@ -92,6 +92,7 @@ class RewardFunctionConfig:
 class RewardConfig:
     functions: list[RewardFunctionConfig] = field(default_factory=list)
     fallback: float = 0.0  # score for a sample whose reward function raised or timed out
+    max_failed_steps: int = 3  # stop after this many steps in a row in which every reward call failed (0: never)
     timeout_s: float = 10.0
     overlong_penalty: bool = False  # DAPO overlong reward shaping
     overlong_cache_tokens: int = 4
@@ -146,6 +147,7 @@ class TrainConfig:
     sft_warmup_steps: int = 0  # supervised steps on (prompt, answer) before RL
     sft_lr: float = 1e-3
     num_threads: int | None = None
+    rollout_wait_minutes: float = 720.0  # how long ranks 1..N wait (gloo) while rank 0 generates a step's rollout
 
 
 @dataclass

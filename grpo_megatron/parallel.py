@@ -99,10 +99,15 @@ class ParallelLayout:
                 "context_parallel > 1 needs TransformerEngine attention (GPU); set context_parallel: 1")
 
 
-def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun/srun environment variables (single process if absent)."""
+_CONTROL_GROUP = None
+
+
+def init_distributed(timeout_minutes: int = 30, control_timeout_minutes: float = 720.0) -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun/srun environment variables (single process if absent),
+    and the control group (see `control_group`) with `control_timeout_minutes`."""
     platform = setup_platform(int(os.environ.get("LOCAL_RANK", "0")))
     if dist.is_initialized():
+        init_control_group(control_timeout_minutes)
         return dist.get_rank(), dist.get_world_size()
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -119,7 +124,26 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
         backend=platform.backend, init_method=init_method, rank=rank, world_size=world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
+    init_control_group(control_timeout_minutes)
     return rank, world_size
+
+
+def init_control_group(timeout_minutes: float) -> None:
+    """Create the control group once (collective: every rank calls it at the same point)."""
+    global _CONTROL_GROUP
+    if _CONTROL_GROUP is None and dist.get_world_size() > 1:
+        _CONTROL_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def control_group():
+    """A gloo group over all ranks for CPU-side control values: the step's samples, which ranks 1..N wait
+    for while rank 0 generates (longer than NCCL's watchdog allows), and the stop flag.
+
+    None (the default group) when it was not created and the default group is gloo; an NCCL default
+    group cannot carry CPU tensors, so that is an error."""
+    if _CONTROL_GROUP is None and dist.get_backend() != "gloo":
+        raise RuntimeError("no control group: initialise torch.distributed with parallel.init_distributed")
+    return _CONTROL_GROUP
 
 
 def init_model_parallel(layout: ParallelLayout, seed: int = 1234, **model_dims) -> None:
@@ -146,6 +170,8 @@ def destroy() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    global _CONTROL_GROUP
+    _CONTROL_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
 

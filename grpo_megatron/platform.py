@@ -75,12 +75,18 @@ def setup_platform(local_rank: int = 0, num_threads: int | None = None) -> Platf
     return platform
 
 
+def device() -> torch.device:
+    """Where model inputs and the tensors of the default group's collectives live (NCCL has no CPU backend)."""
+    return detect().device
+
+
 def empty_cache() -> None:
     if has_cuda():
         torch.cuda.empty_cache()
 
 
 def synchronize() -> None:
+    """Wait for queued GPU work (kernels run asynchronously: host timings need it); no-op on CPU."""
     if has_cuda():
         torch.cuda.synchronize()
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from grpo_megatron.models.provider import PolicyModel
+from grpo_megatron.platform import device
 from grpo_megatron.replay.routers import (
     LayerReplay, RoutingReplayError, Target, install_layer_replays, moe_layer_numbers)
 from grpo_megatron.replay.tables import RouteTable
@@ -78,8 +79,11 @@ class RoutingReplay:
         replayed, counts = self.replayed, torch.stack([self.counts[ROLLOUT_TRAIN], self.counts[OLD_CURRENT]])
         self.samples = None
         if dist.is_initialized() and dist.get_world_size() > 1:
+            # the default group is NCCL on GPU: its collectives take device tensors only
+            replayed, counts = replayed.to(device()), counts.to(device())
             dist.all_reduce(replayed, op=dist.ReduceOp.MAX)
             dist.all_reduce(counts)
+            replayed, counts = replayed.cpu(), counts.cpu()
         if self.mode != "none" and not bool(replayed.all()):
             missing = (replayed == 0).nonzero().flatten().tolist()
             raise RoutingReplayError(f"{self.mode}: routes of samples {missing[:10]} were never replayed in a "

@@ -18,8 +18,21 @@ from grpo_megatron.replay.routers import RoutingReplayError, Routes
 from grpo_megatron.training.batch import MicroBatch, Sample
 
 
-def _storage_dtype(num_experts: int) -> torch.dtype:
+def storage_dtype(num_experts: int) -> torch.dtype:
+    """The smallest dtype for expert ids: a byte per id up to 256 experts (routes of a long step are GBs)."""
+    if num_experts <= 256:
+        return torch.uint8
     return torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def compact_routes(samples: list[Sample], num_experts: int) -> None:
+    """Store each sample's engine routes as a tensor of `storage_dtype` (engines return int32 or lists)."""
+    for sample in samples:
+        if sample.routed_experts is not None:
+            routes = torch.as_tensor(sample.routed_experts)
+            if routes.numel() and (routes.min() < 0 or routes.max() >= num_experts):
+                continue  # out of range: left as it is for RouteTable.from_engine to report
+            sample.routed_experts = routes.to(storage_dtype(num_experts))
 
 
 @dataclass
@@ -48,7 +61,7 @@ class RouteTable:
                 layer = int(bad.nonzero()[0, 1])
                 raise RoutingReplayError(f"sample {i}, MoE layer {layer}: routed_experts has expert ids outside "
                                          f"[0, {num_experts})")
-            routes[i] = r[:, layers].to(_storage_dtype(num_experts))
+            routes[i] = r[:, layers].to(storage_dtype(num_experts))
         return cls(routes, list(layers))
 
     @classmethod
@@ -57,7 +70,7 @@ class RouteTable:
                       tp_group, dp_group) -> RouteTable:
         """The live routes a pass recorded (`recorded[layer][micro_batch]`: this rank's [tokens, topk]),
         gathered over the sequence-parallel ranks and the data-parallel ranks of this stage."""
-        dtype = _storage_dtype(num_experts)
+        dtype = storage_dtype(num_experts)
         routes = {}
         for m, mb in enumerate(micro_batches):
             b, s = mb.tokens.shape

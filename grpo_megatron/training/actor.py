@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 from grpo_megatron.algorithms import token_logprobs_and_entropy
 from grpo_megatron.models.provider import PolicyModel
+from grpo_megatron.parallel import control_group
+from grpo_megatron.platform import device
 from grpo_megatron.training.batch import MicroBatch
 
 LossFn = Callable[[MicroBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -39,6 +41,7 @@ def _run_schedule(model: PolicyModel, micro_batches: list[MicroBatch], loss_fn: 
 
     if not micro_batches:
         return []
+    micro_batches = [mb.to(device()) for mb in micro_batches]  # the one place batches reach the device
     group = _tp_group()
 
     def forward_step(data_iterator, chunk):
@@ -197,9 +200,12 @@ def reduce_metrics(outputs: list[dict]) -> dict:
             mins[j] = min(mins[j], value)
             maxs[j] = max(maxs[j], value)
     if dist.is_initialized() and dist.get_world_size() > 1:
+        # the default group is NCCL on GPU: its collectives take device tensors only
+        sums, mins, maxs = (t.to(device()) for t in (sums, mins, maxs))
         dist.all_reduce(sums)
         dist.all_reduce(mins, op=dist.ReduceOp.MIN)
         dist.all_reduce(maxs, op=dist.ReduceOp.MAX)
+        sums, mins, maxs = sums.cpu(), mins.cpu(), maxs.cpu()
         # Every rank of a TP group (and of a DP replica's stages) saw the same micro-batches.
         sums /= parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_context_parallel_world_size()
     total = float(sums[-1]) or 1.0
@@ -238,5 +244,5 @@ def _agree_on_keys(keys: list[str]) -> list[str]:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return keys
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, keys)
+    dist.all_gather_object(everyone, keys, group=control_group())
     return sorted(set().union(*everyone))

@@ -8,7 +8,7 @@ a token budget (like verl's dynamic batch size) their number of rows follows the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -53,6 +53,13 @@ class MicroBatch:
     @property
     def num_response_tokens(self) -> int:
         return int(self.response_mask.sum())
+
+    def to(self, device: torch.device) -> MicroBatch:
+        """The same micro-batch with every tensor on `device` (built on the CPU; the model's weights are on
+        the platform's device, and megatron's embedding does not move its input)."""
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
 
 
 def response_span(sample: Sample) -> slice:
@@ -149,7 +156,3 @@ def token_budget_count(samples: list[Sample], shares: list[list[int]], max_token
     needed = [len(_token_budget_groups(sorted(samples[i].length for i in share), max_tokens, None)) for share in shares]
     return min(max(needed), min(len(share) for share in shares))
 
-
-def scatter_response_values(samples: list[Sample], micro_batch: MicroBatch, values: torch.Tensor) -> list[torch.Tensor]:
-    """Cut per-position values [b, s] of a micro-batch back into per-sample response vectors."""
-    return [values[row, response_span(samples[i])].detach().clone() for row, i in enumerate(micro_batch.indices)]

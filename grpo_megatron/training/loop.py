@@ -9,6 +9,7 @@ megatron passes on its share of the data.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -26,16 +27,18 @@ from grpo_megatron.config import RunConfig, save_config, to_dict
 from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, model_dims
 from grpo_megatron.models.mcore_checkpoint import dtype_from_name, load_mcore_checkpoint
 from grpo_megatron.models.tokenizer import load_tokenizer
+from grpo_megatron.platform import device
 from grpo_megatron.models.bridge import MOE_MODEL_TYPES
-from grpo_megatron.parallel import init_distributed, init_model_parallel
+from grpo_megatron.parallel import control_group, init_distributed, init_model_parallel
 from grpo_megatron.replay import attach_routing_replay
+from grpo_megatron.replay.tables import compact_routes
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.data import PromptDataset, PromptLoader
 from grpo_megatron.training import checkpoint as ckpt
 from grpo_megatron.training.actor import (
     Actor, combine_minibatch_metrics, data_parallel_info, forward_logprobs)
 from grpo_megatron.training.batch import (
-    Sample, make_micro_batch, make_micro_batches, scatter_response_values, split_for_rank, token_budget_count)
+    Sample, make_micro_batch, make_micro_batches, response_span, split_for_rank, token_budget_count)
 from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.metrics import MetricsLogger, PhaseTimer
 from grpo_megatron.training.reference import ReferenceModel
@@ -60,10 +63,12 @@ def _rank0() -> bool:
 
 
 def _broadcast(obj):
+    """Rank 0's `obj` on every rank, through the control group: gloo with a timeout long enough for the
+    other ranks to wait out a rollout (an NCCL wait that long trips its watchdog)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return obj
     box = [obj if _rank0() else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=control_group())
     return box[0]
 
 
@@ -72,7 +77,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self._install_signal_handlers()  # first: a pre-emption warning during set-up must not be lost
-        init_distributed()
+        init_distributed(control_timeout_minutes=cfg.train.rollout_wait_minutes)
         torch.manual_seed(cfg.train.seed)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
@@ -175,7 +180,8 @@ class Trainer:
                     routed_experts=out.routed_experts, answer=item["answer"], meta=dict(item["meta"])))
         return samples
 
-    def _score(self, samples: list[Sample]) -> None:
+    def _score(self, samples: list[Sample]) -> tuple[int, int]:
+        """Set each sample's reward; returns (failed, total) reward calls."""
         texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
         prompts = self.tokenizer.batch_decode([s.prompt_ids for s in samples], skip_special_tokens=True)
         rewards = self.rewards.score(prompts, texts, [s.answer for s in samples], [s.meta for s in samples])
@@ -186,6 +192,7 @@ class Trainer:
             rewards = [r + float(p) for r, p in zip(rewards, penalty)]
         for sample, reward in zip(samples, rewards):
             sample.reward = reward
+        return self.rewards.last_failed, self.rewards.last_calls
 
     def rollout(self) -> tuple[list[Sample], dict]:
         """Rank 0: prompts -> samples with rewards (dynamic sampling refills zero-variance groups)."""
@@ -193,14 +200,15 @@ class Trainer:
         G = cfg.group_size
         kept: list[Sample] = []
         dropped: list[Sample] = []
-        drawn = 0
+        drawn = failed = calls = 0
         first_round_groups = None
         for round_index in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
             items = self.loader.next_batch()
             drawn += len(items)
             params = self.sampling_params(seed_offset=self.step * cfg.max_sampling_rounds + round_index)
             samples = self._generate_groups(items, params, first_group=drawn - len(items))
-            self._score(samples)
+            round_failed, round_calls = self._score(samples)
+            failed, calls = failed + round_failed, calls + round_calls
             if first_round_groups is None:
                 first_round_groups = samples
             if not cfg.dynamic_sampling:
@@ -216,7 +224,9 @@ class Trainer:
         target = cfg.prompts_per_step * G
         shortfall = max(0, target - len(kept)) // G
         batch = (kept + dropped)[:target]  # short of varied groups: fill with zero-advantage ones
+        self.rewards.end_step(failed, calls)
         metrics = self._rollout_metrics(first_round_groups, batch, drawn, shortfall)
+        metrics["reward/error_frac"] = failed / max(calls, 1)
         return batch, metrics
 
     def _rollout_metrics(self, first_round: list[Sample], batch: list[Sample], drawn: int, shortfall: int) -> dict:
@@ -257,21 +267,26 @@ class Trainer:
                                   max_tokens=budget, count=count)
 
     def _logprob_pass(self, model, samples: list[Sample]) -> dict[int, torch.Tensor]:
-        """Per-sample response log-probs under `model`, available on every last-stage rank."""
-        dp_size = data_parallel_info()[1]
+        """Per-sample response log-probs under `model` (CPU tensors), available on every last-stage rank.
+
+        Each sample is scored on one data-parallel rank, which writes its values into the sample's span of a
+        flat zero buffer on the device; one all-reduce over the DP group completes it (x + 0 == x exactly),
+        then a single copy brings it to the CPU."""
+        from megatron.core import parallel_state
+
         micro = self._micro_batches(samples, list(range(len(samples))))
         outputs = forward_logprobs(model, micro, self.cfg.rollout.temperature or 1.0)
-        result = {}
+        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            return {}
+        offsets = [0, *itertools.accumulate(len(s.response_ids) for s in samples)]
+        flat = torch.zeros(offsets[-1], dtype=torch.float32, device=device())
         for mb, out in zip(micro, outputs):
-            for i, values in zip(mb.indices, scatter_response_values(samples, mb, out["logprobs"])):
-                result[i] = values
-        if dp_size > 1:
-            from megatron.core import parallel_state
-
-            gathered: list = [None] * dp_size
-            dist.all_gather_object(gathered, result, group=parallel_state.get_data_parallel_group())
-            result = {k: v for part in gathered for k, v in part.items()}
-        return result
+            for row, i in enumerate(mb.indices):
+                flat[offsets[i]:offsets[i + 1]] = out["logprobs"][row, response_span(samples[i])]
+        if data_parallel_info()[1] > 1:
+            dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+        flat = flat.cpu()
+        return {i: flat[offsets[i]:offsets[i + 1]].clone() for i in range(len(samples))}
 
     def _loss_fn(self, normalizer: float, first_minibatch: bool):
         alg = self.cfg.algorithm
@@ -460,6 +475,8 @@ class Trainer:
         start = time.perf_counter()
         with timer.phase("generation"):
             batch, rollout_metrics = self.rollout() if _rank0() else (None, None)
+            if _rank0() and self.routing:
+                compact_routes(batch, self.routing.num_experts)  # a byte per expert id to every rank, not int32
             batch, rollout_metrics = _broadcast((batch, rollout_metrics))
         train_metrics = self.train_on(batch, timer)
         self.step += 1
@@ -473,9 +490,9 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGUSR1/SIGTERM (Slurm's warning before the time limit)."""
-        flag = torch.tensor([float(self._signal_received)])
+        flag = torch.tensor([float(self._signal_received)])  # a CPU value: reduced over the gloo control group
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group())
         return bool(flag.item())
 
     def _install_signal_handlers(self) -> None:

@@ -8,6 +8,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from grpo_megatron.platform import synchronize
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -82,15 +84,20 @@ def _wandb_run(run_dir, project, config):
 
 
 class PhaseTimer:
-    """Wall time per phase of a step (generation, rewards, log-probs, training, weight sync)."""
+    """Wall time per phase of a step (generation, rewards, log-probs, training, weight sync).
+
+    GPU kernels run asynchronously: each boundary waits for queued work, so that a phase is charged
+    with its own kernels (no-op on CPU)."""
 
     def __init__(self):
         self.times: dict[str, float] = {}
 
     @contextmanager
     def phase(self, name: str):
+        synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
+            synchronize()
             self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - start
