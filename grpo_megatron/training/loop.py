@@ -409,9 +409,9 @@ class Trainer:
             return metrics
         from megatron.core import parallel_state
 
-        from grpo_megatron.platform import detect
+        from grpo_megatron.platform import device
 
-        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=detect().device)
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=device())
         if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             values.fill_(float("-inf"))
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
