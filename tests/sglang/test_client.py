@@ -1,6 +1,9 @@
 """The SGLang client against mock SGLang servers: generation format, balancing, retries and fault cases."""
 from __future__ import annotations
 
+import threading
+import time
+
 import httpx
 import pytest
 import torch
@@ -12,7 +15,7 @@ from grpo_megatron.rollout.sglang import (
     ServerUnavailableError, TensorSync,
 )
 from grpo_megatron.parallel import free_port
-from tests.sglang.conftest import inject, request_log
+from tests.sglang.conftest import inject, request_log, running_requests, set_token_delay
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.05)
 PROMPTS = [[1, 5, 9, 2], [3, 4]]
@@ -113,8 +116,6 @@ def test_400_is_not_retried(mock, tiny_hf_dir):
 
 
 def test_pause_blocks_and_continue_resumes_generation(mock, tiny_hf_dir):
-    import threading
-
     engine = make_engine(mock[:1], tiny_hf_dir)
     engine.pause_generation()
     result = []
@@ -139,3 +140,81 @@ def test_memory_release_is_skipped_on_cpu(mock, tiny_hf_dir, caplog):
 def test_sglang_error_body_message_is_reported(mock):
     r = httpx.post(mock[0] + "/generate", json={"sampling_params": {}})
     assert r.status_code == 400 and "input_ids" in r.json()["error"]["message"]
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list]:
+    box: list = []
+    thread = threading.Thread(target=lambda: box.append(fn()))
+    thread.start()
+    return thread, box
+
+
+def _wait_running(url: str) -> None:
+    deadline = time.monotonic() + 30
+    while running_requests(url) == 0:
+        assert time.monotonic() < deadline, "the generation never started"
+        time.sleep(0.05)
+
+
+def _raw_generate(url: str, max_new_tokens: int = 8) -> dict:
+    body = {"input_ids": [1, 2, 3], "return_logprob": True,
+            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0}}
+    return httpx.post(url + "/generate", json=body, timeout=60).json()
+
+
+def test_an_aborted_request_answers_200_with_its_tokens_so_far(mock):
+    """SGLang's abort_all marks running requests FINISH_ABORT() (sglang/srt/managers/scheduler.py abort_request);
+    a non-streaming one answers 200 with the tokens it has and that finish_reason (schedule_batch.py)."""
+    set_token_delay(mock[0], 0.2)
+    thread, box = _in_thread(lambda: _raw_generate(mock[0]))
+    _wait_running(mock[0])
+    httpx.post(mock[0] + "/abort_request", json={"rid": "", "abort_all": True}).raise_for_status()
+    thread.join(30)
+    meta = box[0]["meta_info"]
+    assert meta["finish_reason"] == {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
+    assert len(box[0]["output_ids"]) < 8 and len(meta["output_token_logprobs"]) == len(box[0]["output_ids"])
+
+
+def test_pause_in_abort_mode_aborts_running_requests_and_they_are_resubmitted(mock, tiny_hf_dir, caplog):
+    """/pause_generation's default mode "abort" aborts what runs and returns once all answered; new requests wait
+    until /continue_generation (sglang/srt/managers/tokenizer_manager.py pause_generation, generate_request)."""
+    engine = make_engine(mock[:1], tiny_hf_dir)
+    set_token_delay(mock[0], 0.2)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, n=2)
+    thread, box = _in_thread(lambda: engine.generate([[1, 2, 3]], params))
+    _wait_running(mock[0])
+    engine.pause_generation()
+    assert running_requests(mock[0]) == 0
+    thread.join(1.0)
+    assert thread.is_alive()  # the resubmitted request waits while the server is paused
+    engine.continue_generation()
+    thread.join(60)
+    group = box[0][0]
+    assert len(group) == 2 and all(c.finish_reason in ("stop", "length") for c in group)
+    assert all(len(c.response_ids) == 8 or c.finish_reason == "stop" for c in group)
+    assert request_log(mock[0]).count("/generate") == 2 and "aborted" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["retract", "in_place"])
+def test_pause_that_keeps_requests_holds_them_until_continue(mode, mock, tiny_hf_dir, tmp_path):
+    """retract and in_place stop the scheduler without aborting (scheduler.py pause_generation); an update then
+    flushes the cache after a retract but not in place, where requests still run (flush_cache_after_weight_update)."""
+    from grpo_megatron.rollout.sglang import DiskSync
+    from tests.sglang.test_weight_sync import new_weights
+
+    model_dir = tiny_hf_dir("qwen3_moe")
+    DiskSync(ServerPool(mock[:1]), 1, model_dir, tmp_path).write_checkpoint(new_weights(model_dir, 0), tmp_path / "ck")
+    set_token_delay(mock[0], 0.2)
+    thread, box = _in_thread(lambda: _raw_generate(mock[0]))
+    _wait_running(mock[0])
+    httpx.post(mock[0] + "/pause_generation", json={"mode": mode}).raise_for_status()
+    thread.join(1.0)
+    assert thread.is_alive()
+    update = httpx.post(mock[0] + "/update_weights_from_disk", json={"model_path": str(tmp_path / "ck")}, timeout=60)
+    if mode == "retract":
+        assert update.status_code == 200
+    else:
+        assert update.status_code == 400 and "cache was not flushed" in update.json()["message"]
+    httpx.post(mock[0] + "/continue_generation", json={}).raise_for_status()
+    thread.join(30)
+    assert box[0]["meta_info"]["finish_reason"]["type"] in ("stop", "length")

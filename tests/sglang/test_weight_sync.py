@@ -1,6 +1,7 @@
 """Weight sync in the three modes against mock SGLang servers: session envelope, version, and new weights served."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,14 +15,17 @@ from transformers import AutoConfig
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.embedded import EmbeddedEngine
 from grpo_megatron.rollout.sglang import (
-    DiskSync, DistributedSync, ProbeCheck, ProbeMismatchError, RetryPolicy, SGLangEngine, ServerPool, TensorSync,
+    DiskSync, DistributedSync, ProbeCheck, ProbeMismatchError, RetryPolicy, SGLangEngine, ServerPool,
+    ServerRequestError, ServerUnavailableError, TensorSync,
 )
-from grpo_megatron.rollout.sglang.weight_sync import _serialize, buckets
+from grpo_megatron.rollout.sglang.weight_sync import _flat_views, _pickle, buckets
 from grpo_megatron.parallel import free_port
 from tests.conftest import REPO
-from tests.sglang.conftest import request_log
+from tests.sglang.conftest import mock_servers, request_log, server_weights, weight_updates
 
 PROBE = list(range(1, 17))
+MODES = ["tensor", "distributed", "disk"]
+SMALL_BUCKET_MB = 1 / 16  # 64 KiB: the tiny model (0.32 MiB) travels in several buckets
 
 
 def new_weights(model_dir, seed: int) -> list[tuple[str, torch.Tensor]]:
@@ -33,16 +37,23 @@ def new_weights(model_dir, seed: int) -> list[tuple[str, torch.Tensor]]:
     return [(n, t + 0.05 * torch.randn(t.shape, generator=gen)) for n, t in sorted(tensors.items())]
 
 
-def make_sync(mode: str, pool: ServerPool, model_dir):
+def make_sync(mode: str, pool: ServerPool, model_dir, bucket_mb: float = 1, tp_size: int = 1):
     if mode == "tensor":
-        return TensorSync(pool, bucket_mb=1, tp_size=1)
+        return TensorSync(pool, bucket_mb=bucket_mb, tp_size=tp_size)
     if mode == "distributed":
-        return DistributedSync(pool, bucket_mb=1, tp_size=1, master_address="127.0.0.1", master_port=free_port(),
-                               backend="gloo")
-    return DiskSync(pool, bucket_mb=1, hf_path=model_dir, disk_dir=None)
+        return DistributedSync(pool, bucket_mb=bucket_mb, tp_size=tp_size, master_address="127.0.0.1",
+                               master_port=free_port(), backend="gloo")
+    return DiskSync(pool, bucket_mb=bucket_mb, hf_path=model_dir, disk_dir=None)
 
 
-@pytest.mark.parametrize("mode", ["tensor", "distributed", "disk"])
+def assert_holds(held: dict[str, torch.Tensor], weights: list[tuple[str, torch.Tensor]]) -> None:
+    """The server rank holds exactly the trainer's tensors, bit for bit."""
+    assert sorted(held) == sorted(n for n, _ in weights)
+    for name, tensor in weights:
+        assert held[name].dtype == tensor.dtype and torch.equal(held[name], tensor), name
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_sync_then_generation_uses_new_weights(mode, mock, tiny_hf_dir):
     model_dir = tiny_hf_dir("qwen3_moe")
     pool = ServerPool(mock, retry=RetryPolicy(attempts=2, backoff_s=0.05))
@@ -120,9 +131,99 @@ def test_a_bucket_travels_as_views_of_one_shared_buffer():
     torch.multiprocessing.set_sharing_strategy("file_system")
     bucket = [("a", torch.randn(3, 5)), ("b", torch.randn(7).to(torch.bfloat16)), ("c", torch.arange(5)),
               ("d", torch.randn(2, 3, 4).double()), ("e", torch.tensor(1.5))]
-    loaded = ForkingPickler.loads(base64.b64decode(_serialize(bucket)))
+    loaded = ForkingPickler.loads(base64.b64decode(_pickle(_flat_views(bucket))))
     assert [n for n, _ in loaded] == [n for n, _ in bucket]
     for (_, want), (_, got) in zip(bucket, loaded):
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
     assert len({t.untyped_storage().data_ptr() for _, t in loaded}) == 1
     assert all(t.is_shared() for _, t in loaded)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_model_of_several_buckets_arrives_whole(mode, mock, tiny_hf_dir):
+    """Every bucket reaches every server; only the last request sets the version and flushes the cache.
+
+    The mock loads each request at once and records its fields, as SGLang's scheduler applies each
+    update_weights_from_* on arrival (sglang/srt/managers/scheduler_components/weight_updater.py).
+    """
+    model_dir = tiny_hf_dir("qwen3_moe")
+    sync = make_sync(mode, ServerPool(mock), model_dir, bucket_mb=SMALL_BUCKET_MB)
+    weights = new_weights(model_dir, seed=11)
+    count = len(list(buckets(weights, sync.bucket_bytes)))
+    assert count >= 3
+    try:
+        sync.push(weights, version=9)
+        requests = 1 if mode == "disk" else count
+        for url in mock:
+            assert_holds(server_weights(url), weights)
+            updates = weight_updates(url)
+            assert [u["weight_version"] for u in updates] == [None] * (requests - 1) + ["9"]
+            assert [u["flush_cache"] for u in updates] == [False] * (requests - 1) + [True]
+            sent = [n for u in updates for n in u["names"]]
+            assert sorted(sent) == sorted(n for n, _ in weights) and not any(u["ignored"] for u in updates)
+            assert request_log(url).count("(flush_cache in update)") == 1
+        if mode == "disk":
+            index = (sync.root / "v9" / "model.safetensors.index.json").read_text()
+            assert len(set(json.loads(index)["weight_map"].values())) == count
+    finally:
+        sync.close()
+
+
+@pytest.mark.parametrize("mode", ["tensor", "distributed"])
+def test_every_tp_rank_of_every_server_gets_the_weights(mode, mock_tp2, tiny_hf_dir):
+    """Servers of TP 2: rank r reads serialized_named_tensors[r] (sglang tp_worker.deserialize_own_rank) and joins
+    the update group as rank_offset + r (model_runner weight_updater.init_weights_update_group)."""
+    model_dir = tiny_hf_dir("qwen3_moe")
+    sync = make_sync(mode, ServerPool(mock_tp2), model_dir, bucket_mb=SMALL_BUCKET_MB, tp_size=2)
+    weights = new_weights(model_dir, seed=12)
+    try:
+        sync.push(weights, version=4)
+        for url in mock_tp2:
+            for rank in (0, 1):
+                assert_holds(server_weights(url, rank), weights)
+    finally:
+        sync.close()
+
+
+def test_each_server_tp_rank_gets_its_own_pickle_of_a_bucket(monkeypatch):
+    """A pickling takes one reference on the shared buffer and each rank's unpickling drops one
+    (torch.multiprocessing.reductions; CUDA IPC counts the same way), so every rank of every server needs its own
+    pickle (test_a_model_of_several_buckets_arrives_whole[tensor] shows the second server failing otherwise)."""
+    increfs = []
+    incref = torch.UntypedStorage._shared_incref
+    monkeypatch.setattr(torch.UntypedStorage, "_shared_incref", lambda self: increfs.append(1) or incref(self))
+    posted = []
+
+    class RecordingPool:
+        urls = ["http://server-a", "http://server-b"]
+
+        def call(self, url, method, path, payload, timeout_s=None, retry=True):
+            posted.append(payload)
+
+    sync = TensorSync(RecordingPool(), bucket_mb=SMALL_BUCKET_MB, tp_size=3)
+    sync.transfer([(str(i), torch.randn(64, 256)) for i in range(2)], "1")  # 64 KiB each: two buckets
+    assert [len(p["serialized_named_tensors"]) for p in posted] == [3] * 4  # 2 buckets x 2 servers
+    assert len(increfs) == 12
+
+
+def test_a_server_given_fewer_payloads_than_tp_ranks_dies(tiny_hf_dir):
+    """SGLang's rank 1 indexes a one-entry list, an IndexError its scheduler does not catch: the server exits."""
+    with mock_servers(tiny_hf_dir("qwen3_moe"), 1, tp_size=2) as (urls, procs):
+        pool = ServerPool(urls, retry=RetryPolicy(attempts=2, backoff_s=0.05))
+        pool.call(urls[0], "POST", "/begin_weight_update", {})
+        payload = {"serialized_named_tensors": [_pickle(_flat_views([("model.norm.weight", torch.ones(8))]))]}
+        with pytest.raises(ServerUnavailableError):
+            pool.call(urls[0], "POST", "/update_weights_from_tensor", payload)
+        assert procs[0].wait(10) == 1
+        assert "Scheduler hit an exception: update_weights_from_tensor: IndexError" in procs[0].stderr.read().decode()
+
+
+def test_a_misshaped_tensor_fails_its_own_request(mock, tiny_hf_dir, tmp_path):
+    """The update is loaded when it arrives: a bad one answers 400 itself and, from disk, leaves the weights."""
+    model_dir = tiny_hf_dir("qwen3_moe")
+    before = server_weights(mock[0])
+    sync = DiskSync(ServerPool(mock[:1]), 1, model_dir, tmp_path)
+    weights = [(n, t[:1] if n == "model.norm.weight" else t) for n, t in new_weights(model_dir, seed=5)]
+    with pytest.raises(ServerRequestError, match="Failed to update weights: model.norm.weight"):
+        sync.push(weights, version=3)
+    assert_holds(server_weights(mock[0]), sorted(before.items()))

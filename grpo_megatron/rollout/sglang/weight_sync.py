@@ -6,7 +6,7 @@ them; a separate `/flush_cache` call cost ~0.45 s per sync on SGLang 0.5.23, in-
 SGLang rejects tensor and distributed updates outside begin/end with HTTP 400; servers that predate the session
 routes answer 404 to begin, and then the envelope is skipped for them (logged once).
 - tensor: `/update_weights_from_tensor` with the tensors pickled by torch's ForkingPickler (shared memory, so
-  the server must be on this host), base64, one copy per server TP rank, in buckets of `bucket_mb`.
+  the server must be on this host), base64, one pickle per server and TP rank, in buckets of `bucket_mb`.
 - distributed: `/init_weights_update_group` once, then per bucket `/update_weights_from_distributed` (names,
   dtypes, shapes) while rank 0 broadcasts the bucket's tensors in that order (gloo on CPU, NCCL on GPU).
 - disk: an HF checkpoint (safetensors + the model's config files) under `disk_dir`, then
@@ -61,11 +61,11 @@ def buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[list[tup
 class WeightSync(ABC):
     """One way of moving weights; `push` returns the bytes moved (per server copy) for throughput figures."""
 
-    def __init__(self, pool: ServerPool, bucket_mb: int):
-        if bucket_mb < 1:
-            raise ValueError(f"rollout.sglang.bucket_mb={bucket_mb}: must be >= 1")
+    def __init__(self, pool: ServerPool, bucket_mb: float):
+        if not bucket_mb > 0:
+            raise ValueError(f"rollout.sglang.bucket_mb={bucket_mb}: must be > 0")
         self.pool = pool
-        self.bucket_bytes = bucket_mb << 20
+        self.bucket_bytes = max(1, int(bucket_mb * 2**20))  # a fraction of a MiB splits small test models
         self._sessionless: set[str] = set()
 
     def push(self, named_tensors: NamedTensors, version: int) -> int:
@@ -94,13 +94,13 @@ class WeightSync(ABC):
                 logger.info("%s has no /begin_weight_update (older SGLang); updating without a session", url)
             self._sessionless.add(url)
 
-    def _post_all(self, path: str, payload: dict, retry: bool = True) -> None:
+    def _post_all(self, path: str, payload: dict) -> None:
         for url in self.pool.urls:
-            self.pool.call(url, "POST", path, payload, retry=retry)
+            self.pool.call(url, "POST", path, payload)
 
 
 class TensorSync(WeightSync):
-    def __init__(self, pool: ServerPool, bucket_mb: int, tp_size: int):
+    def __init__(self, pool: ServerPool, bucket_mb: float, tp_size: int):
         super().__init__(pool, bucket_mb)
         self.tp_size = tp_size
         # CPU tensors pickled with the default fd strategy need a live connection to the sender;
@@ -112,15 +112,16 @@ class TensorSync(WeightSync):
         moved = 0
         batches = list(buckets(named_tensors, self.bucket_bytes))
         for i, bucket in enumerate(batches):
-            payload = {"serialized_named_tensors": [_serialize(bucket)] * self.tp_size,
-                       **_bucket_fields(i == len(batches) - 1, version)}
-            self._post_all("/update_weights_from_tensor", payload)
+            views, fields = _flat_views(bucket), _bucket_fields(i == len(batches) - 1, version)
+            for url in self.pool.urls:  # a pickle per server and TP rank: see _pickle
+                payload = {"serialized_named_tensors": [_pickle(views) for _ in range(self.tp_size)], **fields}
+                self.pool.call(url, "POST", "/update_weights_from_tensor", payload)
             moved += sum(t.numel() * t.element_size() for _, t in bucket)
         return moved
 
 
 class DistributedSync(WeightSync):
-    def __init__(self, pool: ServerPool, bucket_mb: int, tp_size: int, master_address: str, master_port: int,
+    def __init__(self, pool: ServerPool, bucket_mb: float, tp_size: int, master_address: str, master_port: int,
                  backend: str):
         super().__init__(pool, bucket_mb)
         self.tp_size = tp_size
@@ -170,7 +171,7 @@ class DistributedSync(WeightSync):
 
 
 class DiskSync(WeightSync):
-    def __init__(self, pool: ServerPool, bucket_mb: int, hf_path: str | Path, disk_dir: str | Path | None):
+    def __init__(self, pool: ServerPool, bucket_mb: float, hf_path: str | Path, disk_dir: str | Path | None):
         super().__init__(pool, bucket_mb)
         self.hf_path = Path(hf_path)
         self._own_dir = disk_dir is None
@@ -236,15 +237,16 @@ def _start_shm_manager_detached() -> None:
         os.close(devnull)
 
 
-def _serialize(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
-    """What SGLang's MultiprocessingSerializer.serialize(..., output_str=True) produces, for one flat buffer.
+def _pickle(views: list[tuple[str, torch.Tensor]]) -> str:
+    """What SGLang's MultiprocessingSerializer.serialize(..., output_str=True) produces; one per receiving rank.
 
-    The bucket is copied into one byte buffer and sent as views of it, so a bucket shares one storage: on CPU one
-    registration with torch's shm daemon instead of one per tensor (each must be answered within 1 s, which a
-    loaded machine missed: "Shared memory manager connection has timed out"), on GPU one CUDA IPC handle.
+    A pickling takes one reference on the shared storage (shm refcount on CPU, CUDA IPC ref counter on GPU) and
+    the rank that unpickles it drops one, so ranks sharing a pickle release the buffer early: a second server
+    then fails to open it ("unable to open shared memory object"), a GPU one may read freed memory
+    (sglang tp_worker.deserialize_own_rank: each TP rank reads only its own entry).
     """
     buffer = io.BytesIO()
-    ForkingPickler(buffer).dump(_flat_views(named_tensors))
+    ForkingPickler(buffer).dump(views)
     return base64.b64encode(buffer.getvalue()).decode("utf-8")
 
 
@@ -252,6 +254,12 @@ _ALIGN = 64  # bytes: every view starts at a multiple of any element size
 
 
 def _flat_views(named_tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The bucket copied into one shared byte buffer, as views of it.
+
+    A bucket then shares one storage: on CPU one registration with torch's shm daemon instead of one per tensor
+    (each must be answered within 1 s, which a loaded machine missed: "Shared memory manager connection has timed
+    out"), on GPU one CUDA IPC handle.
+    """
     offsets, total = [], 0
     for _, tensor in named_tensors:
         offsets.append(total)
