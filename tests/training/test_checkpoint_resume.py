@@ -6,13 +6,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from grpo_megatron.training.checkpoint import latest_checkpoint, list_checkpoints
 from grpo_megatron.training.loop import Trainer
 from grpo_megatron.training.metrics import read_metrics
 from tests.conftest import REPO
-
-DETERMINISTIC = {"dynamic_sampling": False}
-
 
 def comparable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith(("time/", "throughput/"))}
@@ -24,9 +23,12 @@ def assert_same(a: dict, b: dict):
         assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-7), (key, a[key], b[key])
 
 
-def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path, dist_world1):
+@pytest.mark.parametrize("schedule", [{"lr_warmup_steps": 3, "lr_decay_style": "cosine", "min_lr": 1e-4},
+                                      {"lr_warmup_steps": 0, "lr_decay_style": "linear", "min_lr": 0.0}])
+def test_resume_reproduces_the_uninterrupted_run(schedule, make_config, tmp_path, dist_world1):
+    """Warm-up and decay are mid-way at the resume point: a scheduler that restarted would change `train/lr`."""
     def config(run):
-        return make_config(run_dir=str(tmp_path / run), train={"steps": 4, "lr": 3e-3},
+        return make_config(run_dir=str(tmp_path / run), train={"steps": 4, "lr": 3e-3, **schedule},
                            checkpoint={"save_interval": 2, "keep_last": 3},
                            reward={"functions": [{"name": "tests.training.test_loop:varied_reward"}]})
 
@@ -46,6 +48,8 @@ def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path, dist_wor
     resumed = second.train()
     second.close()
 
+    lrs = [m["train/lr"] for m in history]
+    assert len(set(lrs)) == len(lrs), lrs  # the schedule moves at every step, across the resume point too
     for expected, got in zip(history[2:], resumed):
         assert_same(comparable(expected), comparable(got))
     assert [m["step"] for m in read_metrics(tmp_path / "resumed") if "reward/mean" in m] == [3, 4]

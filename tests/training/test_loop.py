@@ -67,17 +67,37 @@ def test_token_budget_micro_batches_give_the_same_step(make_config, dist_world1)
         assert budget[key] == pytest.approx(fixed[key], rel=1e-5, abs=1e-9), key
 
 
+def half_constant_reward(text, answer, meta):
+    """Constant (a zero-variance group) for prompts whose answer is an even digit, varied for odd ones."""
+    return 0.5 if int(answer) % 2 == 0 else varied_reward(text, answer, meta)
+
+
 def test_dynamic_sampling_draws_more_prompts_and_keeps_varied_groups(make_config, dist_world1):
-    cfg = make_config(rollout={"dynamic_sampling": True, "max_sampling_rounds": 3})
+    cfg = make_config(rollout={"dynamic_sampling": True, "max_sampling_rounds": 4},
+                      reward={"functions": [{"name": f"{__name__}:half_constant_reward"}]})
+    trainer = Trainer(cfg)
+    batch, metrics = trainer.rollout()
+    trainer.close()
+    G, prompts = cfg.rollout.group_size, cfg.rollout.prompts_per_step
+    groups = [batch[g * G:(g + 1) * G] for g in range(len(batch) // G)]
+    assert len(groups) == prompts
+    # The first round held constant groups; the refill replaced every one of them.
+    assert metrics["reward/zero_std_group_frac"] > 0
+    assert metrics["rollout/prompts_drawn"] > prompts and metrics["rollout/dynamic_sampling_shortfall"] == 0
+    assert all(len({s.reward for s in group}) > 1 for group in groups)
+    assert all(int(s.answer) % 2 == 1 for s in batch)
+
+
+def test_dynamic_sampling_fills_with_constant_groups_when_rounds_run_out(make_config, dist_world1):
+    cfg = make_config(rollout={"dynamic_sampling": True, "max_sampling_rounds": 1},
+                      reward={"functions": [{"name": f"{__name__}:half_constant_reward"}]})
     trainer = Trainer(cfg)
     batch, metrics = trainer.rollout()
     trainer.close()
     G = cfg.rollout.group_size
+    constant = sum(len({s.reward for s in batch[g:g + G]}) == 1 for g in range(0, len(batch), G))
     assert len(batch) == cfg.rollout.prompts_per_step * G
-    assert metrics["rollout/prompts_drawn"] >= cfg.rollout.prompts_per_step
-    varied = sum(len({s.reward for s in batch[g * G:(g + 1) * G]}) > 1 for g in range(len(batch) // G))
-    short = metrics["rollout/dynamic_sampling_shortfall"]
-    assert varied >= cfg.rollout.prompts_per_step - short
+    assert constant > 0 and metrics["rollout/dynamic_sampling_shortfall"] == constant
 
 
 def test_sft_warmup_lowers_answer_loss(make_config, dist_world1):
