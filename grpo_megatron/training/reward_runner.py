@@ -3,7 +3,8 @@
 Each configured function is a registered reward (grpo_megatron.rollout.rewards) or a user function
 given by import path "package.module:function"; all are called as fn(response_text, answer, meta)
 where meta carries the dataset record's extra fields and "prompt". A call that raises or runs past
-`timeout_s` scores `fallback` for that sample and is logged with the sample.
+`timeout_s` scores `fallback` for that sample; failures are counted and logged once per batch with one
+example, and `reward.max_failed_steps` steps in a row in which every call failed stop the run.
 """
 from __future__ import annotations
 
@@ -33,27 +34,32 @@ def resolve_reward(name: str, options: dict) -> Callable:
     return get_reward_fn(name, **options)
 
 
+class RewardsFailedError(RuntimeError):
+    """Every reward call failed for several steps in a row: the reward function itself is broken."""
+
+
 class RewardRunner:
     def __init__(self, reward_cfg):
         self.cfg = reward_cfg
         self.functions = [(spec.name, spec.weight, resolve_reward(spec.name, spec.options))
                           for spec in reward_cfg.functions]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward")
-        self.failures = 0
+        self.failures = 0  # failed calls since the start
+        self.last_failed = self.last_calls = 0  # of the latest `score`
+        self._failed_steps = 0  # steps in a row in which every call failed
 
-    def _result(self, name: str, future: concurrent.futures.Future, text: str, answer) -> float:
+    def _result(self, name: str, future: concurrent.futures.Future, text: str, answer,
+                errors: list[str]) -> float:
+        """The call's value, or `fallback` with what went wrong appended to `errors`."""
         try:
             return float(future.result(timeout=self.cfg.timeout_s))
         except concurrent.futures.TimeoutError:
-            self.failures += 1
-            logger.warning("reward %s timed out after %.1fs on response %r (answer %r); scoring %s",
-                           name, self.cfg.timeout_s, text[:200], answer, self.cfg.fallback)
-            return self.cfg.fallback
+            errors.append(f"reward {name} timed out after {self.cfg.timeout_s:.1f}s on response {text[:200]!r} "
+                          f"(answer {answer!r})")
         except Exception as exc:  # a user's reward function may raise anything
-            self.failures += 1
-            logger.warning("reward %s raised %s: %s on response %r (answer %r); scoring %s",
-                           name, type(exc).__name__, exc, text[:200], answer, self.cfg.fallback)
-            return self.cfg.fallback
+            errors.append(f"reward {name} raised {type(exc).__name__}: {exc} on response {text[:200]!r} "
+                          f"(answer {answer!r})")
+        return self.cfg.fallback
 
     def score(self, prompts: list[str], texts: list[str], answers: list, metas: list[dict]) -> list[float]:
         """Weighted sum of the reward functions per sample. Every call is submitted before any is awaited,
@@ -62,5 +68,21 @@ class RewardRunner:
         for prompt, text, answer, meta in zip(prompts, texts, answers, metas):
             meta = {**meta, "prompt": prompt}
             calls.append([(name, weight, self._pool.submit(fn, text, answer, meta)) for name, weight, fn in self.functions])
-        return [sum(weight * self._result(name, future, text, answer) for name, weight, future in sample_calls)
-                for sample_calls, text, answer in zip(calls, texts, answers)]
+        errors: list[str] = []
+        scores = [sum(weight * self._result(name, future, text, answer, errors) for name, weight, future in sample_calls)
+                  for sample_calls, text, answer in zip(calls, texts, answers)]
+        self.last_failed, self.last_calls = len(errors), len(texts) * len(self.functions)
+        self.failures += len(errors)
+        if errors:
+            logger.warning("%d of %d reward calls failed and scored %s; the first: %s",
+                           len(errors), self.last_calls, self.cfg.fallback, errors[0])
+        return scores
+
+    def end_step(self, failed: int, calls: int) -> None:
+        """Count a training step's failed calls; raise once every call failed `max_failed_steps` steps in a row."""
+        self._failed_steps = self._failed_steps + 1 if calls and failed == calls else 0
+        limit = self.cfg.max_failed_steps
+        if limit and self._failed_steps >= limit:
+            raise RewardsFailedError(
+                f"every reward call failed in the last {self._failed_steps} steps (see the warnings above for "
+                f"one example each): fix the reward function, or raise reward.max_failed_steps (0 = never stop)")
