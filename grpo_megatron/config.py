@@ -93,7 +93,6 @@ class RewardConfig:
     functions: list[RewardFunctionConfig] = field(default_factory=list)
     fallback: float = 0.0  # score for a sample whose reward function raised or timed out
     max_failed_steps: int = 3  # stop after this many steps in a row in which every reward call failed (0: never)
-    max_failed_steps: int = 3  # stop after this many steps in a row in which every reward call failed (0: never)
     timeout_s: float = 10.0
     overlong_penalty: bool = False  # DAPO overlong reward shaping
     overlong_cache_tokens: int = 4
