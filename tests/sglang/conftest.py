@@ -47,7 +47,7 @@ def mock_servers(model_dir, count: int, tp_size: int = 1) -> Iterator[tuple[list
     procs = [_start(model_dir, p, tp_size) for p in ports]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a loaded CI machine needs minutes
         for url, proc in zip(urls, procs):
             wait_healthy(url, proc, deadline)
         yield urls, procs
