@@ -127,6 +127,7 @@ def load_mcore_checkpoint(model: PolicyModel, path: str | Path, optimizer=None) 
             f"checkpoint came from, or reconvert it with tools/convert_hf_to_megatron.py")
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+        _check_optimizer_layout(state["optimizer"], saved, path, meta)
     loaded = dist_checkpointing.load(state, str(path / MODEL_SUBDIR))
     for i, chunk in enumerate(model.unwrapped()):
         result = chunk.load_state_dict(loaded[f"chunk{i}"], strict=False)
@@ -156,6 +157,31 @@ def _match_checkpoint_keys(state: dict, saved: set[str]) -> list[str]:
         else:
             missing.append(key)
     return missing
+
+
+def _check_optimizer_layout(optimizer_state, saved: set[str], path: Path, meta: dict) -> None:
+    """The optimizer state is keyed by megatron's optimizer structure, which follows the layout: with expert
+    parallelism the dense and expert parameters get separate (chained) optimizers, so a checkpoint saved with
+    one structure does not load into the other. Refuse with the two ways out instead of a KeyError."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    def keys(item):
+        if isinstance(item, ShardedTensor):
+            yield item.key
+        elif isinstance(item, dict):
+            for value in item.values():
+                yield from keys(value)
+        elif isinstance(item, (list, tuple)):
+            for value in item:
+                yield from keys(value)
+
+    missing = sorted(k for k in keys(optimizer_state) if k not in saved)
+    if missing:
+        raise CheckpointMismatchError(
+            f"{path} holds optimizer state for another layout (saved with expert_parallel="
+            f"{(meta.get('saved_layout') or {}).get('expert_parallel')}; this run needs e.g. {missing[0]}): resume "
+            f"with the saved expert_parallel size, or start a new run from these "
+            f"weights with model.megatron_path={path} (the optimizer state then starts afresh)")
 
 
 def _check_only_extra_state_missing(result, path: Path) -> None:

@@ -114,3 +114,43 @@ def test_crash_during_save_leaves_the_previous_checkpoint(make_config, tmp_path,
     metrics = resumed.train_step()
     resumed.close()
     assert math.isfinite(metrics["train/pg_loss"])
+
+
+@pytest.mark.distributed
+def test_resume_on_another_parallel_layout(make_config, tmp_path, dist_world1):
+    """A one-process checkpoint resumed by two data-parallel processes: megatron's dist_checkpointing reshards
+    the model and optimizer state, the trainer state carries over, and the run continues as the uninterrupted
+    one-process run did (to float rounding: DP=2 reduces in another order). A change of expert parallelism is
+    refused with a message naming the way out (megatron chains separate dense and expert optimizers under
+    EP > 1, so their state is keyed differently); TP/PP changes are not run here."""
+    from grpo_megatron.config import save_config
+    from tests.conftest import run_cli
+
+    def config(run):
+        return make_config(run_dir=str(tmp_path / run), train={"steps": 4, "lr": 3e-3, "lr_warmup_steps": 3},
+                           checkpoint={"save_interval": 2, "keep_last": 3},
+                           reward={"functions": [{"name": "tests.training.test_loop:varied_reward"}]})
+
+    straight = Trainer(config("straight"))
+    history = straight.train()
+    straight.close()
+    first = Trainer(config("resumed"))
+    first.train_step()
+    first.train_step()
+    first.save_checkpoint()
+    first.close()
+    save_config(config("resumed"), tmp_path / "resumed.yaml")
+    train = ["-m", "grpo_megatron.train", "--config", str(tmp_path / "resumed.yaml"), "--resume"]
+
+    refused = run_cli([*train, "--expert-model-parallel-size", "2"], nproc=2, timeout=600)
+    assert refused.returncode != 0, refused.stderr[-3000:]  # torchrun turns the trainer's status 2 into 1
+    assert "holds optimizer state for another layout" in refused.stderr and "model.megatron_path" in refused.stderr
+
+    result = run_cli(train, nproc=2, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    resumed = [m for m in read_metrics(tmp_path / "resumed") if "reward/mean" in m]
+    assert [m["step"] for m in resumed] == [3, 4]
+    for expected, got in zip(history[2:], resumed):
+        assert got["reward/mean"] == expected["reward/mean"]  # same samples: the data cursor and seeds carried over
+        for key in ("train/lr", "train/grad_norm", "train/pg_loss", "train/entropy", "train/ratio_mean"):
+            assert math.isclose(got[key], expected[key], rel_tol=1e-4, abs_tol=1e-6), (key, got[key], expected[key])
