@@ -66,6 +66,22 @@ class SGLangConfig:
 
 
 @dataclass
+class ToolsConfig:
+    """The multi-turn tool loop (rollout.function: tool_loop, grpo_megatron/rollout/tools): tool output is inserted
+    as tokens with loss mask 0; rollout.max_new_tokens is the budget of a whole response, tool tokens included."""
+
+    format: str = "hermes"  # hermes: <tool_call>{"name": .., "arguments": {..}}</tool_call> (Qwen) | words (tiny vocab)
+    names: list[str] = field(default_factory=lambda: ["calculator"])  # calculator, python, or package.module:function
+    max_turns: int = 4  # model turns per sample, so at most max_turns - 1 tool calls
+    max_tokens_per_turn: int | None = None  # None: whatever is left of rollout.max_new_tokens
+    timeout_s: float = 5.0  # per tool call; past it the call returns an error and the sample goes on
+    memory_mb: int = 256  # the python tool's address-space limit (RLIMIT_AS)
+    max_output_tokens: int = 64  # tool output is cut to this many tokens
+    call_markers: list[str] = field(default_factory=lambda: ["<tool_call>", "</tool_call>"])  # start, end (one token)
+    response_template: str = ""  # text around the tool output, with {output}; "" = the format's default
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "embedded"  # embedded | sglang
     prompts_per_step: int = 8
@@ -79,6 +95,9 @@ class RolloutConfig:
     dynamic_sampling: bool = False  # DAPO: keep only groups with reward std > 0, refill from more prompts
     max_sampling_rounds: int = 4  # cap on generation rounds per step when dynamic sampling refills
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    function: str = ""  # "" single turn | tool_loop | package.module:function (grpo_megatron/rollout/functions.py)
+    function_options: dict = field(default_factory=dict)  # passed to the function as context.options
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
 
 
 @dataclass
@@ -201,6 +220,7 @@ class RunConfig:
         if self.algorithm.routing_replay not in ("none", "r2", "r3"):
             raise ConfigError(f"algorithm.routing_replay={self.algorithm.routing_replay!r}: use none, r2 or r3")
         self._validate_rollout_correction()
+        self._validate_rollout_function()
         batch = self.rollout.prompts_per_step * self.rollout.group_size
         if batch % self.train.num_minibatches:
             raise ConfigError(
@@ -220,6 +240,17 @@ class RunConfig:
             raise ConfigError("eval.num_samples must be >= 0 and eval.temperature > 0 (greedy accuracy is always reported)")
         if self.rollout.group_size < 2:
             raise ConfigError("rollout.group_size must be >= 2: group-relative advantages need a group")
+
+    def _validate_rollout_function(self) -> None:
+        from grpo_megatron.rollout.functions import resolve_rollout_function
+        from grpo_megatron.rollout.tools.config import check_tools_config
+
+        try:
+            resolve_rollout_function(self.rollout.function)
+            if self.rollout.function == "tool_loop":
+                check_tools_config(self.rollout.tools)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def _validate_rollout_correction(self) -> None:
         from grpo_megatron.algorithms import ROLLOUT_CORRECTIONS, ROLLOUT_IS_LEVELS

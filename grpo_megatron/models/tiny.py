@@ -7,6 +7,7 @@ few symbols, so that synthetic tasks tokenise one symbol per token; the model we
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ _SYMBOLS = list("+-*/=?:,.()<>#")
 _WORDS = ["user", "assistant", "answer", "copy", "add", "sum", "first", "last", "reverse", "max"]
 # 64 tokens in all, so the vocabulary needs no padding.
 TINY_VOCAB: list[str] = SPECIAL_TOKENS + list(string.digits) + list(string.ascii_lowercase) + _SYMBOLS + _WORDS
+# Extra words of the tool-use example's own checkpoint (the `words` tool-call format, rollout/tools/formats.py).
+TOOL_WORDS: list[str] = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "calculator", "python"]
 
 # One symbol per token; a chat turn is "user : <content> assistant :"
 TINY_CHAT_TEMPLATE = (
@@ -29,9 +32,9 @@ SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 
-def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A word-level tokenizer over TINY_VOCAB, whitespace pre-tokenised, with BOS prepended."""
-    vocab = {tok: i for i, tok in enumerate(TINY_VOCAB)}
+def build_tiny_tokenizer(extra_words: Sequence[str] = ()) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over TINY_VOCAB (+ extra_words), whitespace pre-tokenised, with BOS prepended."""
+    vocab = {tok: i for i, tok in enumerate(TINY_VOCAB + list(extra_words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
@@ -92,10 +95,12 @@ _ARCHITECTURES = {
 }
 
 
-def make_tiny_hf_checkpoint(family: str, out_dir: str | Path, seed: int = 0, **overrides) -> Path:
-    """Write a random-weight float32 HF checkpoint (config, safetensors, tokenizer) of `family` to out_dir."""
+def make_tiny_hf_checkpoint(family: str, out_dir: str | Path, seed: int = 0, extra_words: Sequence[str] = (),
+                            **overrides) -> Path:
+    """Write a random-weight float32 HF checkpoint (config, safetensors, tokenizer) of `family` to out_dir;
+    extra_words extend the vocabulary (its size rounded up to a multiple of 64)."""
     out_dir = Path(out_dir)
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(extra_words)
     config = tiny_hf_config(family, vocab_size=_round_up(len(tokenizer), 64), **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -24,6 +24,7 @@ class Sample:
     truncated: bool = False
     engine_logprobs: list[float] | None = None
     routed_experts: torch.Tensor | None = None  # [len(prompt)+len(response)-1, layers, topk] from the engine
+    loss_mask: list[int] | None = None  # per response token: 1 sampled (trained), 0 inserted (tool output); None: all 1
     answer: str | None = None
     meta: dict = field(default_factory=dict)
     # filled by the trainer
@@ -49,6 +50,7 @@ class MicroBatch:
     ref_logprobs: torch.Tensor | None = None  # [b, s]
     engine_logprobs: torch.Tensor | None = None  # [b, s]
     rollout_weights: torch.Tensor | None = None  # [b, s]
+    loss_mask: torch.Tensor | None = None  # [b, s]: 0 at inserted (tool) tokens; None when every sample is all 1
 
     @property
     def num_response_tokens(self) -> int:
@@ -101,6 +103,8 @@ def make_micro_batch(samples: list[Sample], indices: list[int], pad_id: int, pad
         ref_logprobs=_aligned(chosen, [s.ref_logprobs for s in chosen], width),
         engine_logprobs=_aligned(chosen, [s.engine_logprobs for s in chosen], width),
         rollout_weights=_aligned(chosen, [s.rollout_weights for s in chosen], width),
+        loss_mask=None if all(s.loss_mask is None for s in chosen) else _aligned(
+            chosen, [s.loss_mask if s.loss_mask is not None else [1] * len(s.response_ids) for s in chosen], width),
     )
 
 

@@ -34,6 +34,7 @@ from grpo_megatron.replay import attach_routing_replay
 from grpo_megatron.replay.tables import compact_routes
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.data import PromptDataset, PromptLoader
+from grpo_megatron.rollout.functions import RolloutContext, generate_samples
 from grpo_megatron.training import checkpoint as ckpt
 from grpo_megatron.training.actor import (
     Actor, combine_minibatch_metrics, data_parallel_info, forward_logprobs)
@@ -168,17 +169,10 @@ class Trainer:
             n=n or r.group_size, seed=self.cfg.train.seed * 1_000_003 + seed_offset)
 
     def _generate_groups(self, items, params, first_group: int) -> list[Sample]:
-        prompts = [item["prompt_ids"] for item in items]
-        replay = self.cfg.algorithm.routing_replay == "r3"
-        completions = self.engine.generate(prompts, params, return_routed_experts=replay)
-        samples = []
-        for group, (item, outs) in enumerate(zip(items, completions), start=first_group):
-            for out in outs:
-                samples.append(Sample(
-                    prompt_ids=list(out.prompt_ids), response_ids=list(out.response_ids), group=group,
-                    truncated=out.finish_reason == "length", engine_logprobs=list(out.response_logprobs),
-                    routed_experts=out.routed_experts, answer=item["answer"], meta=dict(item["meta"])))
-        return samples
+        """Prompt items -> samples through `rollout.function` (single turn, the tool loop or a user's)."""
+        context = RolloutContext(self.tokenizer, self.cfg.rollout, self.cfg.algorithm.routing_replay == "r3",
+                                 self.cfg.rollout.function_options)
+        return generate_samples(self.engine, items, params, context, first_group)
 
     def _score(self, samples: list[Sample]) -> tuple[int, int]:
         """Set each sample's reward; returns (failed, total) reward calls."""
@@ -363,9 +357,12 @@ class Trainer:
 
     @staticmethod
     def _loss_mask(samples: list[Sample], mb) -> torch.Tensor:
-        """Response tokens in the loss: not overlong-filtered, not dropped by the mismatch correction."""
+        """Response tokens in the loss: sampled (not tool output), not overlong-filtered, not dropped by the
+        mismatch correction."""
         keep = torch.tensor([float(samples[i].meta.get("_in_loss", True)) for i in mb.indices])
         mask = mb.response_mask * keep.unsqueeze(1)
+        if mb.loss_mask is not None:
+            mask = mask * mb.loss_mask
         return mask if mb.rollout_weights is None else mask * (mb.rollout_weights > 0)
 
     def _correct_rollout(self, samples: list[Sample]) -> dict:
@@ -388,7 +385,9 @@ class Trainer:
         rollout = pad([torch.tensor(s.engine_logprobs, dtype=torch.float32) for s in samples], batch_first=True)
         lengths = torch.tensor([len(s.response_ids) for s in samples])
         in_loss = torch.tensor([bool(s.meta.get("_in_loss", True)) for s in samples])
-        mask = (torch.arange(old.shape[1]) < lengths.unsqueeze(1)) & in_loss.unsqueeze(1)
+        sampled = pad([torch.tensor(s.loss_mask or [1] * len(s.response_ids), dtype=torch.bool) for s in samples],
+                      batch_first=True)  # tool output has no behaviour log-prob to correct
+        mask = (torch.arange(old.shape[1]) < lengths.unsqueeze(1)) & in_loss.unsqueeze(1) & sampled
         if rc.mode == "none":
             return self._from_last_stage(rollout_correction_metrics(old, rollout, mask, level=rc.level))
         correct = partial(compute_rollout_correction, old, rollout, mask, mode=rc.mode, level=rc.level, low=rc.low,
