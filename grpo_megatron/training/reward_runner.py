@@ -5,6 +5,8 @@ given by import path "package.module:function"; all are called as fn(response_te
 where meta carries the dataset record's extra fields and "prompt". A call that raises or runs past
 `timeout_s` scores `fallback` for that sample; failures are counted and logged once per batch with one
 example, and `reward.max_failed_steps` steps in a row in which every call failed stop the run.
+The name `remote` is an HTTP reward server (grpo_megatron/rollout/remote_reward.py, its options the
+client's): it is called once per step with every sample and batches, retries and times out by itself.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_reward(name: str, options: dict) -> Callable:
+    if name == "remote":  # an HTTP reward server, called once per step with every sample (batched)
+        from grpo_megatron.rollout.remote_reward import RemoteReward
+
+        return RemoteReward(**options)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -49,10 +55,16 @@ class RewardRunner:
         self._failed_steps = 0  # steps in a row in which every call failed
 
     def _result(self, name: str, future: concurrent.futures.Future, text: str, answer,
-                errors: list[str]) -> float:
-        """The call's value, or `fallback` with what went wrong appended to `errors`."""
+                errors: list[str], index: int | None = None) -> float:
+        """The call's value (item `index` of a batched call's), or `fallback` with what went wrong appended to
+        `errors`. A batched call bounds its own time (the remote client's time-out and retries)."""
         try:
-            return float(future.result(timeout=self.cfg.timeout_s))
+            if index is None:
+                return float(future.result(timeout=self.cfg.timeout_s))
+            value = future.result()[index]
+            if value is None:
+                raise RuntimeError("the batch holding it failed (see the warning above)")
+            return float(value)
         except concurrent.futures.TimeoutError:
             errors.append(f"reward {name} timed out after {self.cfg.timeout_s:.1f}s on response {text[:200]!r} "
                           f"(answer {answer!r})")
@@ -64,12 +76,17 @@ class RewardRunner:
     def score(self, prompts: list[str], texts: list[str], answers: list, metas: list[dict]) -> list[float]:
         """Weighted sum of the reward functions per sample. Every call is submitted before any is awaited,
         so slow rewards (math verification, sandboxes) run `max_workers` at a time instead of one by one."""
+        metas = [{**meta, "prompt": prompt} for prompt, meta in zip(prompts, metas)]
+        batched = {name: self._pool.submit(fn.score_batch, texts, answers, metas)
+                   for name, _, fn in self.functions if hasattr(fn, "score_batch")}
         calls = []
-        for prompt, text, answer, meta in zip(prompts, texts, answers, metas):
-            meta = {**meta, "prompt": prompt}
-            calls.append([(name, weight, self._pool.submit(fn, text, answer, meta)) for name, weight, fn in self.functions])
+        for i, (text, answer, meta) in enumerate(zip(texts, answers, metas)):
+            calls.append([(name, weight, batched[name], i) if name in batched else
+                          (name, weight, self._pool.submit(fn, text, answer, meta), None)
+                          for name, weight, fn in self.functions])
         errors: list[str] = []
-        scores = [sum(weight * self._result(name, future, text, answer, errors) for name, weight, future in sample_calls)
+        scores = [sum(weight * self._result(name, future, text, answer, errors, index)
+                      for name, weight, future, index in sample_calls)
                   for sample_calls, text, answer in zip(calls, texts, answers)]
         self.last_failed, self.last_calls = len(errors), len(texts) * len(self.functions)
         self.failures += len(errors)
