@@ -94,6 +94,10 @@ class RolloutConfig:
     use_engine_logprobs: bool = False  # old log-probs from the engine instead of a policy forward pass
     dynamic_sampling: bool = False  # DAPO: keep only groups with reward std > 0, refill from more prompts
     max_sampling_rounds: int = 4  # cap on generation rounds per step when dynamic sampling refills
+    mode: str = "sync"  # sync | one_step_off (batch t+1 generated with weights t) | async (continuous, bounded)
+    max_staleness: int = 1  # async: versions a trained token may be behind the trainer
+    stale_groups: str = "regenerate"  # async: a group staler than max_staleness is regenerated or dropped
+    partial_rollouts: bool = False  # async: push weights mid-generation; responses go on under the new ones
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     function: str = ""  # "" single turn | tool_loop | package.module:function (grpo_megatron/rollout/functions.py)
     function_options: dict = field(default_factory=dict)  # passed to the function as context.options
@@ -220,6 +224,7 @@ class RunConfig:
         if self.algorithm.routing_replay not in ("none", "r2", "r3"):
             raise ConfigError(f"algorithm.routing_replay={self.algorithm.routing_replay!r}: use none, r2 or r3")
         self._validate_rollout_correction()
+        self._validate_rollout_mode()
         self._validate_rollout_function()
         batch = self.rollout.prompts_per_step * self.rollout.group_size
         if batch % self.train.num_minibatches:
@@ -251,6 +256,20 @@ class RunConfig:
                 check_tools_config(self.rollout.tools)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def _validate_rollout_mode(self) -> None:
+        r = self.rollout
+        if r.mode not in ("sync", "one_step_off", "async"):
+            raise ConfigError(f"rollout.mode={r.mode!r}: use sync, one_step_off or async")
+        if r.stale_groups not in ("regenerate", "drop"):
+            raise ConfigError(f"rollout.stale_groups={r.stale_groups!r}: use regenerate or drop")
+        if r.max_staleness < 1:
+            raise ConfigError(f"rollout.max_staleness={r.max_staleness}: must be >= 1 (0 is rollout.mode sync)")
+        if r.partial_rollouts and r.mode != "async":
+            raise ConfigError("rollout.partial_rollouts needs rollout.mode async (weights change mid-generation)")
+        if r.mode != "sync" and self.algorithm.rollout_correction.mode == "none" and not r.use_engine_logprobs:
+            raise ConfigError(f"rollout.mode={r.mode} trains on samples of older weights: set algorithm."
+                              "rollout_correction.mode (e.g. tis) or rollout.use_engine_logprobs true")
 
     def _validate_rollout_correction(self) -> None:
         from grpo_megatron.algorithms import ROLLOUT_CORRECTIONS, ROLLOUT_IS_LEVELS

@@ -48,6 +48,9 @@ class Completion:
     included in response_ids) and "length" when it was cut at max_new_tokens.
     routed_experts (MoE only, when asked) is int32 [len(prompt) + len(response) - 1, num_moe_layers, topk]:
     row j holds the experts of the forward at position j, i.e. the one that produced token j + 1.
+    weight_version is the version generation started under; token_versions[i] (when weights were updated
+    during the generation) the version that sampled response_ids[i], and so also of routed_experts row
+    len(prompt) - 1 + i.
     """
 
     prompt_ids: list[int]
@@ -56,6 +59,13 @@ class Completion:
     finish_reason: str
     routed_experts: torch.Tensor | None = None
     weight_version: int = 0
+    token_versions: list[int] | None = None  # per response token, where weights changed mid-generation
+
+    @property
+    def versions(self) -> list[int]:
+        """The weight version of every response token (weight_version throughout unless the engine says more)."""
+        return list(self.token_versions) if self.token_versions is not None else [self.weight_version] * len(
+            self.response_ids)
 
 
 class RolloutEngine(ABC):

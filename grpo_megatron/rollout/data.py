@@ -163,8 +163,12 @@ class PromptLoader:
         return order
 
     def next_batch(self) -> list[PromptItem]:
+        return self.next_items(self._batch_size)
+
+    def next_items(self, count: int) -> list[PromptItem]:
+        """The next `count` prompts of the endless sequence (a batch may be drawn in parts)."""
         batch = []
-        while len(batch) < self._batch_size:
+        while len(batch) < count:
             if self._position == len(self._order):
                 self._epoch += 1
                 self._position = 0
@@ -178,8 +182,18 @@ class PromptLoader:
             yield self.next_batch()
 
     @property
+    def dataset(self) -> PromptDataset:
+        return self._dataset
+
+    @property
     def epoch(self) -> int:
         return self._epoch
+
+    @property
+    def drawn(self) -> int:
+        """Prompts drawn since the start of the run: the serial number of the next draw (logged per step,
+        so a resumed run can be checked to train every draw exactly once)."""
+        return self._epoch * len(self._dataset) + self._position
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch, "position": self._position, "seed": self._seed}

@@ -27,6 +27,9 @@ class Sample:
     loss_mask: list[int] | None = None  # per response token: 1 sampled (trained), 0 inserted (tool output); None: all 1
     answer: str | None = None
     meta: dict = field(default_factory=dict)
+    weight_versions: list[int] | None = None  # [R] the weight version each response token was sampled under
+    prompt_index: int = -1  # the prompt's index in the training set
+    draw: int = -1  # serial number of the prompt's draw from the loader (PromptLoader.drawn)
     # filled by the trainer
     advantage: float = 0.0
     old_logprobs: torch.Tensor | None = None  # [R]

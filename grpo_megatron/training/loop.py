@@ -4,7 +4,9 @@ prompts -> rollout engine (G samples each) -> rewards -> [dynamic sampling refil
 -> old-policy log-probs -> [reference log-probs] -> num_minibatches optimizer steps -> weight sync.
 
 Rank 0 drives the rollout engine and broadcasts the step's samples; every rank then runs the same
-megatron passes on its share of the data.
+megatron passes on its share of the data. The rollout side (training/rollout_worker.py) runs inline in
+rollout.mode sync, or on a thread that fills a buffer (training/buffer.py) in one_step_off and async;
+this file is the training side and the step's order: take a batch, train, push weights, evaluate, save.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import itertools
 import logging
 import math
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import torch.distributed as dist
 
 from grpo_megatron.algorithms import (
     ADVANTAGE_ESTIMATORS, MAX_LOG_RATIO, adaptive_truncation_bound, compute_policy_loss, compute_rollout_correction,
-    dynamic_sampling_keep, loss_normalizer, overlong_reward_penalty, pass_at_k)
+    loss_normalizer, overlong_reward_penalty, pass_at_k)
 from grpo_megatron.algorithms.rollout_correction import unit_values
 from grpo_megatron.config import RunConfig, save_config, to_dict
 from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, model_dims
@@ -44,7 +47,9 @@ from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.metrics import MetricsLogger, PhaseTimer
 from grpo_megatron.training.reference import ReferenceModel
 from grpo_megatron.training.mismatch import rollout_correction_metrics, train_rollout_mismatch
+from grpo_megatron.training.prompt_log import PromptLog
 from grpo_megatron.training.reward_runner import RewardRunner
+from grpo_megatron.training.rollout_worker import RolloutWorker
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +112,8 @@ class Trainer:
                           for name, path in _eval_names(cfg.data.eval_files).items()}
         self.rewards = RewardRunner(cfg.reward)
         self.engine = make_engine(cfg, self.dtype) if _rank0() else None
+        self.worker = RolloutWorker(cfg, self.loader, self._generate_groups, self._score, self.sampling_params,
+                                    self.rewards.end_step, lambda: self.engine.weight_version)
         self.step = 0
         resume_from = ckpt.latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
         if resume_from is not None:
@@ -117,6 +124,7 @@ class Trainer:
             self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
                                          cfg.logging.wandb_project, to_dict(cfg),
                                          resume_step=self.step if resume_from is not None else None)
+            self.prompt_log = PromptLog(self.run_dir, self.step if resume_from is not None else None)
 
     # ------------------------------------------------------------------------------------ set-up
     def _check_replay_config(self) -> None:
@@ -148,13 +156,14 @@ class Trainer:
         state = ckpt.load_run_checkpoint(path, self.policy, self.actor.optimizer)
         self.step = state["step"]
         self.actor.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
+        self.worker.load_state_dict({**state.get("rollout", {}), "loader": state["loader"]}, version=self.step)
         self.sync_weights()
         if _rank0():
             logger.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path:
-        state = {"scheduler": self.actor.scheduler.state_dict(), "loader": self.loader.state_dict()}
+        rollout = self.worker.state_dict()  # buffer, draws to re-issue and the cursor, at one moment
+        state = {"scheduler": self.actor.scheduler.state_dict(), "loader": rollout.pop("loader"), "rollout": rollout}
         return ckpt.save_run_checkpoint(self.run_dir, self.step, self.policy, self.actor.optimizer, state,
                                         self.cfg.model.hf_path, self.cfg.checkpoint.keep_last)
 
@@ -189,55 +198,8 @@ class Trainer:
         return self.rewards.last_failed, self.rewards.last_calls
 
     def rollout(self) -> tuple[list[Sample], dict]:
-        """Rank 0: prompts -> samples with rewards (dynamic sampling refills zero-variance groups)."""
-        cfg = self.cfg.rollout
-        G = cfg.group_size
-        kept: list[Sample] = []
-        dropped: list[Sample] = []
-        drawn = failed = calls = 0
-        first_round_groups = None
-        for round_index in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
-            items = self.loader.next_batch()
-            drawn += len(items)
-            params = self.sampling_params(seed_offset=self.step * cfg.max_sampling_rounds + round_index)
-            samples = self._generate_groups(items, params, first_group=drawn - len(items))
-            round_failed, round_calls = self._score(samples)
-            failed, calls = failed + round_failed, calls + round_calls
-            if first_round_groups is None:
-                first_round_groups = samples
-            if not cfg.dynamic_sampling:
-                kept = samples
-                break
-            rewards = torch.tensor([s.reward for s in samples])
-            keep = dynamic_sampling_keep(rewards, G)
-            for g in range(len(items)):
-                group = samples[g * G:(g + 1) * G]
-                (kept if bool(keep[g]) else dropped).extend(group)
-            if len(kept) >= cfg.prompts_per_step * G:
-                break
-        target = cfg.prompts_per_step * G
-        shortfall = max(0, target - len(kept)) // G
-        batch = (kept + dropped)[:target]  # short of varied groups: fill with zero-advantage ones
-        self.rewards.end_step(failed, calls)
-        metrics = self._rollout_metrics(first_round_groups, batch, drawn, shortfall)
-        metrics["reward/error_frac"] = failed / max(calls, 1)
-        return batch, metrics
-
-    def _rollout_metrics(self, first_round: list[Sample], batch: list[Sample], drawn: int, shortfall: int) -> dict:
-        G = self.cfg.rollout.group_size
-        rewards = torch.tensor([s.reward for s in batch])
-        first = torch.tensor([s.reward for s in first_round]).view(-1, G)
-        lengths = torch.tensor([len(s.response_ids) for s in batch], dtype=torch.float32)
-        correct = rewards >= self.cfg.reward.correct_threshold
-        return {
-            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-            "reward/accuracy": float(correct.float().mean()),
-            "reward/zero_std_group_frac": float((first.std(dim=1) == 0).float().mean()),
-            "rollout/prompts_drawn": drawn, "rollout/dynamic_sampling_shortfall": shortfall,
-            "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
-            "response/truncation_rate": float(torch.tensor([s.truncated for s in batch]).float().mean()),
-            "rollout/tokens": int(sum(s.length for s in batch)),
-        }
+        """Rank 0: this step's batch, generated now (rollout.mode sync)."""
+        return self.worker.rollout_now(self.step)
 
     # ------------------------------------------------------------------------------------ training
     def _advantages(self, samples: list[Sample]) -> None:
@@ -431,6 +393,10 @@ class Trainer:
         j = 1, 2, 4, ... up to k. `eval/accuracy` and `eval/reward_mean` pool the greedy results of all files."""
         if not self.eval_sets or not _rank0():
             return {}
+        with self.worker.engine_access() if self._background() else nullcontext():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         cfg, threshold = self.cfg.eval, self.cfg.reward.correct_threshold
         greedy = self.sampling_params(0, greedy=True, n=1, max_new_tokens=cfg.max_new_tokens)
         metrics, pooled = {}, []
@@ -473,19 +439,27 @@ class Trainer:
         timer = PhaseTimer()
         start = time.perf_counter()
         with timer.phase("generation"):
-            batch, rollout_metrics = self.rollout() if _rank0() else (None, None)
+            if _rank0():
+                batch, rollout_metrics = self.worker.next_batch(self.step) if self._background() else self.rollout()
+                self.prompt_log.log(self.step + 1, batch)
+            else:
+                batch, rollout_metrics = None, None
             if _rank0() and self.routing:
                 compact_routes(batch, self.routing.num_experts)  # a byte per expert id to every rank, not int32
             batch, rollout_metrics = _broadcast((batch, rollout_metrics))
         train_metrics = self.train_on(batch, timer)
         self.step += 1
         with timer.phase("weight_sync"):
-            self.sync_weights()
+            with self.worker.weight_update(self.step) if _rank0() and self._background() else nullcontext():
+                self.sync_weights()
         elapsed = time.perf_counter() - start
         sync_metrics = self.engine.sync_metrics() if _rank0() else {}
         metrics = {**rollout_metrics, **train_metrics, **sync_metrics, **timer.times, "time/step": elapsed,
                    "throughput/tokens_per_s": rollout_metrics["rollout/tokens"] / elapsed}
         return metrics
+
+    def _background(self) -> bool:
+        return self.cfg.rollout.mode != "sync"
 
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGUSR1/SIGTERM (Slurm's warning before the time limit)."""
@@ -554,5 +528,6 @@ class Trainer:
 
     def close(self) -> None:
         if _rank0():
+            self.worker.close()
             self.metrics.close()
             self.engine.shutdown()
