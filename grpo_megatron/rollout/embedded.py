@@ -7,9 +7,15 @@ batch (and from the cache) as soon as they stop. As with SGLang's prefix cache, 
 distinct prompt of a micro-batch is prefilled once, and its KV cache, last logits and routes are copied to
 its n sample rows. Log-probs, finish reasons and MoE routed experts follow the conventions of `Completion`,
 so the trainer can replay them without caring which engine produced them.
+
+Weights may be updated from another thread while generate runs (async partial rollouts): the update waits
+for the next token boundary, where the generating thread applies it; generation then goes on under the new
+weights with the KV cache it has (like SGLang's in-place pause), and `token_versions` records the version
+of the forward that sampled each token (and produced its routes).
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -53,6 +59,9 @@ class EmbeddedEngine(RolloutEngine):
         self._generator = torch.Generator(self._device).manual_seed(seed)
         self._version = 0
         self._alive = True
+        self._updates = threading.Lock()  # guards the two fields below
+        self._generating = 0  # generate calls running
+        self._pending: list[tuple[list, int, threading.Event, list]] = []  # (tensors, version, done, error)
 
     @property
     def weight_version(self) -> int:
@@ -64,9 +73,30 @@ class EmbeddedEngine(RolloutEngine):
         return self._layout.expected_shapes
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load now, or, while another thread generates, at its next token boundary (and wait for that)."""
         self._check_alive()
-        self._layout.load(named_tensors)
-        self._version = version
+        with self._updates:
+            if not self._generating:
+                self._layout.load(named_tensors)
+                self._version = version
+                return
+            update = (list(named_tensors), version, threading.Event(), [])
+            self._pending.append(update)
+        update[2].wait()
+        if update[3]:
+            raise update[3][0]
+
+    def _apply_pending(self) -> None:
+        """On the generating thread, between two tokens: the updates other threads asked for, in order."""
+        with self._updates:
+            pending, self._pending = self._pending, []
+        for tensors, version, done, error in pending:
+            try:
+                self._layout.load(tensors)
+                self._version = version
+            except Exception as err:  # re-raised in update_weights' thread
+                error.append(err)
+            done.set()
 
     def shutdown(self) -> None:
         self._alive = False
@@ -87,11 +117,19 @@ class EmbeddedEngine(RolloutEngine):
         prompt_of_row = [p for p in range(len(prompts)) for _ in range(params.n)]
         rows_by_length = sorted(range(len(prompt_of_row)), key=lambda r: len(prompts[prompt_of_row[r]]))
         completions: list[Completion | None] = [None] * len(prompt_of_row)
-        with torch.inference_mode():
-            for rows in self._micro_batches(rows_by_length, [len(prompts[p]) for p in prompt_of_row], params):
-                batch = [prompts[prompt_of_row[r]] for r in rows]
-                for row, completion in zip(rows, self._generate_batch(batch, params, generator, return_routed_experts)):
-                    completions[row] = completion
+        with self._updates:
+            self._generating += 1
+        try:
+            with torch.inference_mode():
+                for rows in self._micro_batches(rows_by_length, [len(prompts[p]) for p in prompt_of_row], params):
+                    batch = [prompts[prompt_of_row[r]] for r in rows]
+                    for row, completion in zip(rows, self._generate_batch(batch, params, generator,
+                                                                          return_routed_experts)):
+                        completions[row] = completion
+        finally:
+            with self._updates:
+                self._generating -= 1
+            self._apply_pending()  # one that arrived after the last token
         return [completions[p * params.n:(p + 1) * params.n] for p in range(len(prompts))]
 
     def _micro_batches(self, rows: list[int], prompt_lengths: list[int], params: SamplingParams) -> list[list[int]]:
@@ -128,7 +166,9 @@ class EmbeddedEngine(RolloutEngine):
         input_ids, attention_mask = input_ids.to(self._device), attention_mask.to(self._device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self._model.config)
+        self._apply_pending()
         logits, prefill_routes = self._forward(input_ids, attention_mask, position_ids, cache, record_routes)
+        logits_version = self._version
         if len(distinct) < batch_size:
             # Index selection rather than batch_repeat_interleave(n): prompts of a micro-batch may have unequal
             # row counts (part of a split group, or a prompt given twice).
@@ -141,6 +181,7 @@ class EmbeddedEngine(RolloutEngine):
         active = torch.arange(batch_size, device=self._device)  # batch rows still generating
         responses: list[list[int]] = [[] for _ in range(batch_size)]
         logprobs: list[list[float]] = [[] for _ in range(batch_size)]
+        versions: list[list[int]] = [[] for _ in range(batch_size)]
         stopped = [False] * batch_size
         decode_routes: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
         for step in range(params.max_new_tokens):
@@ -150,6 +191,7 @@ class EmbeddedEngine(RolloutEngine):
                                                  is_stop.tolist()):
                 responses[row].append(token)
                 logprobs[row].append(logprob)
+                versions[row].append(logits_version)
                 stopped[row] = stop
             keep = ~is_stop
             if step == params.max_new_tokens - 1 or not keep.any():
@@ -159,8 +201,10 @@ class EmbeddedEngine(RolloutEngine):
                 active, tokens = active[keep], tokens[keep]
                 attention_mask, next_position = attention_mask[keep], next_position[keep]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
+            self._apply_pending()
             logits, routes = self._forward(tokens[:, None], attention_mask, next_position[:, None], cache,
                                            record_routes)
+            logits_version = self._version
             next_position = next_position + 1
             if record_routes:
                 for i, row in enumerate(active.tolist()):
@@ -176,7 +220,7 @@ class EmbeddedEngine(RolloutEngine):
             completions.append(Completion(
                 prompt_ids=list(prompt), response_ids=responses[row], response_logprobs=logprobs[row],
                 finish_reason="stop" if stopped[row] else "length", routed_experts=routed,
-                weight_version=self._version,
+                weight_version=versions[row][0], token_versions=versions[row],
             ))
         return completions
 

@@ -44,7 +44,8 @@ def sample_from_completion(item: dict, out: Completion) -> Sample:
     """One engine completion of `item` as a Sample (every response token sampled, so loss_mask None)."""
     return Sample(prompt_ids=list(out.prompt_ids), response_ids=list(out.response_ids), group=0,
                   truncated=out.finish_reason == "length", engine_logprobs=list(out.response_logprobs),
-                  routed_experts=out.routed_experts, answer=item["answer"], meta=dict(item["meta"]))
+                  routed_experts=out.routed_experts, answer=item["answer"], meta=dict(item["meta"]),
+                  weight_versions=out.versions)
 
 
 def single_turn(engine: RolloutEngine, items: list[dict], params: SamplingParams,
