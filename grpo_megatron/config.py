@@ -53,16 +53,19 @@ class SGLangConfig:
     timeout_s: float = 300.0
     max_in_flight: int = 64
     weight_sync: str = "disk"  # tensor | distributed | disk
-    bucket_mb: int = 512
+    bucket_mb: float = 512.0  # weight-sync bucket (MiB): a sender holds at most two; fractions split tiny models
     retries: int = 4  # tries per request (connection errors, 5xx), across servers
     server_tp_size: int = 1  # TP ranks per server: copies of each tensor bucket / ranks in the update group
-    update_master_address: str = "127.0.0.1"  # distributed mode: where the servers reach the trainer's rank 0
+    colocated: bool = False  # servers on the trainer's GPUs: server i's TP rank j shares trainer rank i*tp+j's GPU
+    update_master_address: str = ""  # distributed mode: trainer rank 0's address for the servers ("" = the
+    # address of this host on the route to the first server)
     update_master_port: int = 0  # 0 = a free port
     update_backend: str = ""  # "" = nccl on GPU, gloo on CPU
-    disk_dir: str = ""  # disk mode: directory the servers can read ("" = a temporary directory)
+    disk_dir: str = ""  # disk mode: directory every server node reads ("" = a temporary one, local servers only)
     probe_tokens: int = 16  # post-sync probe length (0 = off)
     probe_tolerance: float = 0.0  # max |dlogprob| of the probe (0 = log only)
-    gpu_servers: bool = False  # release/resume server memory around training (GPU only)
+    gpu_servers: bool = False  # GPU servers: colocated ones release their memory for training (memory saver)
+    probe_on_gpu_servers: bool = False  # the probe holds an fp32 model copy on rank 0's CPU: off for GPU servers
 
 
 @dataclass

@@ -380,11 +380,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ sync / eval
     def sync_weights(self) -> None:
-        from grpo_megatron.models.hf_weights import export_hf_weights
+        """Stream the policy to the engine in buckets (training/weight_push.py); every rank takes part."""
+        from grpo_megatron.training.weight_push import WeightPush
 
-        weights = [(name, tensor.clone()) for name, tensor in export_hf_weights(self.policy)]
-        if _rank0():
-            self.engine.update_weights(weights, version=self.step)
+        if getattr(self, "_weight_push", None) is None:
+            self._weight_push = WeightPush(self.cfg, self.engine)
+        self._weight_push.run(self.policy, version=self.step)
 
     def evaluate(self) -> dict:
         """Held-out evaluation on rank 0 (the engine has the current weights), each eval file on its own:

@@ -71,6 +71,7 @@ class MockState:
     updates: list[dict] = field(default_factory=list)  # per weight update: route, names, version, flush, ignored
     lock: threading.Lock = field(default_factory=threading.Lock)  # the model copies
     sched: threading.Condition = field(default_factory=threading.Condition)  # pause_mode and running
+    released: set[str] = field(default_factory=set)  # memory regions released (weights, kv_cache)
 
     def __post_init__(self):
         self.engine = EmbeddedEngine(self.model_dir)
@@ -208,6 +209,8 @@ def update(state: MockState, route: str, req: dict) -> tuple[int, dict]:
     in-place pause keeps requests running fails the request after the weights changed.
     """
     needs_session = route in ("/update_weights_from_tensor", "/update_weights_from_distributed")
+    if "weights" in state.released:
+        return 400, {"success": False, "message": "weights are released; /resume_memory_occupation first"}
     if needs_session and not state.in_session:
         return 400, {"success": False, "message": "update_weights requires an open weight update session; "
                                                   "call /begin_weight_update first"}
@@ -257,12 +260,26 @@ def _receive(state: MockState, route: str, req: dict) -> list[list[tuple[str, to
 
 
 def _receive_broadcasts(member: ProcessGroupGloo, req: dict) -> list[tuple[str, torch.Tensor]]:
-    """model_runner weight_updater.receive_weights_from_distributed: one broadcast from rank 0 per tensor."""
+    """model_runner weight_updater.receive_weights_from_distributed: one broadcast from rank 0 per tensor, or with
+    load_format "flattened_bucket" one of the whole bucket, tensors back to back (weight_sync/tensor_bucket.py)."""
+    specs = [(name, getattr(torch, dtype), torch.Size(shape))
+             for name, dtype, shape in zip(req["names"], req["dtypes"], req["shapes"])]
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    if req.get("load_format") == "flattened_bucket":
+        sizes = [dtype.itemsize * shape.numel() for _, dtype, shape in specs]
+        flat = torch.empty(sum(sizes), dtype=torch.uint8)
+        member.broadcast([flat], options).wait()
+        named, offset = [], 0
+        for (name, dtype, shape), size in zip(specs, sizes):
+            if offset % dtype.itemsize:
+                raise ValueError(f"Misaligned offset {offset} for tensor {name} of dtype {dtype}")
+            named.append((name, flat[offset:offset + size].view(dtype).view(shape)))
+            offset += size
+        return named
     named = []
-    for name, dtype, shape in zip(req["names"], req["dtypes"], req["shapes"]):
-        tensor = torch.empty(shape, dtype=getattr(torch, dtype))
-        options = dist.BroadcastOptions()
-        options.rootRank = 0
+    for name, dtype, shape in specs:
+        tensor = torch.empty(shape, dtype=dtype)
         member.broadcast([tensor], options).wait()
         named.append((name, tensor))
     return named
@@ -295,6 +312,19 @@ def _load(state: MockState, route: str, received: list) -> list[str]:
         raise ValueError(f"Failed to update parameter online: {bad[0]}. The full weights of the ModelRunner are "
                          f"partially updated. Please discard the whole weights.")
     return ignored
+
+
+def memory_occupation(state: MockState, path: str, req: dict) -> tuple[int, dict]:
+    """scheduler memory_saver: release/resume the tagged regions (None = all). Not modelled: SGLang frees
+    anything only with --enable-memory-saver; loading weights into released memory is refused here (SGLang
+    would write to unmapped memory)."""
+    tags = set(req.get("tags") or ["weights", "kv_cache"])
+    if path == "/release_memory_occupation":
+        state.released |= tags
+    else:
+        state.released -= tags
+    state.log.append(f"({path.strip('/')} {','.join(sorted(tags))})")
+    return 200, {"success": True, "message": ""}
 
 
 def init_group(state: MockState, req: dict) -> tuple[int, dict]:
@@ -416,6 +446,8 @@ class Handler(BaseHTTPRequestHandler):
             return 200, {"message": "Generation continued successfully.", "status": "ok"}
         if path == "/abort_request" and method == "POST":
             return abort(state, req)
+        if path in ("/release_memory_occupation", "/resume_memory_occupation") and method == "POST":
+            return memory_occupation(state, path, req)
         return self._mock_route(method, path, query, req)
 
     def _mock_route(self, method: str, path: str, query: str, req: dict) -> tuple[int, object]:
@@ -439,6 +471,7 @@ class Handler(BaseHTTPRequestHandler):
             state.updates.clear()
             state.token_delay_s = 0.0
             state.in_session = False  # a test that failed mid-sync leaves no session to the next one
+            state.released.clear()
             return 200, {"ok": True}
         return 404, {"detail": "Not Found"}
 

@@ -18,7 +18,8 @@ from grpo_megatron.rollout.sglang import (
     DiskSync, DistributedSync, ProbeCheck, ProbeMismatchError, RetryPolicy, SGLangEngine, ServerPool,
     ServerRequestError, ServerUnavailableError, TensorSync,
 )
-from grpo_megatron.rollout.sglang.weight_sync import _flat_views, _pickle, buckets
+from grpo_megatron.models.weight_stream import pack
+from grpo_megatron.rollout.sglang.weight_sync import _pickle, _shared_alloc
 from grpo_megatron.parallel import free_port
 from tests.conftest import REPO
 from tests.sglang.conftest import mock_servers, request_log, server_weights, weight_updates
@@ -95,15 +96,16 @@ def test_probe_reports_a_server_that_missed_the_weights(mock, tiny_hf_dir):
 
 def test_buckets_respect_the_size_limit():
     tensors = [(str(i), torch.zeros(256)) for i in range(10)]  # 1 KiB each
-    sizes = [len(b) for b in buckets(tensors, 3 * 1024)]
-    assert sizes == [3, 3, 3, 1]
-    assert [len(b) for b in buckets([("big", torch.zeros(4096))], 1024)] == [1]
+    packed = list(pack(tensors, 3 * 1024))
+    assert [len(b.names) for b in packed] == [3, 3, 3, 1]
+    assert [b.last for b in packed] == [False, False, False, True]
+    assert [len(b.names) for b in pack([("big", torch.zeros(4096))], 1024)] == [1]
 
 
 def test_config_of_written_checkpoint_is_copied(tiny_hf_dir, tmp_path, mock):
     model_dir = tiny_hf_dir("qwen3_moe")
     sync = DiskSync(ServerPool(mock[:1]), 1, model_dir, tmp_path)
-    sync.write_checkpoint(new_weights(model_dir, 0), tmp_path / "ck")
+    sync.write_checkpoint(pack(new_weights(model_dir, 0), sync.bucket_bytes), tmp_path / "ck")
     assert AutoConfig.from_pretrained(tmp_path / "ck").model_type == "qwen3_moe"
 
 
@@ -123,19 +125,23 @@ def test_tensor_sync_leaves_no_process_holding_the_trainers_output(mock, tiny_hf
 
 
 def test_a_bucket_travels_as_views_of_one_shared_buffer():
-    """Mixed dtypes/shapes come back exact, all mapping one shared storage (one shm registration per bucket)."""
+    """Mixed dtypes/shapes come back exact, all mapping one shared storage (one shm registration per bucket);
+    a tensor whose offset would not be a multiple of its element size starts the next bucket (SGLang's
+    flattened-bucket layout has no padding)."""
     import base64
-    import io
     from multiprocessing.reduction import ForkingPickler
 
     torch.multiprocessing.set_sharing_strategy("file_system")
-    bucket = [("a", torch.randn(3, 5)), ("b", torch.randn(7).to(torch.bfloat16)), ("c", torch.arange(5)),
-              ("d", torch.randn(2, 3, 4).double()), ("e", torch.tensor(1.5))]
-    loaded = ForkingPickler.loads(base64.b64decode(_pickle(_flat_views(bucket))))
-    assert [n for n, _ in loaded] == [n for n, _ in bucket]
-    for (_, want), (_, got) in zip(bucket, loaded):
+    tensors = [("a", torch.randn(3, 5)), ("b", torch.randn(2).to(torch.bfloat16)), ("c", torch.arange(5)),
+               ("d", torch.randn(2, 3, 4).double()), ("e", torch.tensor(1.5)), ("f", torch.randn(3).half()),
+               ("g", torch.randn(2))]
+    packed = list(pack(tensors, 1 << 20, _shared_alloc))
+    assert [b.names for b in packed] == [["a", "b", "c", "d", "e", "f"], ["g"]]  # g at byte 306: not 4-aligned
+    loaded = [entry for b in packed for entry in ForkingPickler.loads(base64.b64decode(_pickle(b.tensors())))]
+    assert [n for n, _ in loaded] == [n for n, _ in tensors]
+    for (_, want), (_, got) in zip(tensors, loaded):
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
-    assert len({t.untyped_storage().data_ptr() for _, t in loaded}) == 1
+    assert len({t.untyped_storage().data_ptr() for _, t in loaded[:6]}) == 1
     assert all(t.is_shared() for _, t in loaded)
 
 
@@ -149,7 +155,7 @@ def test_a_model_of_several_buckets_arrives_whole(mode, mock, tiny_hf_dir):
     model_dir = tiny_hf_dir("qwen3_moe")
     sync = make_sync(mode, ServerPool(mock), model_dir, bucket_mb=SMALL_BUCKET_MB)
     weights = new_weights(model_dir, seed=11)
-    count = len(list(buckets(weights, sync.bucket_bytes)))
+    count = len(list(pack(weights, sync.bucket_bytes, dry=True)))
     assert count >= 3
     try:
         sync.push(weights, version=9)
@@ -195,13 +201,14 @@ def test_each_server_tp_rank_gets_its_own_pickle_of_a_bucket(monkeypatch):
     posted = []
 
     class RecordingPool:
-        urls = ["http://server-a", "http://server-b"]
+        urls = ["http://127.0.0.1:1", "http://localhost:2"]  # tensor mode needs servers on this host
 
         def call(self, url, method, path, payload, timeout_s=None, retry=True):
             posted.append(payload)
 
     sync = TensorSync(RecordingPool(), bucket_mb=SMALL_BUCKET_MB, tp_size=3)
-    sync.transfer([(str(i), torch.randn(64, 256)) for i in range(2)], "1")  # 64 KiB each: two buckets
+    tensors = [(str(i), torch.randn(64, 256)) for i in range(2)]  # 64 KiB each: two buckets
+    sync.transfer(pack(tensors, sync.bucket_bytes, sync.alloc), "1")
     assert [len(p["serialized_named_tensors"]) for p in posted] == [3] * 4  # 2 buckets x 2 servers
     assert len(increfs) == 12
 
@@ -211,7 +218,8 @@ def test_a_server_given_fewer_payloads_than_tp_ranks_dies(tiny_hf_dir):
     with mock_servers(tiny_hf_dir("qwen3_moe"), 1, tp_size=2) as (urls, procs):
         pool = ServerPool(urls, retry=RetryPolicy(attempts=2, backoff_s=0.05))
         pool.call(urls[0], "POST", "/begin_weight_update", {})
-        payload = {"serialized_named_tensors": [_pickle(_flat_views([("model.norm.weight", torch.ones(8))]))]}
+        bucket = next(pack([("model.norm.weight", torch.ones(8))], 1 << 20, _shared_alloc))
+        payload = {"serialized_named_tensors": [_pickle(bucket.tensors())]}
         with pytest.raises(ServerUnavailableError):
             pool.call(urls[0], "POST", "/update_weights_from_tensor", payload)
         assert procs[0].wait(10) == 1

@@ -4,10 +4,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 
+from grpo_megatron.models.weight_stream import Bucket, pack
 from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
 from grpo_megatron.rollout.sglang.probe import ProbeCheck
 from grpo_megatron.rollout.sglang.protocol import ABORTED, finish_type, generate_payload, outputs_of, parse_completion
@@ -42,6 +43,7 @@ class SGLangEngine(RolloutEngine):
         self.last_sync: dict[str, float] = {}
         self._version = 0
         self._alive = True
+        self._released = False
 
     @property
     def weight_version(self) -> int:
@@ -81,18 +83,36 @@ class SGLangEngine(RolloutEngine):
             return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Push to every server in the configured mode; then the probe check when one is configured."""
+        """Push full tensors held in this process (packed into buckets here); see push_buckets."""
+        self.push_buckets(pack(named_tensors, self.sync.bucket_bytes, self.sync.alloc), version)
+
+    def push_buckets(self, buckets: Iterable[Bucket], version: int) -> None:
+        """Push streamed buckets to every server in the configured mode; then the probe check when configured.
+
+        Servers that released their memory for training get their weights' memory back first and their KV cache
+        after the push, so weights and KV cache are never both resident beside the trainer's sync buffers.
+        """
         self._check_alive()
-        tensors = list(named_tensors)
+        if self._released:
+            self._memory("/resume_memory_occupation", ["weights"])
         start = time.perf_counter()
-        moved = self.sync.push(tensors, version)
+        moved = self.sync.push_buckets(self._observed(buckets), version)
         seconds = time.perf_counter() - start
+        if self._released:
+            self._memory("/resume_memory_occupation", ["kv_cache"])
+            self._released = False
         self._version = version
         self.last_sync = {"bytes": float(moved), "seconds": seconds, "mb_per_s": moved / 2**20 / max(seconds, 1e-9)}
         logger.info("weight sync v%d: %.1f MB in %.2f s (%.0f MB/s per server)", version, moved / 2**20, seconds,
                     self.last_sync["mb_per_s"])
         if self.probe is not None:
-            self.last_sync["probe_max_abs_diff"] = self.probe.run(self.pool, tensors, version)
+            self.last_sync["probe_max_abs_diff"] = self.probe.check(self.pool, version)
+
+    def _observed(self, buckets: Iterable[Bucket]) -> Iterator[Bucket]:
+        for bucket in buckets:
+            if self.probe is not None:
+                self.probe.observe(bucket.tensors())
+            yield bucket
 
     def sync_metrics(self) -> dict[str, float]:
         return {f"weight_sync/{key}": value for key, value in self.last_sync.items()}
@@ -111,19 +131,17 @@ class SGLangEngine(RolloutEngine):
             self.pool.call(url, "POST", "/abort_request", {"rid": "", "abort_all": True})
 
     def release_memory(self) -> None:
-        """Free server GPU memory during training (colocated); a CPU server would die, so it is skipped."""
-        self._memory("/release_memory_occupation")
-
-    def resume_memory(self) -> None:
-        self._memory("/resume_memory_occupation")
-
-    def _memory(self, path: str) -> None:
-        if not self.gpu_servers:
-            logger.info("%s skipped: it is GPU-only (SGLang calls torch.cuda on it) and these servers run on CPU",
-                        path)
+        """Free the colocated servers' GPU memory (weights and KV cache) for training; a no-op for CPU servers
+        (SGLang calls torch.cuda there). Needs servers started with --enable-memory-saver, else SGLang frees
+        nothing. The next push_buckets resumes it."""
+        if self._released or not self.gpu_servers:
             return
+        self._memory("/release_memory_occupation", ["weights", "kv_cache"])
+        self._released = True
+
+    def _memory(self, path: str, tags: list[str]) -> None:
         for url in self.pool.urls:
-            self.pool.call(url, "POST", path, {})
+            self.pool.call(url, "POST", path, {"tags": tags})
 
     def shutdown(self) -> None:
         if self._alive:

@@ -2,7 +2,9 @@
 
 The reference is an in-process transformers model loaded with exactly the tensors just pushed,
 so a mismatch means the server did not apply them (wrong names, dtype, a missed shard), not that trainer and
-server numerics differ. It costs one CPU forward of the full model per sync: meant for small models and CI.
+server numerics differ. It holds an fp32 copy of the model on rank 0's CPU and the pushed buckets until the check,
+and costs one CPU forward per sync: meant for small models and CPU servers, so it is off for GPU servers
+(rollout.sglang.gpu_servers) unless rollout.sglang.probe_on_gpu_servers asks for it.
 """
 from __future__ import annotations
 
@@ -32,6 +34,16 @@ class ProbeCheck:
         self.model = transformers.AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32).eval()
         self.layout = CheckpointLayout(self.model)
         self.probe_ids, self.tolerance = probe_ids, tolerance
+        self._pushed: list[tuple[str, torch.Tensor]] = []
+
+    def observe(self, named_tensors: NamedTensors) -> None:
+        """Remember tensors being pushed (references, no copy) for the next check."""
+        self._pushed.extend(named_tensors)
+
+    def check(self, pool: ServerPool, version: int) -> float:
+        """Load what was observed into the reference and compare it with every server (see run)."""
+        pushed, self._pushed = self._pushed, []
+        return self.run(pool, pushed, version)
 
     def run(self, pool: ServerPool, named_tensors: NamedTensors, version: int) -> float:
         """Max |server - reference| log-prob over the probe and all servers; raises past a non-zero tolerance."""

@@ -1,16 +1,20 @@
-"""Pushing the trainer's HF-named full tensors to SGLang servers, in SGLang's three ways.
+"""Pushing the trainer's weights, as buckets (grpo_megatron.models.weight_stream), to SGLang servers.
 
 Every mode runs the same envelope on each server: `/begin_weight_update`, the mode's transfer (the last request
 carries `weight_version` and `flush_cache: true`, so the server drops the KV cache of the old weights as it applies
 them; a separate `/flush_cache` call cost ~0.45 s per sync on SGLang 0.5.23, in-request ~0), `/end_weight_update`.
 SGLang rejects tensor and distributed updates outside begin/end with HTTP 400; servers that predate the session
 routes answer 404 to begin, and then the envelope is skipped for them (logged once).
-- tensor: `/update_weights_from_tensor` with the tensors pickled by torch's ForkingPickler (shared memory, so
-  the server must be on this host), base64, one pickle per server and TP rank, in buckets of `bucket_mb`.
-- distributed: `/init_weights_update_group` once, then per bucket `/update_weights_from_distributed` (names,
-  dtypes, shapes) while rank 0 broadcasts the bucket's tensors in that order (gloo on CPU, NCCL on GPU).
-- disk: an HF checkpoint (safetensors + the model's config files) under `disk_dir`, then
-  `/update_weights_from_disk`; the servers must see the same filesystem.
+A bucket is sent while the next is assembled (one worker thread), so a sender holds at most two buckets.
+- tensor: `/update_weights_from_tensor`, the bucket's tensors pickled by torch's ForkingPickler (CUDA IPC on GPU,
+  shared memory on CPU), one pickle per server TP rank. Colocated, each trainer rank pickles its own copy for the
+  server TP rank on its GPU and the server's first rank posts them together; otherwise every server must be on
+  this host.
+- distributed: `/init_weights_update_group` once (rank 0 of the trainer and every TP rank of every server), then
+  per bucket `/update_weights_from_distributed` with `load_format: flattened_bucket` while rank 0 broadcasts the
+  bucket's bytes in one call (gloo on CPU, NCCL on GPU).
+- disk: the bucket bytes written as safetensors shards under `disk_dir` (a staging directory renamed into place,
+  older versions removed), then `/update_weights_from_disk`; every server must see that directory.
 """
 from __future__ import annotations
 
@@ -20,18 +24,21 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import save_file
 
+from grpo_megatron.models.weight_stream import Alloc, Bucket, pack, plain_alloc
 from grpo_megatron.rollout.sglang.errors import ServerRequestError
 from grpo_megatron.rollout.sglang.transport import ServerPool
 from grpo_megatron.rollout.sglang.update_group import join_update_group
@@ -43,43 +50,107 @@ _CONFIG_FILES = ("config.json", "generation_config.json")
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
 
-def buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Consecutive groups of tensors of at most bucket_bytes each (a bigger tensor goes alone)."""
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
+def bucket_bytes(bucket_mb: float) -> int:
+    if not bucket_mb > 0:
+        raise ValueError(f"rollout.sglang.bucket_mb={bucket_mb}: must be > 0 (512 is the default)")
+    return max(1, int(bucket_mb * 2**20))  # a fraction of a MiB splits small test models
+
+
+def is_local_host(url: str) -> bool:
+    """Whether the server at `url` runs on this host (loopback, this host's name, or one of its addresses)."""
+    host = urlparse(url).hostname or ""
+    if host in ("localhost", socket.gethostname(), socket.getfqdn()) or host.startswith("127."):
+        return True
+    try:
+        local = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+        return socket.gethostbyname(host) in local
+    except OSError:
+        return False
+
+
+def reachable_address(url: str) -> str:
+    """This host's address on the route to the server at `url` (what the server can connect back to)."""
+    host = urlparse(url).hostname or "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((socket.gethostbyname(host), urlparse(url).port or 80))  # UDP: no packet is sent
+        return probe.getsockname()[0]
+
+
+class Pipelined:
+    """Runs `send(bucket)` in one worker thread while the caller assembles the next bucket.
+
+    `submit` waits for the previous send first, so at most one bucket is in flight and one being filled.
+    """
+
+    def __init__(self, send: Callable[[Bucket], None]):
+        self.send = send
+        self._executor = ThreadPoolExecutor(1)
+        self._pending: Future | None = None
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def submit(self, bucket: Bucket) -> None:
+        self.wait()
+        self._pending = self._executor.submit(self._run, [bucket])
+
+    def _run(self, box: list) -> None:
+        """Send and drop the bucket before the future completes (the executor keeps its arguments a bit
+        longer, which would let a third bucket exist)."""
+        self.send(box.pop())
+
+    def __enter__(self) -> "Pipelined":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
 
 
 class WeightSync(ABC):
-    """One way of moving weights; `push` returns the bytes moved (per server copy) for throughput figures."""
+    """One way of moving weights; the push methods return the bytes moved (per server copy).
+
+    `to_every_rank`: every trainer rank must receive each bucket (colocated tensor mode), else rank 0 only.
+    `alloc`: where a bucket's buffer lives (shared memory for tensor mode on CPU).
+    """
+
+    to_every_rank = False
+    alloc: Alloc = staticmethod(plain_alloc)
 
     def __init__(self, pool: ServerPool, bucket_mb: float):
-        if not bucket_mb > 0:
-            raise ValueError(f"rollout.sglang.bucket_mb={bucket_mb}: must be > 0")
         self.pool = pool
-        self.bucket_bytes = max(1, int(bucket_mb * 2**20))  # a fraction of a MiB splits small test models
+        self.bucket_bytes = bucket_bytes(bucket_mb)
         self._sessionless: set[str] = set()
 
     def push(self, named_tensors: NamedTensors, version: int) -> int:
-        for url in self.pool.urls:
-            self._begin(url)
-        moved = self.transfer(named_tensors, str(version))
-        for url in self.pool.urls:
-            if url not in self._sessionless:
-                self.pool.call(url, "POST", "/end_weight_update", {})
+        """Push a list of full tensors (one process): packed into buckets here."""
+        return self.push_buckets(pack(named_tensors, self.bucket_bytes, self.alloc), version)
+
+    def push_buckets(self, buckets: Iterable[Bucket], version: int) -> int:
+        """The session envelope around the transfer; called on rank 0 (on every rank when `to_every_rank`)."""
+        leading = not dist.is_initialized() or dist.get_rank() == 0
+        if leading:
+            for url in self.pool.urls:
+                self._begin(url)
+        moved = self.transfer(buckets, str(version))
+        if self.to_every_rank and dist.is_initialized() and dist.get_world_size() > 1:
+            from grpo_megatron.parallel import control_group
+
+            dist.barrier(group=control_group())  # every rank's requests done before the session ends
+        if leading:
+            for url in self.pool.urls:
+                if url not in self._sessionless:
+                    self.pool.call(url, "POST", "/end_weight_update", {})
         return moved
 
     @abstractmethod
-    def transfer(self, named_tensors: NamedTensors, version: str) -> int:
-        """Send all tensors to every server; the last request carries `version` and flushes the cache."""
+    def transfer(self, buckets: Iterable[Bucket], version: str) -> int:
+        """Send all buckets to every server; the last request carries `version` and flushes the cache."""
 
     def close(self) -> None:
         """Release what the mode holds (process group, files)."""
@@ -94,70 +165,170 @@ class WeightSync(ABC):
                 logger.info("%s has no /begin_weight_update (older SGLang); updating without a session", url)
             self._sessionless.add(url)
 
-    def _post_all(self, path: str, payload: dict) -> None:
-        for url in self.pool.urls:
-            self.pool.call(url, "POST", path, payload)
+    def _post_all(self, path: str, payloads: dict[str, dict], retry: bool = True) -> None:
+        """One request per server, concurrently (url -> payload)."""
+        with ThreadPoolExecutor(len(payloads)) as executor:
+            calls = [executor.submit(self.pool.call, url, "POST", path, payload, None, retry)
+                     for url, payload in payloads.items()]
+            for call in calls:
+                call.result()
+
+
+def _shared_alloc(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A bucket buffer the server can map: shared memory on CPU (GPU memory travels as a CUDA IPC handle)."""
+    flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    if flat.device.type == "cpu":
+        for attempt in range(3):  # the shm daemon may miss its 1 s deadline under load; the share is idempotent
+            try:
+                flat.share_memory_()
+                break
+            except RuntimeError as err:
+                if "Shared memory manager" not in str(err) or attempt == 2:
+                    raise
+                logger.warning("retrying a shared-memory allocation for the weight sync: %s", err)
+    return flat
 
 
 class TensorSync(WeightSync):
-    def __init__(self, pool: ServerPool, bucket_mb: float, tp_size: int):
+    """Colocated (`colocated`, several trainer ranks): server i's TP rank j is trainer rank i * tp_size + j."""
+
+    alloc = staticmethod(_shared_alloc)
+
+    def __init__(self, pool: ServerPool, bucket_mb: float, tp_size: int, colocated: bool = False):
         super().__init__(pool, bucket_mb)
         self.tp_size = tp_size
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.to_every_rank = colocated and world > 1
+        if self.to_every_rank and world != len(pool.urls) * tp_size:
+            raise ValueError(f"colocated tensor weight sync maps server TP ranks onto trainer ranks: "
+                             f"{len(pool.urls)} server(s) x rollout.sglang.server_tp_size={tp_size} must equal the "
+                             f"trainer's {world} ranks; fix server_tp_size or the server count")
+        if not self.to_every_rank:
+            remote = [u for u in pool.urls if not is_local_host(u)]
+            if remote:
+                raise ValueError(f"rollout.sglang.weight_sync=tensor shares memory with the servers, but {remote[0]} "
+                                 f"is not on this host: set rollout.sglang.colocated=true with one server per "
+                                 f"server_tp_size trainer ranks, or use weight_sync: distributed or disk")
+        self._groups: dict[int, object] = {}
         # CPU tensors pickled with the default fd strategy need a live connection to the sender;
         # the file_system strategy lets the server map them by name (see cpu-platform-facts.md).
         mp.set_sharing_strategy("file_system")
         _start_shm_manager_detached()
 
-    def transfer(self, named_tensors: NamedTensors, version: str) -> int:
+    def transfer(self, buckets: Iterable[Bucket], version: str) -> int:
+        if self.to_every_rank:
+            return self._transfer_colocated(buckets, version)
         moved = 0
-        batches = list(buckets(named_tensors, self.bucket_bytes))
-        for i, bucket in enumerate(batches):
-            views, fields = _flat_views(bucket), _bucket_fields(i == len(batches) - 1, version)
-            for url in self.pool.urls:  # a pickle per server and TP rank: see _pickle
-                payload = {"serialized_named_tensors": [_pickle(views) for _ in range(self.tp_size)], **fields}
-                self.pool.call(url, "POST", "/update_weights_from_tensor", payload)
-            moved += sum(t.numel() * t.element_size() for _, t in bucket)
+
+        def send(bucket: Bucket) -> None:
+            views, fields = bucket.tensors(), _bucket_fields(bucket.last, version)
+            # a pickle per server and TP rank: see _pickle
+            self._post_all("/update_weights_from_tensor", {url: {
+                "serialized_named_tensors": [_pickle(views) for _ in range(self.tp_size)], **fields}
+                for url in self.pool.urls})
+
+        with Pipelined(send) as pipe:
+            for bucket in buckets:
+                pipe.submit(bucket)
+                moved += bucket.nbytes
         return moved
+
+    def _transfer_colocated(self, buckets: Iterable[Bucket], version: str) -> int:
+        """Each rank pickles its own copy; the server's first rank gathers its TP ranks' pickles and posts.
+
+        A pickle holds a reference on its buffer until the server rank unpickles it (shm refcount, CUDA IPC ref
+        counter), so a rank may drop its bucket at once; the first rank joins the gather of bucket k+1 only
+        after the request of bucket k returned, so a rank's buffers awaiting the server are at most two.
+        """
+        rank = dist.get_rank()
+        server, first = rank // self.tp_size, rank // self.tp_size * self.tp_size
+        group = self._server_group(server)
+        url = self.pool.urls[server]
+        moved = 0
+
+        def send(item: tuple[list[str], bool]) -> None:
+            pickles, last = item
+            self.pool.call(url, "POST", "/update_weights_from_tensor",
+                           {"serialized_named_tensors": pickles, **_bucket_fields(last, version)})
+
+        with Pipelined(send) as pipe:
+            for bucket in buckets:
+                mine = _pickle(bucket.tensors())
+                if rank == first:
+                    pipe.wait()
+                pickles: list | None = [None] * self.tp_size if rank == first else None
+                if group is None:
+                    pickles = [mine]
+                else:
+                    dist.gather_object(mine, pickles, dst=first, group=group)
+                if rank == first:
+                    pipe.submit((pickles, bucket.last))
+                moved += bucket.nbytes
+        return moved
+
+    def _server_group(self, server: int):
+        """A gloo group of each server's trainer ranks (built once, on every rank); None for TP 1."""
+        if self.tp_size == 1:
+            return None
+        if not self._groups:
+            for i in range(len(self.pool.urls)):
+                self._groups[i] = dist.new_group(list(range(i * self.tp_size, (i + 1) * self.tp_size)),
+                                                 backend="gloo")
+        return self._groups[server]
 
 
 class DistributedSync(WeightSync):
+    """Rank 0 of the trainer broadcasts to every TP rank of every server: world 1 + servers x tp_size.
+
+    Not with colocated NCCL servers: trainer rank 0 and a server rank would share a GPU in one NCCL group
+    (NCCL refuses: "Duplicate GPU detected"); the factory refuses that combination.
+    """
+
     def __init__(self, pool: ServerPool, bucket_mb: float, tp_size: int, master_address: str, master_port: int,
                  backend: str):
         super().__init__(pool, bucket_mb)
         self.tp_size = tp_size
-        self.master_address, self.master_port, self.backend = master_address, master_port, backend
-        self.device = torch.device("cuda" if backend == "nccl" else "cpu")
+        self.master_address = master_address or reachable_address(pool.urls[0])
+        self.master_port, self.backend = master_port, backend
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self._group = None
         self._store = None
 
-    def transfer(self, named_tensors: NamedTensors, version: str) -> int:
+    def transfer(self, buckets: Iterable[Bucket], version: str) -> int:
         if self._group is None:
             self._group = self._init_group()
         moved = 0
-        batches = list(buckets(named_tensors, self.bucket_bytes))
-        for i, bucket in enumerate(batches):
-            payload = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                       "shapes": [list(t.shape) for _, t in bucket], "group_name": GROUP_NAME,
-                       **_bucket_fields(i == len(batches) - 1, version)}
+
+        def send(bucket: Bucket) -> None:
+            payload = {"names": bucket.names, "dtypes": [str(d).removeprefix("torch.") for d in bucket.dtypes],
+                       "shapes": [list(s) for s in bucket.shapes], "group_name": GROUP_NAME,
+                       "load_format": "flattened_bucket", **_bucket_fields(bucket.last, version)}
             with ThreadPoolExecutor(len(self.pool.urls)) as executor:
                 calls = [executor.submit(self.pool.call, url, "POST", "/update_weights_from_distributed", payload,
                                          None, False) for url in self.pool.urls]
-                for _, tensor in bucket:
-                    torch.distributed.broadcast(tensor.to(self.device).contiguous(), src=0, group=self._group)
+                dist.broadcast(bucket.flat.to(self.device), src=0, group=self._group)
                 for call in calls:
                     call.result()
-            moved += sum(t.numel() * t.element_size() for _, t in bucket)
+
+        with Pipelined(send) as pipe:
+            for bucket in buckets:
+                pipe.submit(bucket)
+                moved += bucket.nbytes
         return moved
+
+    def group_ranks(self) -> dict[str, int]:
+        """Each server's rank_offset: rank 0 is the trainer, then every server's TP ranks in URL order."""
+        return {url: 1 + i * self.tp_size for i, url in enumerate(self.pool.urls)}
 
     def _init_group(self):
         world_size = 1 + self.tp_size * len(self.pool.urls)
         with ThreadPoolExecutor(len(self.pool.urls)) as executor:
             calls = [executor.submit(self.pool.call, url, "POST", "/init_weights_update_group", {
                 "master_address": self.master_address, "master_port": self.master_port,
-                "rank_offset": 1 + i * self.tp_size, "world_size": world_size, "group_name": GROUP_NAME,
-                "backend": self.backend}, None, False) for i, url in enumerate(self.pool.urls)]
-            group, self._store = join_update_group(self.master_address, self.master_port, world_size, GROUP_NAME, self.backend,
-                                      self.pool.timeout_s)
+                "rank_offset": offset, "world_size": world_size, "group_name": GROUP_NAME,
+                "backend": self.backend}, None, False) for url, offset in self.group_ranks().items()]
+            group, self._store = join_update_group(self.master_address, self.master_port, world_size, GROUP_NAME,
+                                                   self.backend, self.pool.timeout_s)
             for call in calls:
                 call.result()
         return group
@@ -166,48 +337,89 @@ class DistributedSync(WeightSync):
         if self._group is not None:
             for url in self.pool.urls:
                 self.pool.call(url, "POST", "/destroy_weights_update_group", {"group_name": GROUP_NAME})
-            torch.distributed.destroy_process_group(self._group)
+            dist.destroy_process_group(self._group)
             self._group = self._store = None
 
 
 class DiskSync(WeightSync):
+    """Versions are written to `<disk_dir>/.v<N>.staging`, renamed to `v<N>` when complete, and older ones
+    removed once the servers loaded the new one. Without `disk_dir` every server must be on this host."""
+
     def __init__(self, pool: ServerPool, bucket_mb: float, hf_path: str | Path, disk_dir: str | Path | None):
         super().__init__(pool, bucket_mb)
         self.hf_path = Path(hf_path)
-        self._own_dir = disk_dir is None
+        self._own_dir = not disk_dir
+        if self._own_dir:
+            remote = [u for u in pool.urls if not is_local_host(u)]
+            if remote:
+                raise ValueError(f"rollout.sglang.weight_sync=disk: {remote[0]} is on another host and cannot read "
+                                 f"a local temporary directory; set rollout.sglang.disk_dir to a directory every "
+                                 f"server node sees (the Slurm scripts use RUN_DIR/weights)")
         self.root = Path(disk_dir) if disk_dir else Path(tempfile.mkdtemp(prefix="grpo_sglang_weights_"))
+        self.root.mkdir(parents=True, exist_ok=True)
 
-    def transfer(self, named_tensors: NamedTensors, version: str) -> int:
+    def transfer(self, buckets: Iterable[Bucket], version: str) -> int:
         target = self.root / f"v{version}"
-        moved = self.write_checkpoint(named_tensors, target)
-        self._post_all("/update_weights_from_disk", {"model_path": str(target), "weight_version": version,
-                                                     "flush_cache": True})
-        for old in self.root.glob("v*"):
+        moved = self.write_checkpoint(buckets, target)
+        self._post_all("/update_weights_from_disk", {url: {
+            "model_path": str(target), "weight_version": version, "flush_cache": True} for url in self.pool.urls})
+        for old in [*self.root.glob("v*"), *self.root.glob(".v*.staging")]:
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)
         return moved
 
-    def write_checkpoint(self, named_tensors: NamedTensors, target: Path) -> int:
-        """An HF checkpoint dir: one safetensors shard per bucket, an index, and the model's config files."""
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
+    def write_checkpoint(self, buckets: Iterable[Bucket], target: Path) -> int:
+        """An HF checkpoint dir, atomically: one safetensors shard per bucket, an index, the model's configs."""
+        staging = target.with_name(f".{target.name}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         weight_map, moved = {}, 0
-        for i, bucket in enumerate(buckets(named_tensors, self.bucket_bytes)):
-            shard = f"model-{i:05d}.safetensors"
-            save_file({n: t.detach().contiguous().cpu() for n, t in bucket}, str(target / shard),
-                      metadata={"format": "pt"})
-            weight_map.update({n: shard for n, _ in bucket})
-            moved += sum(t.numel() * t.element_size() for _, t in bucket)
-        (target / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": moved}, "weight_map": weight_map}))
-        for name in _CONFIG_FILES:
-            if (self.hf_path / name).is_file():
-                shutil.copy(self.hf_path / name, target / name)
+        try:
+            def send(item: tuple[int, Bucket]) -> None:
+                write_safetensors(item[1], staging / f"model-{item[0]:05d}.safetensors")
+
+            with Pipelined(send) as pipe:
+                for i, bucket in enumerate(buckets):
+                    pipe.submit((i, bucket))
+                    weight_map.update(dict.fromkeys(bucket.names, f"model-{i:05d}.safetensors"))
+                    moved += bucket.nbytes
+            (staging / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": moved}, "weight_map": weight_map}))
+            for name in _CONFIG_FILES:
+                if (self.hf_path / name).is_file():
+                    shutil.copy(self.hf_path / name, staging / name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return moved
 
     def close(self) -> None:
         if self._own_dir:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def write_safetensors(bucket: Bucket, path: Path) -> None:
+    """The bucket as a safetensors file: its buffer is already the data section, so it is written as is."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    for name, dtype, shape, offset in zip(bucket.names, bucket.dtypes, bucket.shapes, bucket.offsets):
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + dtype.itemsize * int(torch.Size(shape).numel())]}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    data = bucket.flat.cpu().numpy()
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        f.write(memoryview(data))
 
 
 def _bucket_fields(last: bool, version: str) -> dict:
@@ -248,36 +460,3 @@ def _pickle(views: list[tuple[str, torch.Tensor]]) -> str:
     buffer = io.BytesIO()
     ForkingPickler(buffer).dump(views)
     return base64.b64encode(buffer.getvalue()).decode("utf-8")
-
-
-_ALIGN = 64  # bytes: every view starts at a multiple of any element size
-
-
-def _flat_views(named_tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-    """The bucket copied into one shared byte buffer, as views of it.
-
-    A bucket then shares one storage: on CPU one registration with torch's shm daemon instead of one per tensor
-    (each must be answered within 1 s, which a loaded machine missed: "Shared memory manager connection has timed
-    out"), on GPU one CUDA IPC handle.
-    """
-    offsets, total = [], 0
-    for _, tensor in named_tensors:
-        offsets.append(total)
-        total += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
-    flat = torch.empty(total, dtype=torch.uint8, device=named_tensors[0][1].device)
-    if flat.device.type == "cpu":
-        for attempt in range(3):  # the shm daemon may miss its 1 s deadline under load; the share is idempotent
-            try:
-                flat.share_memory_()
-                break
-            except RuntimeError as err:
-                if "Shared memory manager" not in str(err) or attempt == 2:
-                    raise
-                logger.warning("retrying a shared-memory allocation for the weight sync: %s", err)
-    views = []
-    for (name, tensor), offset in zip(named_tensors, offsets):
-        nbytes = tensor.numel() * tensor.element_size()
-        view = flat[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
-        view.copy_(tensor.detach())
-        views.append((name, view))
-    return views

@@ -1,0 +1,51 @@
+"""A weight sync as every trainer rank runs it: the policy streamed in buckets to whoever sends them on.
+
+Rank 0 holds the engine; with colocated tensor-mode servers every rank also sends (its own copy for the server
+TP rank on its GPU), so it gets a sender of its own here. No rank materialises the model (see
+grpo_megatron.models.weight_stream for the memory bound).
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from grpo_megatron.config import RunConfig
+from grpo_megatron.models.provider import PolicyModel
+from grpo_megatron.models.weight_stream import hf_buckets, plain_alloc
+from grpo_megatron.rollout.base import RolloutEngine
+
+
+class WeightPush:
+    def __init__(self, cfg: RunConfig, engine: RolloutEngine | None):
+        from grpo_megatron.rollout.sglang import SGLangEngine
+        from grpo_megatron.rollout.sglang.weight_sync import bucket_bytes
+
+        s = cfg.rollout.sglang
+        self.engine = engine
+        self.bucket_bytes = bucket_bytes(s.bucket_mb)
+        self.sender = engine.sync if isinstance(engine, SGLangEngine) else None
+        if self.sender is None and cfg.rollout.engine == "sglang" and s.weight_sync == "tensor" and s.colocated:
+            from grpo_megatron.rollout.sglang.sync_factory import make_weight_sync
+
+            self.sender = make_weight_sync(s, cfg.model.hf_path)  # this rank's share of the colocated sends
+        self.to_every_rank = self.sender is not None and self.sender.to_every_rank
+        self.alloc = self.sender.alloc if self.sender is not None else plain_alloc
+
+    def run(self, model: PolicyModel, version: int) -> None:
+        """Every rank calls this (the export's collectives); the engine ends with weights `version`."""
+        buckets = hf_buckets(model, self.bucket_bytes, self.to_every_rank, self.alloc)
+        if self.engine is not None and self.sender is not None:
+            self.engine.push_buckets(buckets, version)
+        elif self.engine is not None:
+            self.engine.update_weights(((n, t) for bucket in buckets for n, t in bucket.tensors()), version)
+        elif self.sender is not None:
+            self.sender.push_buckets(buckets, version)
+        else:
+            for _ in buckets:
+                pass
+
+
+def release_rollout_memory(engine: RolloutEngine | None) -> None:
+    """Colocated GPU servers give their memory back for training; the next push takes it again."""
+    release = getattr(engine, "release_memory", None)
+    if release is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        release()
