@@ -12,7 +12,10 @@
 #   NPROC_PER_NODE    trainer processes per node (default: GPUs per node, 1 on CPU)
 #   ROLLOUT_NODES     nodes at the end of the allocation reserved for SGLang servers (default 0:
 #                     servers colocated on the trainer nodes); only with rollout.engine: sglang
-#   SGLANG_TP         --tp-size of each server (default: NPROC_PER_NODE)
+#   SGLANG_TP         --tp-size of each server (default: NPROC_PER_NODE); the trainer gets it as
+#                     rollout.sglang.server_tp_size (one weight payload / update-group rank per server TP rank)
+#   SGLANG_MEM_FRACTION  colocated GPU servers: --mem-fraction-static (default 0.5); they also start with
+#                     --enable-memory-saver and release weights + KV cache while the trainer trains
 #   SGLANG_ARGS       extra `sglang.launch_server` flags (e.g. "--mem-fraction-static 0.4" colocated)
 #   SGLANG_START_TIMEOUT  seconds to wait for /health (default 900)
 #   SGLANG_DETERMINISTIC  auto | 1 | 0: --enable-deterministic-inference, without which SGLang ignores the
@@ -143,15 +146,18 @@ _grpo_api_key() {
 }
 
 # `sglang.launch_server` flags beyond model/host/port: TP size, R3's routed experts, deterministic sampling
-# (per-request seeds are ignored without it), the API key (as a reference expanded inside the step, so the
-# key is not on srun's or this script's command line), then SGLANG_ARGS. Args: device routing_replay.
+# (per-request seeds are ignored without it), the memory saver for colocated GPU servers (without it SGLang's
+# release frees nothing, and its default static fraction leaves the trainer ~10% of the GPU), the API key (as a
+# reference expanded inside the step, so the key is not on srun's or this script's command line), then
+# SGLANG_ARGS (last: they win). Args: device routing_replay [colocated 0|1].
 _grpo_sglang_flags() {
-    local device=$1 replay=$2 deterministic=${SGLANG_DETERMINISTIC:-auto}
+    local device=$1 replay=$2 colocated=${3:-0} deterministic=${SGLANG_DETERMINISTIC:-auto}
     [[ "$deterministic" == auto ]] && { [[ "$device" == gpu ]] && deterministic=1 || deterministic=0; }
     [[ "$deterministic" =~ ^[01]$ ]] || die "SGLANG_DETERMINISTIC=$deterministic: use auto, 1 or 0"
     local flags="--tp-size ${SGLANG_TP:-$NPROC_PER_NODE}"
     [[ "$replay" == r3 ]] && flags+=" --enable-return-routed-experts"
     (( deterministic )) && flags+=" --enable-deterministic-inference"
+    [[ "$device" == gpu ]] && (( colocated )) && flags+=" --enable-memory-saver --mem-fraction-static ${SGLANG_MEM_FRACTION:-0.5}"
     flags+=' --api-key "$GRPO_SGLANG_API_KEY"'
     echo "$flags ${SGLANG_ARGS:-}"
 }
@@ -170,7 +176,7 @@ _grpo_start_sglang() {
             "(pip install 'sglang[all]') or point PYTHON/SITE_SETUP at an environment that has it"
     fi
     local urls=() i node port url logfile flags
-    flags=$(_grpo_sglang_flags "$GRPO_DEVICE_KIND" "$ROUTING_REPLAY")
+    flags=$(_grpo_sglang_flags "$GRPO_DEVICE_KIND" "$ROUTING_REPLAY" "$(( ${ROLLOUT_NODES:-0} == 0 ))")
     for i in "${!nodes[@]}"; do
         node=${nodes[$i]}
         port=$((base + i))  # distinct per server, so simulated nodes on one host do not collide
@@ -200,6 +206,17 @@ _grpo_start_sglang() {
         _grpo_wait_health "$url" "$!" "$rlog"
         SGLANG_ROUTER_URL=$url
     fi
+}
+
+# Disk weight sync: the directory the preflight wrote a marker into must be readable on every server node
+# (a node-local /tmp is not: the servers would answer HTTP 400 at the first sync). Args: marker nodes...
+_grpo_check_shared_dir() {
+    local marker=$1 nodelist
+    shift
+    nodelist=$(IFS=,; echo "$*")
+    srun --overlap --nodes="$#" --ntasks-per-node=1 --nodelist="$nodelist" test -r "$marker" >/dev/null 2>&1 \
+        || die "rollout.sglang.disk_dir=$(dirname "$marker") is not visible from every server node ($nodelist):" \
+               "set it to a shared filesystem path (default RUN_DIR/weights), or use weight_sync: tensor/distributed"
 }
 
 grpo_slurm_main() {
@@ -278,8 +295,12 @@ grpo_slurm_main() {
             (( ${#server_nodes[@]} )) || server_nodes=("${TRAIN_NODES[@]}")
             # Exported: the server steps and the trainer (rollout.sglang.api_key unset) read it from there.
             export GRPO_SGLANG_API_KEY=${CONFIG_SGLANG_API_KEY:-$(_grpo_api_key)}
+            [[ -z "$WEIGHTS_MARKER" ]] || _grpo_check_shared_dir "$WEIGHTS_MARKER" "${server_nodes[@]}"
             _grpo_start_sglang "${server_nodes[@]}"
-            trainer_args+=(--rollout.sglang.urls "$SGLANG_URLS")
+            trainer_args+=(--rollout.sglang.urls "$SGLANG_URLS"
+                           --rollout.sglang.server_tp_size "${SGLANG_TP:-$NPROC_PER_NODE}"
+                           --rollout.sglang.colocated "$( (( rollout_n == 0 )) && echo true || echo false)"
+                           --rollout.sglang.gpu_servers "$( [[ "$device" == gpu ]] && echo true || echo false)")
             [[ -z "$SGLANG_ROUTER_URL" ]] || trainer_args+=(--rollout.sglang.router_url "$SGLANG_ROUTER_URL")
         fi
     elif (( rollout_n > 0 )); then

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(cfg.run_dir) / "slurm"
     out_dir.mkdir(parents=True, exist_ok=True)
+    marker = weights_dir_marker(cfg, args.job_id)
     resolved = out_dir / f"job-{args.job_id}.yaml"
     save_config(cfg, resolved)
     values = {
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "CONFIG_SGLANG_URLS": ",".join(cfg.rollout.sglang.urls),
         # The key the trainer will send (config, else GRPO_SGLANG_API_KEY): servers the job starts require it.
         "CONFIG_SGLANG_API_KEY": cfg.rollout.sglang.api_key or "",
+        "WEIGHTS_MARKER": marker or "",
         "LAYOUT": f"tp={cfg.parallel.tensor_parallel} pp={cfg.parallel.pipeline_parallel} "
                   f"ep={cfg.parallel.expert_parallel} cp={cfg.parallel.context_parallel} "
                   f"dp={cfg.parallel.data_parallel(args.world_size)}",
@@ -92,6 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in values.items():
         print(f"{key}={shlex.quote(str(value))}")
     return 0
+
+
+def weights_dir_marker(cfg, job_id: str) -> str | None:
+    """Disk weight sync: the directory servers load each version from, defaulting to RUN_DIR/weights (a
+    node-local temporary directory is invisible to servers on other nodes). A marker file is written there
+    for common.sh to look for from every server node."""
+    s = cfg.rollout.sglang
+    if cfg.rollout.engine != "sglang" or s.weight_sync != "disk":
+        return None
+    s.disk_dir = str(Path(s.disk_dir or Path(cfg.run_dir) / "weights").resolve())
+    try:
+        Path(s.disk_dir).mkdir(parents=True, exist_ok=True)
+        marker = Path(s.disk_dir) / f".visible-{job_id}"
+        marker.write_text("written by slurm/preflight.py; servers must see this file\n")
+    except OSError as exc:
+        fail(f"rollout.sglang.disk_dir={s.disk_dir}: cannot write there ({exc}); point it at a shared directory")
+    return str(marker)
 
 
 if __name__ == "__main__":
