@@ -89,18 +89,22 @@ def tool_sft(trainer, steps: int, lr: float, batch_size: int, tool_fraction: flo
 
 
 def evaluate(trainer, items: list[dict]) -> dict[str, float]:
-    """Greedy tool-loop responses to the held-out prompts: accuracy, tool-call rate, tool-error rate."""
+    """Tool-loop responses to the held-out prompts, greedy and sampled (temperature 1, one each): accuracy,
+    tool-call rate (responses that call the tool), tool-error rate."""
     from grpo_megatron.rollout.functions import RolloutContext, generate_samples
 
-    params = trainer.sampling_params(0, greedy=True, n=1)
-    samples = generate_samples(trainer.engine, items, params, RolloutContext(trainer.tokenizer, trainer.cfg.rollout),
-                               first_group=0)
-    texts = trainer.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-    n = len(samples)
-    return {"accuracy": sum(is_correct(t, s.answer) for t, s in zip(texts, samples)) / n,
-            "tool_call_rate": sum(s.meta.get("tool_calls", 0) > 0 for s in samples) / n,
-            "tool_error_rate": sum(s.meta.get("tool_errors", 0) > 0 for s in samples) / n,
-            "example": texts[0]}
+    results, context = {}, RolloutContext(trainer.tokenizer, trainer.cfg.rollout)
+    for name, params in (("", trainer.sampling_params(0, greedy=True, n=1)),
+                         ("sampled_", trainer.sampling_params(1 << 29, n=1))):
+        samples = generate_samples(trainer.engine, items, params, context, first_group=0)
+        texts = trainer.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        n = len(samples)
+        results.update({
+            f"{name}accuracy": sum(is_correct(t, s.answer) for t, s in zip(texts, samples)) / n,
+            f"{name}tool_call_rate": sum(s.meta.get("tool_calls", 0) > 0 for s in samples) / n,
+            f"{name}tool_error_rate": sum(s.meta.get("tool_errors", 0) > 0 for s in samples) / n})
+        results.setdefault("example", texts[0])
+    return results
 
 
 def main() -> int:
@@ -108,7 +112,7 @@ def main() -> int:
     parser.add_argument("--config", default=str(HERE / "gspo_tools.yaml"))
     parser.add_argument("--cache", default=str(REPO / "runs" / "tool_use_cache"))
     parser.add_argument("--run-dir", default=str(REPO / "runs" / "tool_use_gspo"))
-    parser.add_argument("--sft-steps", type=int, default=40, help="tool-transcript SFT steps (batch 64)")
+    parser.add_argument("--sft-steps", type=int, default=60, help="SFT warm-start steps (batch 64)")
     parser.add_argument("--sft-lr", type=float, default=2e-3)
     parser.add_argument("--sft-tool-fraction", type=float, default=0.5,
                         help="share of SFT transcripts that call the tool; the rest answer directly")
@@ -151,11 +155,16 @@ def main() -> int:
 
 
 def report(results: dict, prompts: int, steps: int, tool: str) -> None:
-    print(f"\n== tool-use example: {prompts} held-out prompts, greedy, {tool} the calculator ==")
+    print(f"\n== tool-use example: {prompts} held-out prompts, {tool} the calculator ==")
+    print(f"{'':<10} {'greedy: accuracy':>16} {'tool calls':>10} {'tool errors':>11} | {'sampled: accuracy':>17} "
+          f"{'tool calls':>10} {'tool errors':>11}")
     for name in ("initial", "before_rl", "after_rl"):
         r = results[name]
-        print(f"{name:<10} accuracy {r['accuracy']:.3f}  tool-call rate {r['tool_call_rate']:.3f}  "
-              f"tool errors {r['tool_error_rate']:.3f}   e.g. {r['example']!r}")
+        greedy = f"{r['accuracy']:>16.3f} {r['tool_call_rate']:>10.3f} {r['tool_error_rate']:>11.3f}"
+        sampled = (f"{r['sampled_accuracy']:>17.3f} {r['sampled_tool_call_rate']:>10.3f} "
+                   f"{r['sampled_tool_error_rate']:>11.3f}")
+        print(f"{name:<10} {greedy} | {sampled}")
+    print(f"greedy reply after RL: {results['after_rl']['example']!r}")
     rewards = results["sampled_reward"]
     print(f"sampled reward: first step {rewards[0]:.3f} -> last step {rewards[-1]:.3f}; "
           f"{steps} RL steps, wall time {results['wall_s']:.0f} s")

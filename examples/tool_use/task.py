@@ -7,9 +7,8 @@
 
 With the calculator the task is two copies at fixed offsets (the operands into the call, the result into the
 answer), which rotary attention expresses directly; without it the model would have to learn carrying.
-The reward is the fraction of the sum's digits that the digits after the response's last `answer` word get
-right, position by position, over the longer of the two (a signal before the first fully right reply); a
-reply is correct (accuracy) when they are exactly the sum.
+The reward is 1 when the digits after the response's last `answer` word are exactly the sum, else 0 (no
+partial credit, which a direct guess would collect on the easy digits and so learn to skip the tool).
 """
 from __future__ import annotations
 
@@ -57,10 +56,9 @@ def final_answer(response_text: str) -> str | None:
     return "".join(digits)
 
 
-def answer_reward(response_text: str, answer: str | None, meta: dict) -> float:
-    predicted = final_answer(response_text) or ""
-    return sum(p == a for p, a in zip(predicted, answer)) / max(len(predicted), len(answer))
-
-
 def is_correct(response_text: str, answer: str | None) -> bool:
     return final_answer(response_text) == answer
+
+
+def exact_reward(response_text: str, answer: str | None, meta: dict) -> float:
+    return float(is_correct(response_text, answer))
