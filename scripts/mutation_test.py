@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -53,7 +54,7 @@ SURVIVORS_DOC = "docs/mutation_survivors.md"
 
 ALG_TESTS = ("tests/algorithms/test_policy_loss.py", "tests/algorithms/test_properties.py",
              "tests/algorithms/test_advantages_kl_dapo.py", "tests/algorithms/test_errors.py",
-             "tests/algorithms/test_mutation_kills.py")
+             "tests/algorithms/test_boundaries.py")
 LOSS_TESTS = ("tests/training/test_loss_path.py", "tests/training/test_batch.py", "tests/training/test_actor.py",
               "tests/training/test_trainer_math.py")
 
@@ -80,9 +81,13 @@ TARGETS = (
     _alg("kl.py"),
     _alg("policy_loss.py"),
     _alg("registry.py"),
-    _alg("evaluation.py", "tests/algorithms/test_rollout_correction.py"),
-    _alg("rollout_correction.py", "tests/algorithms/test_rollout_correction.py"),
-    _alg("logprobs.py", "tests/algorithms/test_logprobs.py", "tests/algorithms/test_logprobs_tp.py"),
+    Target("grpo_megatron/algorithms/evaluation.py", "algorithms", ("tests/algorithms/test_rollout_correction.py",)),
+    Target("grpo_megatron/algorithms/rollout_correction.py", "algorithms",
+           ("tests/algorithms/test_rollout_correction.py", "tests/algorithms/test_boundaries.py",
+            "tests/algorithms/test_errors.py")),
+    Target("grpo_megatron/algorithms/logprobs.py", "algorithms",
+           ("tests/algorithms/test_logprobs.py", "tests/algorithms/test_errors.py",
+            "tests/algorithms/test_logprobs_tp.py")),
     Target("grpo_megatron/training/batch.py", "loss_path", LOSS_TESTS,
            ("MicroBatch.num_response_tokens", "response_span", "_aligned", "make_micro_batch",
             "MicroBatch.to")),
@@ -244,6 +249,11 @@ class Mutant:
     source: str = field(repr=False)
 
     @property
+    def digest(self) -> str:
+        """Names this exact mutant of this exact file version (the cache key)."""
+        return hashlib.sha256(f"{self.path}\0{self.source}".encode()).hexdigest()
+
+    @property
     def key(self) -> tuple[str, str, str]:
         """How docs/mutation_survivors.md names it: stable when lines move."""
         return self.path, self.scope, f"`{self.before}` -> `{self.after}`"
@@ -352,18 +362,21 @@ def prepare_process(workdir: Path) -> None:
 
 
 def equivalent_keys(doc: Path) -> set[tuple[str, str, str]]:
-    """Rows `| file | function | `before` -> `after` | why |` of the survivors document."""
+    """Rows `| file | function | `before` -> `after` | why |` of the survivors document (a `|` inside the
+    code is written `\\|`)."""
     if not doc.exists():
         return set()
     keys = set()
     for line in doc.read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
         if len(cells) >= 4 and cells[0].endswith(".py") and " -> " in cells[2]:
             keys.add((cells[0], cells[1], cells[2]))
     return keys
 
 
-def run_target(workdir: Path, target: Target, mutants: list[Mutant], timeout_factor: float) -> dict[str, list[Mutant]]:
+def run_target(workdir: Path, target: Target, mutants: list[Mutant], timeout_factor: float,
+               cache: dict[str, str], save: Callable[[], None]) -> dict[str, list[Mutant]]:
+    """Run every mutant of `target` not already killed in `cache`; prints survivors as they are found."""
     path = workdir / target.path
     text = path.read_text()
     path.write_text(ast.unparse(ast.parse(text)))  # the baseline runs the unparsed original too
@@ -375,9 +388,14 @@ def run_target(workdir: Path, target: Target, mutants: list[Mutant], timeout_fac
     outcome: dict[str, list[Mutant]] = {"killed": [], "survived": []}
     try:
         for mutant in mutants:
-            path.write_text(mutant.source)
-            status, _ = run_tests(workdir, target.tests, timeout)
-            outcome["survived" if status == "passed" else "killed"].append(mutant)
+            if cache.get(mutant.digest) != "killed":
+                path.write_text(mutant.source)
+                status, _ = run_tests(workdir, target.tests, timeout)
+                cache[mutant.digest] = "survived" if status == "passed" else "killed"
+                save()
+            outcome[cache[mutant.digest]].append(mutant)
+            if cache[mutant.digest] == "survived":
+                print(_describe(mutant), flush=True)
     finally:
         path.write_text(text)
     print(f"  {target.path}: {len(mutants)} mutants, baseline {baseline:.1f} s, "
@@ -385,12 +403,17 @@ def run_target(workdir: Path, target: Target, mutants: list[Mutant], timeout_fac
     return outcome
 
 
+def _describe(m: Mutant) -> str:
+    return f"SURVIVED {m.path}:{m.line} ({m.scope}) [{m.operator}]\n  - {m.before}\n  + {m.after}"
+
+
 def report(results: dict[str, dict[str, list[Mutant]]], equivalent: set, elapsed: float) -> None:
     print("\nSurviving mutants (not listed as equivalent):")
     for path, outcome in results.items():
         for m in outcome["survived"]:
             if m.key not in equivalent:
-                print(f"{m.path}:{m.line} ({m.scope}) [{m.operator}]\n  - {m.before}\n  + {m.after}")
+                row = " | ".join(k.replace("|", "\\|") for k in m.key)
+                print(f"{_describe(m)}\n  row for {SURVIVORS_DOC} if equivalent: | {row} | why |")
     rows = {}
     for path, outcome in results.items():
         area = (outcome["killed"] + outcome["survived"])[0].area if outcome["killed"] + outcome["survived"] else "?"
@@ -420,6 +443,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], help="only files whose path ends with one of these")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     parser.add_argument("--workdir", type=Path, help="scratch copy of the checkout (default: a temporary one)")
+    parser.add_argument("--cache", type=Path, help="JSON of earlier outcomes: mutants it records as killed are not "
+                        "rerun (valid while tests were only added since; a changed file makes new mutants)")
     parser.add_argument("--timeout-factor", type=float, default=5.0, help="mutant timeout / baseline test time")
     args = parser.parse_args()
     targets = [t for t in TARGETS if (args.area in (None, t.area))
@@ -431,13 +456,20 @@ def main() -> None:
         print(f"{sum(map(len, mutants.values()))} mutants")
         return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mutation_"))
+    cache = json.loads(args.cache.read_text()) if args.cache and args.cache.exists() else {}
+
+    def save() -> None:
+        if args.cache:
+            args.cache.write_text(json.dumps(cache))
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # still restore files and clean up
     start = time.perf_counter()
+    results = {}
     try:
         copy_checkout(workdir)
         prepare_process(workdir)
-        results = {}
         for target in targets:
-            results[target.path] = run_target(workdir, target, mutants[target.path], args.timeout_factor)
+            results[target.path] = run_target(workdir, target, mutants[target.path], args.timeout_factor, cache, save)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
