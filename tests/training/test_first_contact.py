@@ -100,19 +100,20 @@ def test_consecutive_all_failed_steps_stop_the_run():
 
 
 def test_rollout_reports_the_error_fraction():
-    """Trainer.rollout on stand-ins for the engine and data: reward/error_frac and the stop reach the step."""
+    """The rollout side on stand-ins for the engine and data: reward/error_frac and the stop reach the step."""
+    from grpo_megatron.training.batch import Sample
+    from grpo_megatron.training.rollout_worker import RolloutWorker
+
     texts = iter([["x", "1", "x", "1"], ["x"] * 4, ["x"] * 4])
-    fake = SimpleNamespace(cfg=SimpleNamespace(rollout=RolloutConfig(prompts_per_step=2, group_size=2),
-                                               reward=RewardConfig(overlong_penalty=False)),
-                           step=0, rewards=runner(max_failed_steps=2),
-                           loader=SimpleNamespace(next_batch=lambda: [{}, {}]),
-                           sampling_params=lambda seed_offset: None,
-                           tokenizer=SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: list(ids)),
-                           _rollout_metrics=lambda *args: {})
-    fake._generate_groups = lambda items, params, first_group: [
-        SimpleNamespace(response_ids=t, prompt_ids="p", answer=None, meta={}) for t in next(texts)]
-    fake._score = lambda samples: Trainer._score(fake, samples)
-    assert Trainer.rollout(fake)[1]["reward/error_frac"] == 0.5
-    assert Trainer.rollout(fake)[1]["reward/error_frac"] == 1.0
+    cfg = SimpleNamespace(rollout=RolloutConfig(prompts_per_step=2, group_size=2),
+                          reward=RewardConfig(overlong_penalty=False))
+    fake = SimpleNamespace(cfg=cfg, rewards=runner(max_failed_steps=2),
+                           tokenizer=SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: list(ids)))
+    loader = SimpleNamespace(next_items=lambda count: [{"index": 0}] * count, drawn=0)
+    worker = RolloutWorker(
+        cfg, loader, lambda items, params, first_group: [Sample("p", t, group=0) for t in next(texts)],
+        lambda samples: Trainer._score(fake, samples), lambda seed_offset: None, fake.rewards.end_step, lambda: 0)
+    assert worker.rollout_now(0)[1]["reward/error_frac"] == 0.5
+    assert worker.rollout_now(1)[1]["reward/error_frac"] == 1.0
     with pytest.raises(RewardsFailedError):
-        Trainer.rollout(fake)
+        worker.rollout_now(2)
