@@ -187,3 +187,14 @@ def test_tool_output_is_cut_to_max_output_tokens():
     samples, _ = run(calls("test_huge"), names=["test_huge"], max_output_tokens=5, max_new_tokens=100)
     tool = [t for t, m in zip(samples[0].response_ids, samples[0].loss_mask) if m == 0]
     assert tool == ids("<tool_response> 9 9 9 9 9 </tool_response>")
+
+
+def test_python_calls_run_sandboxed_and_concurrently():
+    code = ids("<tool_call> python p r i n t ( 6 * 7 ) </tool_call>")
+    start = time.monotonic()
+    samples, _ = run(lambda call, prompt: (code, "stop") if call == 0 else (ANSWER, "stop"), n=6,
+                     names=["python"], timeout_s=10.0)
+    assert time.monotonic() - start < 10
+    for s in samples:
+        inserted = [t for t, m in zip(s.response_ids, s.loss_mask) if m == 0]
+        assert inserted == ids("<tool_response> 4 2 </tool_response>") and s.meta["tool_errors"] == 0

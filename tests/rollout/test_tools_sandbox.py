@@ -25,6 +25,7 @@ def test_sandbox_returns_printed_output():
     ("import os; os.fork()", "exit status 1", "os.fork is not allowed"),
     ("open('big', 'w').write('x' * (2 << 20))", "exit status 1", "File too large"),
     ("raise SystemExit(3)", "exit status 3", ""),
+    ("import resource; resource.setrlimit(resource.RLIMIT_CPU, (100, 100))", "exit status 1", "not allowed"),
 ])
 def test_sandbox_limits(code, error, message):
     start = time.monotonic()

@@ -1,17 +1,18 @@
 """Run untrusted Python (a policy's tool call) in a child process with hard limits, never in the trainer.
 
-The child is `python -I -S` (no site, no user paths, no environment variables) in a fresh empty directory,
-with resource.setrlimit caps set before exec: CPU seconds, address space (memory), file size (no writes
-beyond 1 MB), open files, and no new processes; a wall-clock timeout kills its process group. Network:
-an audit hook installed before the code runs refuses socket creation/connection, subprocesses, exec,
-fork and ctypes (Python-level, so code cannot reach the network through the standard library). Output
-is the child's stdout, then the last line of its stderr (the exception, not the sandbox's own frames), cut
-to `max_output_chars`.
+The child is `python -I -S` (no site, no user paths, no environment variables) in a fresh empty directory
+and its own session; before the code runs, its first lines set resource.setrlimit caps (CPU seconds,
+address space, file size 1 MB, 32 open files, no core) and install an audit hook that refuses sockets,
+subprocesses, exec, fork, signals, ctypes and raising the limits again (root could), so the code reaches
+no network through Python; a wall-clock timeout kills the session's process group. (No preexec_fn: the tool
+loop starts sandboxes from threads, where forking with a Python callback can deadlock.) Output is the
+child's stdout, then the last line of its stderr (the exception, not the sandbox's own frames), cut to
+`max_output_chars`.
 """
 from __future__ import annotations
 
+import math
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -19,9 +20,12 @@ import tempfile
 from dataclasses import dataclass
 
 _PRELUDE = r'''
-import sys
+import resource, sys
+for _limit, _value in ((resource.RLIMIT_CPU, {cpu_s}), (resource.RLIMIT_AS, {memory_bytes}),
+                       (resource.RLIMIT_FSIZE, 1 << 20), (resource.RLIMIT_NOFILE, 32), (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(_limit, (_value, _value))
 _BLOCKED = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.fork", "os.spawn",
-            "ctypes.", "pty.", "os.kill", "signal.")
+            "ctypes.", "pty.", "os.kill", "signal.", "resource.setrlimit", "resource.prlimit")
 def _refuse(event, args):
     if event.startswith(_BLOCKED):
         raise PermissionError(f"sandbox: {event} is not allowed")
@@ -39,24 +43,14 @@ class SandboxResult:
     error: str | None = None  # why not ok: "timed out after 2.0 s", "exit status 1", "killed by SIGKILL"
 
 
-def _limits(cpu_s: int, memory_mb: int):
-    def apply() -> None:
-        os.setsid()  # own process group: the timeout kills everything it started
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return apply
-
-
 def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 256, max_output_chars: int = 4096) -> SandboxResult:
     """Execute `code` in the sandbox and return what it printed; never raises for anything the code does."""
     with tempfile.TemporaryDirectory(prefix="tool_sandbox_") as workdir:
+        prelude = _PRELUDE.replace("{cpu_s}", str(max(1, math.ceil(timeout_s)))).replace(
+            "{memory_bytes}", str(memory_mb << 20))
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _PRELUDE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, cwd=workdir, env={}, preexec_fn=_limits(max(1, int(timeout_s + 0.999)), memory_mb),
-            text=True, errors="replace")
+            [sys.executable, "-I", "-S", "-c", prelude], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, cwd=workdir, env={}, start_new_session=True, text=True, errors="replace")
         try:
             out, err = proc.communicate(code, timeout=timeout_s)
         except subprocess.TimeoutExpired:
