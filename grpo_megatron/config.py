@@ -173,6 +173,7 @@ class TrainConfig:
     sft_warmup_steps: int = 0  # supervised steps on (prompt, answer) before RL
     sft_lr: float = 1e-3
     num_threads: int | None = None
+    distributed_optimizer: bool | None = None  # shard optimizer state over DP ranks; None: on GPU when DP > 1
     rollout_wait_minutes: float = 720.0  # how long ranks 1..N wait (gloo) while rank 0 generates a step's rollout
 
 

@@ -80,6 +80,18 @@ def device() -> torch.device:
     return detect().device
 
 
+def use_distributed_optimizer(requested: bool | None, data_parallel_size: int) -> bool:
+    """Shard fp32 main parameters and Adam state over data-parallel ranks (megatron's distributed optimizer)?
+
+    `requested` None means: on GPUs whenever DP > 1 (replicating ~16 bytes per parameter on every rank is what
+    runs a 30B model out of memory); off on CPU, where memory is not the limit and gloo's reduce-scatter is a
+    slow emulation. An explicit True/False wins everywhere.
+    """
+    if requested is not None:
+        return requested
+    return detect().device_type == "cuda" and data_parallel_size > 1
+
+
 def empty_cache() -> None:
     if has_cuda():
         torch.cuda.empty_cache()
@@ -112,6 +124,7 @@ def _patch_for_missing_te() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     _patch_unfused_rope()
+    _patch_distributed_optimizer_load()
 
     # torch's norms refuse sequence_parallel (required for MoE with TP > 1). A norm computes the same
     # thing either way; like TE's norms, tag the weights `sequence_parallel` so that DDP all-reduces
@@ -132,6 +145,28 @@ def _patch_for_missing_te() -> None:
 
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(new)
     torch_norm.WrappedTorchNorm._grpo_patched = True
+
+
+def _patch_distributed_optimizer_load() -> None:
+    """Let megatron's distributed optimizer load a checkpoint when it runs torch's Adam (no Apex/TE).
+
+    megatron-core 0.16.1 copies every per-parameter entry of the optimizer state from the checkpoint
+    (`_set_main_param_and_optimizer_states`, distrib_optimizer.py ~936), including torch Adam's `step`, which
+    the fully reshardable format keeps in the common state instead: KeyError. Entries the checkpoint lacks
+    keep their current value (the step, already set from the common state).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if getattr(DistributedOptimizer, "_grpo_patched_load", False):
+        return
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        current = self._get_main_param_and_optimizer_states(model_param)
+        return original(self, model_param, {**{k: v for k, v in current.items() if k not in tensors}, **tensors})
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    DistributedOptimizer._grpo_patched_load = True
 
 
 def _patch_unfused_rope() -> None:

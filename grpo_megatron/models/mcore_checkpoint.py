@@ -51,10 +51,16 @@ def sharded_model_state(model: PolicyModel) -> dict:
     return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model.unwrapped())}
 
 
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+"""How megatron lays out a distributed optimizer's state in a checkpoint: one tensor per parameter and state,
+gathered from the DP shards (megatron-core 0.16.1's default format for it, `fully_sharded_model_space`, fails
+to save: "ShardedTensor.flattened_range is not supported"). The plain optimizer ignores it."""
+
+
 def _full_state(model: PolicyModel, optimizer) -> dict:
     state = sharded_model_state(model)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=OPTIMIZER_FORMAT)
     return state
 
 
@@ -88,6 +94,8 @@ def save_mcore_checkpoint(
                     shutil.copy2(file, staging / HF_SUBDIR / file.name)
         meta = {"dtype": str(model.dtype).replace("torch.", ""), "saved_layout": model.layout.to_dict(),
                 "layer_spec": "transformer_engine" if getattr(model.bridge, "_use_te", False) else "local",
+                "distributed_optimizer": bool(getattr(getattr(model.chunks[0], "ddp_config", None),
+                                                      "use_distributed_optimizer", False)),
                 "format": "grpo_megatron/torch_dist", **(metadata or {})}
         (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2))
         if output.exists():
@@ -126,8 +134,7 @@ def load_mcore_checkpoint(model: PolicyModel, path: str | Path, optimizer=None) 
             f"{meta.get('source_hf_path', 'an unrecorded HF model')}): check model.hf_path is the model the "
             f"checkpoint came from, or reconvert it with tools/convert_hf_to_megatron.py")
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
-        _check_optimizer_layout(state["optimizer"], saved, path, meta)
+        state["optimizer"] = _optimizer_state_to_load(optimizer, state, saved, path, meta)
     loaded = dist_checkpointing.load(state, str(path / MODEL_SUBDIR))
     for i, chunk in enumerate(model.unwrapped()):
         result = chunk.load_state_dict(loaded[f"chunk{i}"], strict=False)
@@ -159,29 +166,59 @@ def _match_checkpoint_keys(state: dict, saved: set[str]) -> list[str]:
     return missing
 
 
-def _check_optimizer_layout(optimizer_state, saved: set[str], path: Path, meta: dict) -> None:
-    """The optimizer state is keyed by megatron's optimizer structure, which follows the layout: with expert
-    parallelism the dense and expert parameters get separate (chained) optimizers, so a checkpoint saved with
-    one structure does not load into the other. Refuse with the two ways out instead of a KeyError."""
-    from megatron.core.dist_checkpointing import ShardedTensor
+def _optimizer_state_to_load(optimizer, state: dict, saved: set[str], path: Path, meta: dict) -> dict:
+    """The optimizer's sharded state to load, refused with the ways out when the checkpoint keys it otherwise.
 
-    def keys(item):
-        if isinstance(item, ShardedTensor):
-            yield item.key
-        elif isinstance(item, dict):
-            for value in item.values():
-                yield from keys(value)
-        elif isinstance(item, (list, tuple)):
-            for value in item:
-                yield from keys(value)
-
-    missing = sorted(k for k in keys(optimizer_state) if k not in saved)
+    Optimizer state is keyed by megatron's optimizer structure, which follows the layout: under expert
+    parallelism the dense and expert parameters get separate (chained, `chained_N.`-prefixed) optimizers, and
+    a distributed optimizer keeps fp32 main parameters a plain one does not.
+    """
+    _init_adam_state(optimizer)
+    optimizer_state = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_FORMAT)
+    missing = sorted(k for k in _sharded_tensor_keys(optimizer_state) if k not in saved)
     if missing:
         raise CheckpointMismatchError(
-            f"{path} holds optimizer state for another layout (saved with expert_parallel="
+            f"{path} holds optimizer state this run cannot use (saved with train.distributed_optimizer="
+            f"{meta.get('distributed_optimizer', False)}, expert_parallel="
             f"{(meta.get('saved_layout') or {}).get('expert_parallel')}; this run needs e.g. {missing[0]}): resume "
-            f"with the saved expert_parallel size, or start a new run from these "
-            f"weights with model.megatron_path={path} (the optimizer state then starts afresh)")
+            f"with those settings, or start a new run from these weights with model.megatron_path={path} (the "
+            f"optimizer state then starts afresh)")
+    return optimizer_state
+
+
+def _init_adam_state(optimizer) -> None:
+    """Zero Adam state (step 0) for parameters that have none yet, i.e. in a run resuming before its first step.
+
+    Without Apex/TransformerEngine, megatron 0.16.1's DistributedOptimizer.state_dict reads `step` from torch
+    Adam's per-parameter state and asserts there is exactly one value (distrib_optimizer.py ~642), and its
+    load copies into the existing per-parameter entries only: a fresh optimizer has neither. The loaded
+    checkpoint overwrites all of it (with grpo_megatron.platform's patch for the step).
+    """
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(wrapper, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if not inner.state[p]:
+                        inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                          "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _sharded_tensor_keys(item):
+    return (tensor.key for tensor in _sharded_tensors(item))
+
+
+def _sharded_tensors(item):
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    if isinstance(item, ShardedTensor):
+        yield item
+    elif isinstance(item, dict):
+        for value in item.values():
+            yield from _sharded_tensors(value)
+    elif isinstance(item, (list, tuple)):
+        for value in item:
+            yield from _sharded_tensors(value)
 
 
 def _check_only_extra_state_missing(result, path: Path) -> None:

@@ -83,6 +83,12 @@ def forward_logprobs(model: PolicyModel, micro_batches: list[MicroBatch], temper
         return _run_schedule(model, micro_batches, keep, temperature, forward_only=True)
 
 
+def uses_distributed_optimizer(model: PolicyModel) -> bool:
+    """Whether the model's DDP buffers were laid out for megatron's distributed optimizer (set when it was
+    built; every optimizer made for it must match)."""
+    return bool(getattr(getattr(model.chunks[0], "ddp_config", None), "use_distributed_optimizer", False))
+
+
 class Actor:
     """The trainable policy: megatron DDP chunks, megatron optimizer and LR schedule."""
 
@@ -95,7 +101,7 @@ class Actor:
             optimizer="adam", lr=train_cfg.lr, min_lr=train_cfg.min_lr, weight_decay=train_cfg.weight_decay,
             adam_beta1=train_cfg.adam_beta1, adam_beta2=train_cfg.adam_beta2, adam_eps=train_cfg.adam_eps,
             clip_grad=train_cfg.clip_grad, bf16=model.dtype == torch.bfloat16, fp16=model.dtype == torch.float16,
-            params_dtype=model.dtype, use_distributed_optimizer=False,
+            params_dtype=model.dtype, use_distributed_optimizer=uses_distributed_optimizer(model),
         )
         self.optimizer = get_megatron_optimizer(opt_config, model.chunks)
         use_fused_torch_adam(self.optimizer)

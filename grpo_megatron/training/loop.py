@@ -144,7 +144,16 @@ class Trainer:
             overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         if wrap_ddp and self.hf_config.model_type in MOE_MODEL_TYPES:
             overrides["moe_enable_routing_replay"] = True  # the policy's replay hooks (grpo_megatron.replay)
-        return build_model(self.hf_config, self.cfg.parallel, self.dtype, wrap_ddp=wrap_ddp, **overrides)
+        ddp = None
+        if wrap_ddp:
+            from megatron.core import parallel_state
+
+            from grpo_megatron.platform import use_distributed_optimizer
+
+            dp_size = parallel_state.get_data_parallel_world_size()
+            ddp = {"use_distributed_optimizer": use_distributed_optimizer(self.cfg.train.distributed_optimizer, dp_size)}
+        return build_model(self.hf_config, self.cfg.parallel, self.dtype, wrap_ddp=wrap_ddp, ddp_overrides=ddp,
+                           **overrides)
 
     def _load_initial_weights(self, model) -> None:
         if self.cfg.model.megatron_path:

@@ -1,4 +1,5 @@
-"""One RL step under torchrun; rank 0 saves the gradients megatron left in `main_grad` and the step's metrics.
+"""One RL step under torchrun; rank 0 saves the gradients megatron left in `main_grad`, the weights after the
+step, and the step's metrics.
 
     torchrun --nproc-per-node 2 tests/training/dist_grads.py RUN.yaml OUT.pt
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from grpo_megatron.config import load_config
+from grpo_megatron.training.actor import uses_distributed_optimizer
 from grpo_megatron.training.loop import Trainer
 
 
@@ -20,11 +22,16 @@ def step_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {n: p.main_grad.detach().cpu().clone() for n, p in trainer.policy.unwrapped()[0].named_parameters()}
 
 
+def step_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in trainer.policy.unwrapped()[0].named_parameters()}
+
+
 def main(config_path: str, out: str) -> None:
     trainer = Trainer(load_config(config_path))
     metrics = trainer.train_step()
     if dist.get_rank() == 0:
-        torch.save({"grads": step_gradients(trainer), "metrics": metrics}, out)
+        torch.save({"grads": step_gradients(trainer), "weights": step_weights(trainer), "metrics": metrics,
+                    "distributed_optimizer": uses_distributed_optimizer(trainer.policy)}, out)
     trainer.close()
 
 

@@ -1,6 +1,7 @@
 """Checkpoints: resuming reproduces an uninterrupted run; a crash mid-save keeps the previous one."""
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,41 +117,74 @@ def test_crash_during_save_leaves_the_previous_checkpoint(make_config, tmp_path,
     assert math.isfinite(metrics["train/pg_loss"])
 
 
+def _resume_config(make_config, tmp_path, run):
+    return make_config(run_dir=str(tmp_path / run), train={"steps": 4, "lr": 3e-3, "lr_warmup_steps": 3},
+                       checkpoint={"save_interval": 2, "keep_last": 3},
+                       reward={"functions": [{"name": "tests.training.test_loop:varied_reward"}]})
+
+
+def _assert_continues(history: list[dict], run_dir) -> None:
+    """Steps 3 and 4 of `run_dir` are those of the uninterrupted one-process run (to float rounding: two
+    ranks reduce in another order); the samples are identical, so the data cursor and seeds carried over."""
+    resumed = [m for m in read_metrics(run_dir) if "reward/mean" in m][-2:]
+    assert [m["step"] for m in resumed] == [3, 4]
+    for expected, got in zip(history[2:], resumed):
+        assert got["reward/mean"] == expected["reward/mean"]
+        for key in ("train/lr", "train/grad_norm", "train/pg_loss", "train/entropy", "train/ratio_mean"):
+            assert math.isclose(got[key], expected[key], rel_tol=1e-4, abs_tol=1e-6), (key, got[key], expected[key])
+
+
 @pytest.mark.distributed
 def test_resume_on_another_parallel_layout(make_config, tmp_path, dist_world1):
-    """A one-process checkpoint resumed by two data-parallel processes: megatron's dist_checkpointing reshards
-    the model and optimizer state, the trainer state carries over, and the run continues as the uninterrupted
-    one-process run did (to float rounding: DP=2 reduces in another order). A change of expert parallelism is
-    refused with a message naming the way out (megatron chains separate dense and expert optimizers under
-    EP > 1, so their state is keyed differently); TP/PP changes are not run here."""
+    """A one-process checkpoint resumed by two data-parallel processes continues as the uninterrupted run
+    (megatron's dist_checkpointing reshards model and optimizer state). Where megatron keys the optimizer state
+    differently (expert parallelism chains separate dense and expert optimizers; the distributed optimizer
+    keeps main parameters), the resume is refused with one line naming the ways out. TP/PP changes take
+    megatron's resharding path too and are not run here."""
     from grpo_megatron.config import save_config
     from tests.conftest import run_cli
 
-    def config(run):
-        return make_config(run_dir=str(tmp_path / run), train={"steps": 4, "lr": 3e-3, "lr_warmup_steps": 3},
-                           checkpoint={"save_interval": 2, "keep_last": 3},
-                           reward={"functions": [{"name": "tests.training.test_loop:varied_reward"}]})
-
-    straight = Trainer(config("straight"))
+    straight = Trainer(_resume_config(make_config, tmp_path, "straight"))
     history = straight.train()
     straight.close()
-    first = Trainer(config("resumed"))
+    first = Trainer(_resume_config(make_config, tmp_path, "resumed"))
     first.train_step()
     first.train_step()
     first.save_checkpoint()
     first.close()
-    save_config(config("resumed"), tmp_path / "resumed.yaml")
+    save_config(_resume_config(make_config, tmp_path, "resumed"), tmp_path / "resumed.yaml")
     train = ["-m", "grpo_megatron.train", "--config", str(tmp_path / "resumed.yaml"), "--resume"]
 
-    refused = run_cli([*train, "--expert-model-parallel-size", "2"], nproc=2, timeout=600)
-    assert refused.returncode != 0, refused.stderr[-3000:]  # torchrun turns the trainer's status 2 into 1
-    assert "holds optimizer state for another layout" in refused.stderr and "model.megatron_path" in refused.stderr
+    for refused_layout in (["--expert-model-parallel-size", "2"], ["--train.distributed_optimizer", "true"]):
+        refused = run_cli([*train, *refused_layout], nproc=2, timeout=600)
+        assert refused.returncode != 0, refused.stderr[-3000:]  # torchrun turns the trainer's status 2 into 1
+        assert "holds optimizer state this run cannot use" in refused.stderr, refused.stderr[-3000:]
+        assert "model.megatron_path" in refused.stderr
 
     result = run_cli(train, nproc=2, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    resumed = [m for m in read_metrics(tmp_path / "resumed") if "reward/mean" in m]
+    _assert_continues(history, tmp_path / "resumed")
+
+
+@pytest.mark.distributed
+@pytest.mark.xfail(strict=True, reason="not exact on CPU: resumed step 3 gives approx_kl_old 0.00088 against 0.00105 "
+                                       "uninterrupted (megatron 0.16.1 distributed optimizer with torch Adam); "
+                                       "cause not found")
+def test_distributed_optimizer_checkpoint_resumes(make_config, tmp_path, dist_world1):
+    """Two processes with megatron's distributed optimizer (the GPU default at DP > 1): a run resumed from its
+    step-2 checkpoint repeats steps 3 and 4 of the uninterrupted run."""
+    from grpo_megatron.config import save_config
+    from tests.conftest import run_cli
+
+    save_config(_resume_config(make_config, tmp_path, "run"), tmp_path / "run.yaml")
+    train = ["-m", "grpo_megatron.train", "--config", str(tmp_path / "run.yaml"), "--train.distributed_optimizer", "true"]
+    first = run_cli(train, nproc=2, timeout=600)  # checkpoints at steps 2 and 4
+    assert first.returncode == 0, first.stderr[-5000:]
+    uninterrupted = [m for m in read_metrics(tmp_path / "run") if "reward/mean" in m]
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_000004")  # as if it had stopped after step 2
+    second = run_cli([*train, "--resume"], nproc=2, timeout=600)
+    assert second.returncode == 0, second.stderr[-5000:]
+    resumed = [m for m in read_metrics(tmp_path / "run") if "reward/mean" in m][-2:]
     assert [m["step"] for m in resumed] == [3, 4]
-    for expected, got in zip(history[2:], resumed):
-        assert got["reward/mean"] == expected["reward/mean"]  # same samples: the data cursor and seeds carried over
-        for key in ("train/lr", "train/grad_norm", "train/pg_loss", "train/entropy", "train/ratio_mean"):
-            assert math.isclose(got[key], expected[key], rel_tol=1e-4, abs_tol=1e-6), (key, got[key], expected[key])
+    for expected, got in zip(uninterrupted[2:], resumed):
+        assert_same(comparable(expected), comparable(got))

@@ -11,24 +11,25 @@ import torch
 from grpo_megatron.config import save_config
 from grpo_megatron.training.loop import Trainer
 from tests.conftest import run_cli
-from tests.training.dist_grads import step_gradients
+from tests.training.dist_grads import step_gradients, step_weights
 
 CLIP = 1e-3
 
 
-def config(make_config, tmp_path, name: str, **train):
+def config(make_config, tmp_path, name: str, lr: float = 0.0, **train):
     return make_config(run_dir=str(tmp_path / name), reward={"functions": [{"name": "tests.training.test_loop:varied_reward"}]},
                        algorithm={"loss": "grpo", "clip_low": 0.2, "clip_high": 0.28, "loss_agg": "token_mean",
                                   "kl_coef": 0.05},
-                       train={"steps": 1, "num_minibatches": 1, "lr": 0.0, "clip_grad": CLIP, **train})
+                       train={"steps": 1, "num_minibatches": 1, "lr": lr, "clip_grad": CLIP, **train})
 
 
-def in_process(cfg) -> tuple[dict, dict]:
+def in_process(cfg, weights: bool = False) -> tuple[dict, dict]:
+    """(gradients, or with `weights` the weights after the step; the step's metrics)."""
     trainer = Trainer(cfg)
     metrics = trainer.train_step()
-    grads = step_gradients(trainer)
+    tensors = step_weights(trainer) if weights else step_gradients(trainer)
     trainer.close()
-    return grads, metrics
+    return tensors, metrics
 
 
 def assert_same_step(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
@@ -48,11 +49,17 @@ def test_micro_batch_splits_give_the_same_clipped_gradient(make_config, tmp_path
 
 
 @pytest.mark.distributed
-def test_two_data_parallel_ranks_give_the_single_process_gradient(make_config, tmp_path, dist_world1):
-    single = in_process(config(make_config, tmp_path, "dp1", micro_batch_size=4))
-    cfg = config(make_config, tmp_path, "dp2", micro_batch_size=4)
+@pytest.mark.parametrize("distributed_optimizer", [False, True])
+def test_two_data_parallel_ranks_give_the_single_process_step(distributed_optimizer, make_config, tmp_path, dist_world1):
+    """DP=2 against one process. With megatron's distributed optimizer (the GPU default at DP > 1) each rank
+    keeps only its reduce-scattered shard of the gradient, so the updated weights (all-gathered after the
+    step, lr 1e-3) are compared instead of `main_grad`; the pre-clip norm is compared in both cases."""
+    lr = 1e-3 if distributed_optimizer else 0.0
+    single = in_process(config(make_config, tmp_path, "dp1", lr=lr, micro_batch_size=4), weights=distributed_optimizer)
+    cfg = config(make_config, tmp_path, "dp2", lr=lr, micro_batch_size=4, distributed_optimizer=distributed_optimizer)
     save_config(cfg, tmp_path / "dp2.yaml")
     result = run_cli(["tests/training/dist_grads.py", str(tmp_path / "dp2.yaml"), str(tmp_path / "dp2.pt")], nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     saved = torch.load(tmp_path / "dp2.pt")
-    assert_same_step(single, (saved["grads"], saved["metrics"]))
+    assert saved["distributed_optimizer"] is distributed_optimizer
+    assert_same_step(single, (saved["weights" if distributed_optimizer else "grads"], saved["metrics"]))
