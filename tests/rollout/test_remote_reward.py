@@ -92,7 +92,7 @@ def test_a_slow_server_times_out_and_scores_the_fallback(server):
     client = RemoteReward(server.url, batch_size=10, timeout_s=0.3, retries=1, backoff_s=0.0, fallback=-1.0)
     start = time.monotonic()
     assert client.score(TEXTS, ANSWERS, METAS) == [-1.0] * 10
-    assert time.monotonic() - start < 1.5 and len(server.requests) == 2
+    assert time.monotonic() - start < 1.9 and len(server.requests) == 2  # not waiting out the 1 s answers
 
 
 @pytest.mark.parametrize("step", [400, "garbage", "short", "nan"])
