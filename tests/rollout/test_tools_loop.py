@@ -25,7 +25,8 @@ def ids(text: str) -> list[int]:
 
 class ScriptedEngine(RolloutEngine):
     """Answers turn t of every context with script(t); log-prob of the k-th token of a call is -(k + 1) / 100;
-    route row j of call c is [[c, j], [c, j]] per layer, so the rows a sample keeps show which call made them."""
+    route row j of call c is [[c, j], [c, j]] per layer, so the rows a sample keeps show which call made them;
+    call c runs under weight version 10 + c (as if the trainer pushed weights between turns)."""
 
     def __init__(self, script):
         self.script, self.calls = script, []
@@ -43,7 +44,7 @@ class ScriptedEngine(RolloutEngine):
                 rows = len(prompt) + len(tokens) - 1
                 routes = torch.tensor([[[call, j]] * LAYERS for j in range(rows)], dtype=torch.int32)
                 outs.append(Completion(list(prompt), tokens, [-(k + 1) / 100 for k in range(len(tokens))], finish,
-                                       routes if return_routed_experts else None))
+                                       routes if return_routed_experts else None, weight_version=10 + call))
             groups.append(outs)
         return groups
 
@@ -84,6 +85,7 @@ def test_sampled_tokens_and_inserted_tool_tokens_are_exact_and_masked():
         assert s.group == 3
         assert s.response_ids == CALL + tool + ANSWER  # exactly the sampled tokens and the inserted ones
         assert s.loss_mask == [1] * len(CALL) + [0] * len(tool) + [1] * len(ANSWER)
+        assert s.weight_versions == [10] * (len(CALL) + len(tool)) + [11] * len(ANSWER)  # tool tokens: the call's
         assert s.engine_logprobs == ([-(k + 1) / 100 for k in range(len(CALL))] + [0.0] * len(tool)
                                      + [-(k + 1) / 100 for k in range(len(ANSWER))])
         assert not s.truncated and s.meta == {"task": "add", "turns": 2, "tool_calls": 1, "tool_errors": 0,

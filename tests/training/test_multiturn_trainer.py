@@ -78,3 +78,23 @@ def test_a_users_rollout_function_is_called(make_config, dist_world1):
     metrics = trainer.train_step()
     trainer.close()
     assert CALLS == [trainer.cfg.rollout.prompts_per_step] and math.isfinite(metrics["train/pg_loss"])
+
+
+@pytest.mark.parametrize("mode", ["one_step_off", "async"])
+def test_tool_loop_in_the_background_rollout_modes(mode, end_marker, make_config, dist_world1):
+    """The tool loop on the rollout thread, weights pushed while it runs (async: mid-generation too): every
+    token has a weight version within max_staleness, and the steps train."""
+    SEEN.clear()
+    rollout = {"function": f"{__name__}:recording_tool_loop", "max_new_tokens": 24, "mode": mode,
+               "tools": {"format": "words", "names": ["calculator"], "max_turns": 3, "max_output_tokens": 3,
+                         "call_markers": ["#", end_marker], "response_template": ": {output} ."}}
+    if mode == "async":
+        rollout.update(max_staleness=1, partial_rollouts=True)
+    trainer = Trainer(make_config(rollout=rollout, algorithm={"rollout_correction": {"mode": "tis"}},
+                                  train={"steps": 3}, reward=VARIED))
+    history = trainer.train()
+    trainer.close()
+    assert len(history) == 3 and all(math.isfinite(m["train/pg_loss"]) for m in history)
+    assert any(0 in s.loss_mask for s in SEEN)
+    assert all(len(s.weight_versions) == len(s.response_ids) for s in SEEN)
+    assert max(m["async/staleness_max"] for m in history) <= 1

@@ -19,7 +19,9 @@ sampled tokens come from the engine's decode when they were sampled; rows of ins
 the call's end marker, which no decode step processed) come from the prefill of the next turn, which the
 engine returns as part of that turn's routes. The loop never ends a sample on inserted tokens, so every
 position of prompt + response has its row and R3 replays tool positions like any other; they carry no loss,
-but they shape the hidden states the later sampled tokens attend to.
+but they shape the hidden states the later sampled tokens attend to. In the asynchronous modes each sampled
+token keeps the weight version that sampled it (turns may run under different versions); tool tokens take
+the version of the call before them.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class _Trajectory:
     response: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # weight version per response token
     routes: torch.Tensor | None = None
     turns: int = 0
     tool_calls: int = 0
@@ -68,22 +71,25 @@ class _Trajectory:
         self.response += tokens
         self.logprobs += list(out.response_logprobs[:keep])
         self.mask += [1] * keep
+        self.versions += out.versions[:keep]
         self.turns += 1
         if keep < len(out.response_ids) or out.finish_reason == "length":
             self.finish = "length"
         return tokens
 
     def insert(self, tokens: list[int]) -> None:
+        """Tool tokens: not trained; their version is the call's (the weights that asked for them)."""
         self.response += tokens
         self.logprobs += [0.0] * len(tokens)
         self.mask += [0] * len(tokens)
+        self.versions += [self.versions[-1]] * len(tokens)
 
     def sample(self) -> Sample:
         meta = {**self.item["meta"], "turns": self.turns, "tool_calls": self.tool_calls,
                 "tool_errors": len(self.tool_errors), "finish": self.finish}
         return Sample(prompt_ids=list(self.prompt_ids), response_ids=self.response, group=0,
                       truncated=self.finish != "stop", engine_logprobs=self.logprobs, routed_experts=self.routes,
-                      loss_mask=self.mask, answer=self.item["answer"], meta=meta)
+                      loss_mask=self.mask, answer=self.item["answer"], meta=meta, weight_versions=self.versions)
 
 
 def tool_loop(engine: RolloutEngine, items: list[dict], params: SamplingParams, context) -> list[list[Sample]]:
