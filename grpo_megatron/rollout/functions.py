@@ -11,6 +11,8 @@ prefill per prompt, all of SGLang's concurrency). Each Sample carries:
   output: no gradient, not in the loss normaliser, not in KL); None means all 1;
 - `engine_logprobs`: per response token, the behaviour log-prob (any value, e.g. 0.0, where loss_mask is 0);
 - `routed_experts` when `context.return_routed_experts` (R3): [len(prompt) + len(response) - 1, layers, topk];
+- `weight_versions` (optional): per response token, the weight version that sampled it (None: the engine's
+  version when the round started, for every token), for the asynchronous modes' staleness;
 - `truncated`, `answer` and `meta`: what the reward and the DAPO filters need (`group` is set by the caller).
 
 `rollout.function` picks one: "" (this module's `single_turn`, one engine call per round), "tool_loop"
