@@ -1,5 +1,6 @@
 """Rollout modes one_step_off and async: versions and staleness of what is trained, reproducibility of
 one_step_off, dynamic sampling and overlong shaping off the main thread, config errors."""
+import json
 import math
 
 import pytest
@@ -108,3 +109,16 @@ def test_background_modes_on_mock_sglang_servers(mode, mock, tiny_hf_dir, tmp_pa
         assert request_log(url).count("/end_weight_update") >= 3
     assert all(step - min(seen) <= (1 if mode == "one_step_off" else 2) for step, seen in versions), versions
     assert all(math.isfinite(m["train/pg_loss"]) for m in history)
+
+
+def test_cpu_example_runs_asynchronously(tmp_path):
+    """The README's CPU example, quick, with the embedded engine generating on its rollout thread."""
+    from tests.conftest import run_cli
+
+    result = run_cli(["examples/tiny_cpu/run.py", "--quick", "--cache", str(tmp_path / "cache"), "--run-dir",
+                      str(tmp_path / "run"), "--rollout.mode", "async", "--algorithm.rollout_correction.mode", "tis"],
+                     timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "time/step" in r]
+    assert len(steps) == 4 and all(r["async/staleness_max"] <= 1 for r in steps)
