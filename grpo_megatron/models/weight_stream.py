@@ -66,31 +66,41 @@ class BucketPacker:
     A tensor larger than `bucket_bytes` travels alone in a buffer of its own size. A tensor whose offset would
     not be a multiple of its element size also starts a new bucket (SGLang's layout has no padding).
     `dry` packers track only names and sizes: ranks that take part in the gathers but do not send.
+    `total_bytes`, what all tensors will add up to, sizes the last buffer to what is left instead of a whole
+    bucket (a shared-memory buffer costs its full size to create); a wrong hint only cuts buckets differently.
     """
 
-    def __init__(self, bucket_bytes: int, alloc: Alloc = plain_alloc, dry: bool = False):
+    def __init__(self, bucket_bytes: int, alloc: Alloc = plain_alloc, dry: bool = False,
+                 total_bytes: int | None = None):
         if bucket_bytes < 1:
             raise ValueError(f"bucket size {bucket_bytes} bytes: must be >= 1 (rollout.sglang.bucket_mb > 0)")
         self.bucket_bytes, self.alloc, self.dry = bucket_bytes, alloc, dry
+        self.remaining = total_bytes
         self._reset()
 
     def _reset(self) -> None:
         self.names, self.dtypes, self.shapes = [], [], []
         self.used = 0
+        self.capacity = 0
         self.buffer: torch.Tensor | None = None
 
     def fits(self, tensor: torch.Tensor) -> bool:
         """Whether `tensor` can join the current bucket (an empty bucket takes anything)."""
         nbytes = tensor.numel() * tensor.element_size()
-        return not self.names or (self.used + nbytes <= self.bucket_bytes and not self.used % tensor.element_size())
+        return not self.names or (self.used + nbytes <= self.capacity and not self.used % tensor.element_size())
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Pack one tensor into the current bucket; call `finish` first when it does not fit."""
         nbytes = tensor.numel() * tensor.element_size()
+        if not self.names:
+            left = self.remaining if self.remaining is not None and self.remaining > 0 else self.bucket_bytes
+            self.capacity = max(nbytes, min(self.bucket_bytes, left))
+            if not self.dry:
+                self.buffer = self.alloc(self.capacity, tensor.device)
         if not self.dry:
-            if self.buffer is None:
-                self.buffer = self.alloc(max(self.bucket_bytes, nbytes), tensor.device)
             self.buffer[self.used:self.used + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        if self.remaining is not None:
+            self.remaining -= nbytes
         self.names.append(name)
         self.dtypes.append(tensor.dtype)
         self.shapes.append(tuple(tensor.shape))
@@ -107,13 +117,15 @@ class BucketPacker:
 
 
 def pack(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, alloc: Alloc = plain_alloc,
-         last: bool = True, dry: bool = False) -> Iterator[Bucket]:
+         last: bool = True, dry: bool = False, total_bytes: int | None = None) -> Iterator[Bucket]:
     """Buckets of `named_tensors` in order; the final one has `last` set when `last` is true.
 
     A full bucket is handed over before the next buffer is allocated, so with the consumer's one bucket in
     flight at most two exist (plus the tensor waiting to be packed).
     """
-    packer = BucketPacker(bucket_bytes, alloc, dry)
+    if isinstance(named_tensors, (list, tuple)) and total_bytes is None:
+        total_bytes = sum(t.numel() * t.element_size() for _, t in named_tensors)
+    packer = BucketPacker(bucket_bytes, alloc, dry, total_bytes)
     for name, tensor in named_tensors:
         if not packer.fits(tensor):
             yield packer.finish(last=False)
@@ -146,6 +158,19 @@ def stage_hf_tensors(model: PolicyModel) -> Iterator[tuple[str, torch.Tensor]]:
             if getattr(param, "tensor_model_parallel", False) and mpu.tp_size > 1:
                 full = bridge._weight_merge_across_tp(name, _all_gather(full, mpu.tp_group, mpu.tp_size), param)
             yield from zip(*bridge._weight_to_hf_format(name, full))
+
+
+def stage_hf_bytes(model: PolicyModel) -> int:
+    """What stage_hf_tensors will yield in bytes, from the local shards' sizes (TP/ETP/EP gathers multiply)."""
+    mpu, total = model.bridge.mpu, 0
+    for chunk in model.unwrapped():
+        for local, param in _parameters(chunk):
+            expert = ".mlp.experts." in local
+            factor = mpu.ep_size if expert and mpu.ep_size > 1 else 1
+            if getattr(param, "tensor_model_parallel", False):
+                factor *= mpu.etp_size if expert and mpu.ep_size > 1 else mpu.tp_size
+            total += param.numel() * param.element_size() * factor
+    return total
 
 
 def _parameters(chunk: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -183,7 +208,7 @@ def hf_buckets(model: PolicyModel, bucket_bytes: int, to_every_rank: bool = Fals
     where buckets end. Bucket metadata travels over the gloo control group, the bytes over the default group.
     """
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        yield from pack(stage_hf_tensors(model), bucket_bytes, alloc)
+        yield from pack(stage_hf_tensors(model), bucket_bytes, alloc, total_bytes=stage_hf_bytes(model))
         return
     from grpo_megatron.parallel import control_group
 
@@ -195,7 +220,8 @@ def hf_buckets(model: PolicyModel, bucket_bytes: int, to_every_rank: bool = Fals
     for stage, leader in enumerate(leaders):
         last_stage = stage == mpu.pp_size - 1
         if mpu.pp_rank == stage:
-            own = pack(stage_hf_tensors(model), bucket_bytes, alloc, last_stage, dry=rank != leader)
+            own = pack(stage_hf_tensors(model), bucket_bytes, alloc, last_stage, dry=rank != leader,
+                       total_bytes=stage_hf_bytes(model))
             for bucket in own:
                 bucket = _deliver(bucket, leader, to_every_rank, control, alloc)
                 if bucket is not None and receives:

@@ -49,6 +49,7 @@ from grpo_megatron.training.reference import ReferenceModel
 from grpo_megatron.training.mismatch import rollout_correction_metrics, train_rollout_mismatch
 from grpo_megatron.training.prompt_log import PromptLog
 from grpo_megatron.training.reward_runner import RewardRunner
+from grpo_megatron.training.weight_push import release_rollout_memory
 from grpo_megatron.training.rollout_worker import RolloutWorker
 
 logger = logging.getLogger(__name__)
@@ -451,6 +452,8 @@ class Trainer:
         with timer.phase("generation"):
             if _rank0():
                 batch, rollout_metrics = self.worker.next_batch(self.step) if self._background() else self.rollout()
+                if not self._background():
+                    release_rollout_memory(self.engine)  # colocated GPU servers: memory back until the sync
                 self.prompt_log.log(self.step + 1, batch)
             else:
                 batch, rollout_metrics = None, None

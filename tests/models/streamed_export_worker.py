@@ -15,8 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, model_dims
-from grpo_megatron.models.weight_stream import hf_buckets, plain_alloc
-from grpo_megatron.parallel import add_layout_arguments, init_distributed, init_model_parallel, layout_from_args
+import torch.distributed as dist
+
+from grpo_megatron.models.weight_stream import hf_buckets, plain_alloc, stage_hf_bytes
+from grpo_megatron.parallel import (
+    add_layout_arguments, control_group, init_distributed, init_model_parallel, layout_from_args)
 from grpo_megatron.rollout.sglang.weight_sync import Pipelined
 
 
@@ -68,10 +71,13 @@ def main() -> None:
             sequence.append({"names": bucket.names, "nbytes": bucket.nbytes, "last": bucket.last})
             pipe.submit(bucket)
             del bucket
+    stages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(stages, (model.bridge.mpu.pp_rank, stage_hf_bytes(model)), group=control_group())
     out = Path(args.out_dir)
     if received:
         save_file(received, str(out / f"rank{rank}.safetensors"))
-    (out / f"rank{rank}.json").write_text(json.dumps({"sequence": sequence, "peak_buffers": alloc.peak}))
+    (out / f"rank{rank}.json").write_text(json.dumps({"sequence": sequence, "peak_buffers": alloc.peak,
+                                                             "size_hint": sum(dict(stages).values())}))
 
 
 if __name__ == "__main__":

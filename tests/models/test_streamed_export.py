@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo_megatron.models import build_model, export_hf_weights, load_hf_weights, model_dims
-from grpo_megatron.models.weight_stream import Bucket, BucketPacker, hf_buckets, pack
+from grpo_megatron.models.weight_stream import Bucket, BucketPacker, hf_buckets, pack, stage_hf_bytes
 from grpo_megatron.parallel import ParallelLayout, init_model_parallel
 from tests.conftest import run_cli
 
@@ -45,6 +45,7 @@ def test_every_receiver_gets_exactly_the_model(name, every, tiny_hf_dir, tmp_pat
         assert all(b["nbytes"] <= BUCKET_BYTES or len(b["names"]) == 1 for b in sequence)
         assert len(sequence) >= 3
         assert report["peak_buffers"] <= 2, report["peak_buffers"]
+        assert report["size_hint"] == sum(b["nbytes"] for b in sequence)  # sizes the last buffer
     if not every:
         assert not (tmp_path / "rank1.safetensors").exists()  # only rank 0 receives
     if name == "pp2":  # stage 0's layers, then stage 1's
@@ -63,6 +64,7 @@ def test_one_process_stream_equals_the_bridge_export(tiny_hf_dir, dist_world1):
     streamed = [(n, t.clone()) for b in hf_buckets(model, BUCKET_BYTES) for n, t in b.tensors()]
     exported = list(export_hf_weights(model))
     assert [n for n, _ in streamed] == [n for n, _ in exported]
+    assert stage_hf_bytes(model) == sum(t.numel() * t.element_size() for _, t in exported)
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(streamed, exported))
 
 
@@ -82,6 +84,21 @@ def test_a_full_bucket_is_handed_over_before_the_next_is_allocated():
     assert len(allocated) == 2 and second.names == ["2", "3"]
     assert [b.names for b in stream] == [["4", "5"]]
     assert torch.equal(dict(second.tensors())["3"], torch.full((256,), 3.0))
+
+
+def test_the_size_hint_sizes_only_the_last_buffer():
+    allocated = []
+
+    def alloc(nbytes, device):
+        allocated.append(nbytes)
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    tensors = [(str(i), torch.zeros(100)) for i in range(5)]  # 400 bytes each
+    assert [b.names for b in pack(tensors, 1000, alloc)] == [["0", "1"], ["2", "3"], ["4"]]
+    assert allocated == [1000, 1000, 400]
+    allocated.clear()
+    short = [b.names for b in pack(iter(tensors), 1000, alloc, total_bytes=1000)]  # a wrong hint: other cuts
+    assert short == [["0", "1"], ["2"], ["3", "4"]] and allocated == [1000, 400, 1000]
 
 
 def test_a_tensor_larger_than_a_bucket_travels_alone():

@@ -67,3 +67,30 @@ def test_router_takes_generation_and_servers_take_weights(mock, tiny_hf_dir, tmp
     assert "/update_weights_from_tensor" in request_log(server)
     assert not {"/begin_weight_update", "/update_weights_from_tensor", "/flush_cache"} & set(request_log(router))
     assert engine.last_sync["probe_max_abs_diff"] < 1e-4 and request_log(server).count("/generate") == 2  # + probe
+
+
+def test_colocated_gpu_servers_free_their_memory_while_the_trainer_trains(mock, tiny_hf_dir, tmp_path, dist_world1):
+    """rollout -> release weights + KV cache -> training -> resume weights -> push -> resume KV cache -> rollout.
+    (The mock answers the memory routes as a server started with --enable-memory-saver; CPU servers are never
+    asked, see test_client.)"""
+    from grpo_megatron.rollout.tasks import make_task_dataset
+
+    cfg = load_config(None, {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"hf_path": str(tiny_hf_dir("qwen3_moe"))},
+        "data": {"train_files": [str(make_task_dataset("first_digit", 64, 0, tmp_path / "train.jsonl"))]},
+        "rollout": {"engine": "sglang", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 3,
+                    "sglang": {"urls": mock[:1], "weight_sync": "tensor", "gpu_servers": True, "bucket_mb": 1}},
+        "reward": {"functions": [{"name": "tests.training.test_loop:varied_reward"}]},
+        "train": {"steps": 2, "num_minibatches": 1, "micro_batch_size": 8, "lr": 1e-3, "num_threads": 1},
+        "logging": {"progress_bar": False, "tensorboard": False},
+    })
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    trainer.train_step()
+    trainer.close()
+    log = [e for e in request_log(mock[0]) if e in ("/generate", "/update_weights_from_tensor") or e.startswith("(re")]
+    step = ["/generate", "(release_memory_occupation kv_cache,weights)", "(resume_memory_occupation weights)",
+            "/update_weights_from_tensor", "(resume_memory_occupation kv_cache)"]
+    collapsed = [e for i, e in enumerate(log) if i == 0 or e != log[i - 1]]  # one entry per run of requests
+    assert collapsed == step * 2
