@@ -36,10 +36,14 @@ class Group:
 
 
 class RolloutBuffer:
-    """FIFO of groups shared by the rollout thread (put) and the trainer (take); thread-safe."""
+    """FIFO of groups shared by the rollout thread (put) and the trainer (take); thread-safe.
+
+    It also counts the groups taken for training, so that `committed` (taken + buffered) moves atomically
+    with every take: the rollout side's staleness gate must never see a group in neither place."""
 
     def __init__(self):
         self._groups: list[Group] = []
+        self._taken = 0
         self._changed = threading.Condition()
 
     def __len__(self) -> int:
@@ -59,15 +63,32 @@ class RolloutBuffer:
                     return None
                 self._changed.wait(timeout)
             taken, self._groups = self._groups[:count], self._groups[count:]
+            self._taken += count
             return taken
+
+    def give_back(self, count: int) -> None:
+        """Taken groups the trainer will not train (too stale): no longer committed."""
+        with self._changed:
+            self._taken -= count
+
+    def committed(self) -> int:
+        """Groups taken for training plus groups waiting here."""
+        with self._changed:
+            return self._taken + len(self._groups)
+
+    @property
+    def taken(self) -> int:
+        with self._changed:
+            return self._taken
 
     def state_dict(self) -> list[dict]:
         with self._changed:
             return [group_to_dict(g) for g in self._groups]
 
-    def load_state_dict(self, state: list[dict]) -> None:
+    def load_state_dict(self, state: list[dict], taken: int) -> None:
         with self._changed:
             self._groups = [group_from_dict(g) for g in state]
+            self._taken = taken
 
 
 def group_to_dict(group: Group) -> dict:

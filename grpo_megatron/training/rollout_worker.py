@@ -53,7 +53,6 @@ class RolloutWorker:
         self._redo: list[tuple[int, int]] = []  # (dataset index, draw) to generate before drawing new prompts
         self._in_flight: list[tuple[int, int]] = []
         self._chunks = 0  # rollout batches completed into the buffer: the next one's seed index
-        self._trained_groups = 0
         self._version = 0
         self._state = threading.Condition()  # guards the fields above and the gate
         self._engine = threading.Lock()  # one user of the engine at a time: a rollout batch, a weight push, eval
@@ -135,7 +134,7 @@ class RolloutWorker:
         """A new rollout batch may start: within the staleness bound, not beyond the run's last step, and
         no weight push or evaluation waiting for the engine."""
         P = self.cfg.rollout.prompts_per_step
-        committed = self._trained_groups + len(self.buffer) + P  # with the batch about to start
+        committed = self.buffer.committed() + P  # with the batch about to start
         return (not self._holds and committed <= (self._version + self._max_staleness + 1) * P
                 and committed <= self.cfg.train.steps * P)
 
@@ -186,14 +185,13 @@ class RolloutWorker:
                     groups.append(group)
                     continue
                 stale += 1
-                if self.cfg.rollout.stale_groups == "regenerate":
-                    with self._state:
+                with self._state:
+                    self.buffer.give_back(1)  # leaves room under the gate
+                    if self.cfg.rollout.stale_groups == "regenerate":
                         self._redo.append((group.samples[0].prompt_index, group.draw))
-            with self._state:
-                self._state.notify_all()  # a dropped group leaves room under the gate
+                    self._state.notify_all()
         trainer_idle = time.perf_counter() - start
         with self._state:
-            self._trained_groups += P
             depth, rollout_idle, self._rollout_idle = len(self.buffer), self._rollout_idle, 0.0
         samples = []
         for number, group in enumerate(groups):
@@ -252,16 +250,14 @@ class RolloutWorker:
         cursor, taken at one moment."""
         with self._state:
             return {"loader": self.loader.state_dict(), "redo": [list(d) for d in self._in_flight + self._redo],
-                    "buffer": self.buffer.state_dict(), "chunks": self._chunks,
-                    "trained_groups": self._trained_groups}
+                    "buffer": self.buffer.state_dict(), "chunks": self._chunks, "trained_groups": self.buffer.taken}
 
     def load_state_dict(self, state: dict, version: int) -> None:
         with self._state:
             self.loader.load_state_dict(state["loader"])
             self._redo = [tuple(d) for d in state.get("redo", [])]
-            self.buffer.load_state_dict(state.get("buffer", []))
+            self.buffer.load_state_dict(state.get("buffer", []), taken=state.get("trained_groups", 0))
             self._chunks = state.get("chunks", 0)
-            self._trained_groups = state.get("trained_groups", 0)
             self._version = version
 
 
