@@ -1,18 +1,27 @@
-"""Weight-sync throughput (MB/s) per mode, against a mock or a real SGLang server, next to an in-memory copy.
+"""Weight-sync throughput (MB/s) per mode and the trainer's extra memory during a sync, through the trainer's path.
 
-    python benchmarks/weight_sync.py                         # mock server, tiny model
-    python benchmarks/weight_sync.py --server sglang --size medium   # real SGLang 0.5.23 on CPU, ~120 MB model
+    python benchmarks/weight_sync.py                                   # mock server, tiny model, 1 process
+    python benchmarks/weight_sync.py --server sglang --size medium     # real SGLang 0.5.23 on CPU, ~108 MB
+    python benchmarks/weight_sync.py --server sglang --size large --layouts 1 tp2 ep2 --bucket-mb 64
 
-`--server mock` (tests/sglang/mock_server.py) loads into a transformers model, so the figure is the client's
-transport (pickling + shared memory, gloo broadcast, safetensors write + read) plus HTTP. `--server sglang`
-starts the pinned SGLang in its cached venv (tests/sglang_live/install_sglang.sh) through the project's launcher
-and includes SGLang's own loading, its begin/end session and cache flush: what a trainer step pays.
-Each sync is timed alone; the script prints the median MB/s over `--syncs` pushes per mode.
+A megatron policy is built from the checkpoint at each layout (`1`: one process; `tp2`, `ep2`: two gloo
+processes under torchrun) and pushed as Trainer.sync_weights does: hf_buckets (each stage converts its own
+layers, TP/EP shards gathered in their groups, buckets packed and handed to rank 0 while the next is assembled)
+into the mode's sender. The time is the whole sync, export included. Memory: each rank resets its peak RSS
+(/proc/self/clear_refs 5) before a sync and reports VmHWM - VmRSS(before) after it; the target is < 2 buckets
++ 10%. The in-memory copy is `clone()` of rank 0's parameters timed before each sync (the load here varies), the
+reference each mode's copies divide.
+`--server mock` (tests/sglang/mock_server.py) measures the client's transport plus HTTP; `--server sglang`
+starts the pinned SGLang (tests/sglang_live/install_sglang.sh) with the project's launcher, in float32.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,14 +33,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from grpo_megatron.models.tiny import make_tiny_hf_checkpoint  # noqa: E402
-from grpo_megatron.rollout.sglang import DiskSync, DistributedSync, ServerPool, TensorSync  # noqa: E402
 from grpo_megatron.parallel import free_port  # noqa: E402
 
-SIZES = {  # Qwen3-MoE shapes: the tests' tiny model, and one whose sync moves ~120 MB (float32)
+SIZES = {  # Qwen3-MoE shapes, float32: the tests' tiny model, ~108 MB, and ~1.2 GB
     "tiny": {},
     "medium": {"hidden_size": 512, "intermediate_size": 1024, "moe_intermediate_size": 512, "num_hidden_layers": 4,
                "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "num_experts": 8},
+    "large": {"hidden_size": 1024, "intermediate_size": 2048, "moe_intermediate_size": 1024, "num_hidden_layers": 6,
+              "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 64, "num_experts": 16},
 }
+LAYOUTS = {"1": (1, []), "tp2": (2, ["--tp", "2"]), "ep2": (2, ["--ep", "2"]), "tp2ep2": (4, ["--tp", "2", "--ep", "2"])}
+MODES = ("export", "tensor", "distributed", "disk")  # export: the stream drained on rank 0, sent nowhere
 
 
 def start(server: str, model: Path, logs: Path):
@@ -48,7 +60,7 @@ def start(server: str, model: Path, logs: Path):
 
     proc = _start(model, port)
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc, time.monotonic() + 120)
+    wait_healthy(url, proc, time.monotonic() + 300)
 
     def stop():
         proc.terminate()
@@ -56,43 +68,116 @@ def start(server: str, model: Path, logs: Path):
     return url, stop
 
 
+def _status_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def worker(args) -> None:
+    """One rank under torchrun (or alone): build, load, then time `--syncs` pushes per mode; rank 0 prints JSON."""
+    import torch.distributed as dist
+
+    from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, model_dims
+    from grpo_megatron.models.weight_stream import hf_buckets, plain_alloc
+    from grpo_megatron.parallel import control_group, init_distributed, init_model_parallel, layout_from_args
+    from grpo_megatron.rollout.sglang import DiskSync, DistributedSync, ServerPool, TensorSync
+
+    rank, world = init_distributed()
+    hf_config = load_hf_config(args.model)
+    layout = layout_from_args(args)
+    init_model_parallel(layout, **model_dims(hf_config))
+    model = build_model(hf_config, layout)
+    load_hf_weights(model, args.model)
+    pool = ServerPool([args.url], timeout_s=900)
+    for mode in args.modes:
+        sync = None
+        if rank == 0 and mode != "export":
+            sync = {"tensor": lambda: TensorSync(pool, args.bucket_mb, 1),
+                    "distributed": lambda: DistributedSync(pool, args.bucket_mb, 1, "", free_port(), "gloo"),
+                    "disk": lambda: DiskSync(pool, args.bucket_mb, args.model, None)}[mode]()
+        seconds, extra_mb, ratios, moved = [], [], [], 0
+        for version in range(1, args.syncs + 1):
+            copy = copy_rate(model) if rank == 0 else 0.0  # interleaved: the load on this machine varies
+            if world > 1:
+                dist.barrier(group=control_group())
+            Path("/proc/self/clear_refs").write_text("5")
+            before = _status_kb("VmRSS")
+            begin = time.perf_counter()
+            buckets = hf_buckets(model, int(args.bucket_mb * 2**20), False, sync.alloc if sync else plain_alloc)
+            if sync is not None:
+                moved = sync.push_buckets(buckets, version)
+            else:
+                moved = sum(bucket.nbytes for bucket in buckets)
+            seconds.append(time.perf_counter() - begin)
+            ratios.append(moved / 2**20 / seconds[-1] / copy if copy else 0.0)
+            extra_mb.append((_status_kb("VmHWM") - before) / 1024)
+        peaks = [max(extra_mb)]
+        if world > 1:
+            everyone: list = [None] * world
+            dist.all_gather_object(everyone, max(extra_mb), group=control_group())
+            peaks = everyone
+        if rank == 0:
+            if sync is not None:
+                sync.close()
+            median = statistics.median(seconds)
+            print(json.dumps({"mode": mode, "mb": moved / 2**20, "seconds": median, "mb_per_s": moved / 2**20 / median,
+                              "of_copy": statistics.median(ratios), "extra_mb_per_rank": peaks}), flush=True)
+
+
+def copy_rate(model) -> float:
+    """MB/s of clone() over this rank's parameters: the in-memory copy each sync is compared with."""
+    params = [p.detach() for chunk in model.unwrapped() for p in chunk.parameters()]
+    begin = time.perf_counter()
+    copies = [p.clone() for p in params]
+    seconds = time.perf_counter() - begin
+    del copies
+    return sum(p.numel() * p.element_size() for p in params) / 2**20 / seconds
+
+
+def run_layout(name: str, args, model: Path, url: str) -> list[dict]:
+    nproc, flags = LAYOUTS[name]
+    cmd = [__file__, "--worker", "--model", str(model), "--url", url, "--syncs", str(args.syncs),
+           "--bucket-mb", str(args.bucket_mb), "--modes", *args.modes, *flags]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for key in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                 f"--master-port={free_port()}"] if nproc > 1 else [sys.executable])
+    done = subprocess.run(launcher + cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"layout {name} failed:\n{done.stderr[-4000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", choices=("mock", "sglang"), default="mock")
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny")
-    parser.add_argument("--syncs", type=int, default=5, help="timed pushes per mode")
-    parser.add_argument("--bucket-mb", type=int, default=512)
-    args = parser.parse_args()
-    from safetensors.torch import load_file
+    parser.add_argument("--layouts", nargs="+", choices=tuple(LAYOUTS), default=["1"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--syncs", type=int, default=3, help="timed pushes per mode")
+    parser.add_argument("--bucket-mb", type=float, default=512)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    from grpo_megatron.parallel import add_layout_arguments
 
+    add_layout_arguments(parser)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_hf_checkpoint("qwen3_moe", Path(tmp) / "m", **SIZES[args.size])
-        weights = [(n, t) for f in sorted(model.glob("*.safetensors")) for n, t in load_file(str(f)).items()]
-        mb = sum(t.numel() * t.element_size() for _, t in weights) / 2**20
+        mb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20
+        print(f"{args.server} server, {args.size} Qwen3-MoE (float32): ~{mb:.1f} MB per sync, median of {args.syncs} "
+              f"syncs, bucket {args.bucket_mb:g} MiB (memory target < {2.2 * args.bucket_mb:.1f} MiB), "
+              f"torch threads 1; 'of copy': median over syncs of MB/s / an in-memory copy's MB/s timed just before")
         url, stop = start(args.server, model, Path(tmp))
         try:
-            pool = ServerPool([url], timeout_s=600)
-            rates = []
-            for _ in range(args.syncs):
-                begin = time.perf_counter()
-                copies = [t.clone() for _, t in weights]
-                rates.append(mb / (time.perf_counter() - begin))
-            del copies
-            print(f"{args.server} server, {args.size} Qwen3-MoE: {mb:.1f} MB per sync, median of {args.syncs} syncs, "
-                  f"bucket {args.bucket_mb} MB, torch threads {torch.get_num_threads()}")
-            print(f"  in-memory copy      : {statistics.median(rates):9.1f} MB/s")
-            for name, sync in [("tensor", TensorSync(pool, args.bucket_mb, 1)),
-                               ("distributed (gloo)", DistributedSync(pool, args.bucket_mb, 1, "127.0.0.1", free_port(),
-                                                                      "gloo")),
-                               ("disk", DiskSync(pool, args.bucket_mb, model, None))]:
-                seconds = []
-                for version in range(1, args.syncs + 1):
-                    begin = time.perf_counter()
-                    sync.push(weights, version)
-                    seconds.append(time.perf_counter() - begin)
-                sync.close()
-                median = statistics.median(seconds)
-                print(f"  {name:20s}: {mb / median:9.1f} MB/s  ({median:.3f} s per sync)")
+            for layout in args.layouts:
+                for row in run_layout(layout, args, model, url):
+                    extra = ", ".join(f"{m:.0f}" for m in row["extra_mb_per_rank"])
+                    print(f"  {layout:6s} {row['mode']:11s}: {row['mb_per_s']:8.1f} MB/s ({row['seconds']:.2f} s, "
+                          f"{row['of_copy']:.3f} of copy); extra memory per rank [{extra}] MiB", flush=True)
         finally:
             stop()
 
