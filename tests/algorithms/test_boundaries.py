@@ -103,3 +103,42 @@ def test_sequence_ratio_metrics_cover_every_non_empty_sequence(variant):
     ratios = [math.exp((0.2 + 0.4 + 0.6) / 3), math.exp(-0.3)]
     assert float(metrics["ratio_mean"]) == pytest.approx(sum(ratios) / 2, rel=1e-12)
     assert float(metrics["ratio_min"]) == pytest.approx(min(ratios), rel=1e-12)
+
+
+@pytest.mark.parametrize("clip_low, clip_high", [(-0.5, 0.2), (0.2, -0.5)])
+def test_negative_clip_bounds_are_refused(clip_low, clip_high):
+    logp = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="clip_low and clip_high must be >= 0"):
+        compute_policy_loss(logp, logp, torch.zeros(1), torch.ones_like(logp), variant="grpo", clip_low=clip_low,
+                            clip_high=clip_high, loss_agg="token_mean")
+
+
+def test_metrics_of_a_single_response_token_are_its_own_values():
+    logp = torch.tensor([[0.3, 9.0]], dtype=torch.float64)
+    _, metrics = compute_policy_loss(logp, torch.zeros_like(logp), torch.ones(1, dtype=torch.float64),
+                                     torch.tensor([[1.0, 0.0]], dtype=torch.float64), variant="grpo", clip_low=0.2,
+                                     clip_high=0.2, loss_agg="token_mean")
+    assert float(metrics["ratio_mean"]) == pytest.approx(math.exp(0.3), rel=1e-12)
+    assert float(metrics["clip_frac_high"]) == 1.0  # e^0.3 > 1.2 with A > 0
+
+
+def test_an_unknown_loss_aggregation_is_named_before_any_shape_error():
+    """Names are checked first: a typo in loss_agg is reported as such, not as gspo's advantage shape."""
+    logp = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="unknown loss aggregation 'mean'"):
+        compute_policy_loss(logp, logp, torch.zeros(2, 3), torch.ones_like(logp), variant="gspo", clip_low=0.2,
+                            clip_high=0.2, loss_agg="mean")
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 1.0])
+def test_kl_term_is_in_the_loss_exactly_when_its_coefficient_is_not_zero(kl_coef):
+    """On-policy GRPO with A = 0 has pg_loss 0, so loss = kl_coef * mean_t k1 = kl_coef * mean_t (logp - ref)."""
+    logp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64)
+    ref = torch.tensor([[-1.5, -1.0]], dtype=torch.float64)
+    loss, metrics = compute_policy_loss(logp, logp, torch.zeros(1, dtype=torch.float64), torch.ones_like(logp),
+                                        variant="grpo", clip_low=0.2, clip_high=0.2, loss_agg="token_mean",
+                                        ref_logprobs=ref, kl_coef=kl_coef, kl_estimator="k1")
+    k1 = ((-1.0 - -1.5) + (-2.0 - -1.0)) / 2
+    assert float(loss) == pytest.approx(kl_coef * k1, abs=1e-15)
+    assert float(metrics["kl_loss"]) == pytest.approx(k1 if kl_coef else 0.0, abs=1e-15)
+    assert float(metrics["kl_ref"]) == pytest.approx(k1, abs=1e-15)
