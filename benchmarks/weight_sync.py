@@ -54,7 +54,8 @@ def start(server: str, model: Path, logs: Path):
 
         if not venv_ready():
             raise SystemExit(f"--server sglang needs the pinned SGLang: {INSTALL_HINT}")
-        proc = start_server(model, port, logs / "sglang.log", routed_experts=False, extra_args=["--dtype", "float32"])
+        proc = start_server(model, port, logs / "sglang.log", routed_experts=False, extra_args=["--dtype", "float32"],
+                            timeout_s=1800)  # a loaded machine took > 600 s for the large model
         return proc.spec.url, proc.stop
     from tests.sglang.conftest import _start, wait_healthy
 
