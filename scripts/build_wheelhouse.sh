@@ -3,12 +3,14 @@
 # Python (3.12, manylinux x86_64) already has a CUDA torch. torch, triton and nvidia-* are left out.
 #
 #   bash scripts/build_wheelhouse.sh DIR        (then copy DIR and the repository to the GPU machine)
+#   WHEEL_PYTHON=3.11 bash scripts/build_wheelhouse.sh DIR   (another target Python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:?usage: scripts/build_wheelhouse.sh DIR}
 mkdir -p "$dir"
+version=${WHEEL_PYTHON:-3.12}
 target=(--only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64
-        --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none)
+        --python-version "$version" --implementation cp --abi "cp${version/./}" --abi abi3 --abi none)
 pip=(python3 -m pip)
 # The project itself and the build backend (installed with --no-build-isolation there).
 "${pip[@]}" wheel -q --no-deps -w "$dir" .
