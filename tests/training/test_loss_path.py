@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from grpo_megatron.algorithms import Correction
 from grpo_megatron.config import AlgorithmConfig, RolloutConfig, RunConfig, TrainConfig
 from grpo_megatron.training import actor as actor_module
 from grpo_megatron.training import loop
@@ -18,7 +19,7 @@ from grpo_megatron.training.actor import Actor
 from grpo_megatron.training.batch import Sample, make_micro_batch
 from grpo_megatron.training.loop import Trainer
 from grpo_megatron.training.metrics import PhaseTimer
-from grpo_megatron.training.mismatch import train_rollout_mismatch
+from grpo_megatron.training.mismatch import rollout_correction_metrics, train_rollout_mismatch
 from tests.algorithms import reference
 
 G = 4
@@ -198,6 +199,17 @@ def test_loss_mask_drops_filtered_samples_and_zero_weight_tokens():
     assert Trainer._loss_mask(samples, mb).tolist() == [[0, 1, 0, 0, 0], [0] * 5, [0, 0, 1, 1, 0]]
 
 
+def test_tool_tokens_leave_the_loss_mask():
+    """A sample's loss_mask (0 at inserted tool tokens) multiplies its response mask; samples without one
+    count every response token."""
+    samples = [Sample(prompt_ids=[1, 2], response_ids=[3, 4, 5], group=0, loss_mask=[1, 0, 1]),
+               Sample(prompt_ids=[1], response_ids=[3, 4], group=0)]
+    mb = make_micro_batch(samples, [0, 1], pad_id=0)  # 2 rows of width 5
+    assert mb.loss_mask.tolist() == [[0, 1, 0, 1, 0], [1, 1, 0, 0, 0]]
+    assert Trainer._loss_mask(samples, mb).tolist() == [[0, 1, 0, 1, 0], [1, 1, 0, 0, 0]]
+    assert make_micro_batch(samples, [1], pad_id=0).loss_mask is None  # all 1: no tensor at all
+
+
 def test_rows_without_some_log_probs_get_none_for_all():
     samples = [Sample(prompt_ids=[1], response_ids=[2, 3], group=0, engine_logprobs=[-1.0, -2.0]),
                Sample(prompt_ids=[1], response_ids=[2], group=0)]
@@ -274,10 +286,50 @@ def _mismatch_reference(train, engine, mask) -> tuple[float, float, float]:
     [[0, 0, 0, 0], [0, 0, 0, 0]],  # none: zeros, not NaN
 ])
 def test_train_rollout_mismatch_matches_a_token_loop(mask):
-    # token (0, 2) sits exactly on the 2x bound (not outside), token (1, 1) below 1/2, padding is garbage
+    # token (0, 2) sits exactly on the 2x bound (not outside), token (0, 1) is e times more likely under the
+    # trainer (outside 2x, inside 3x), token (1, 1) below 1/2; padding is garbage
     train = torch.tensor([[-1.0, -0.5, math.log(2.0), 50.0], [-40.0, -2.0, 7.0, 9.0]], dtype=torch.float64)
-    engine = torch.tensor([[-1.25, -0.1, 0.0, -60.0], [3.0, -0.5, -8.0, 1.0]], dtype=torch.float64)
+    engine = torch.tensor([[-1.25, -1.5, 0.0, -60.0], [3.0, -0.5, -8.0, 1.0]], dtype=torch.float64)
     mask = torch.tensor(mask, dtype=torch.float64)
     metrics = train_rollout_mismatch(train, engine, mask)
     got = tuple(float(metrics[f"train_rollout/{k}"]) for k in ("logprob_abs_diff", "k3_kl", "ratio_outside_2x"))
     assert got == pytest.approx(_mismatch_reference(train, engine, mask), rel=1e-12, abs=1e-12)
+
+
+def test_rollout_correction_metrics_of_no_response_tokens_are_neutral():
+    """Nothing to compare: no divergence (chi2 0, log-PPL difference 0) and a PPL ratio of 1, never NaN."""
+    old, rollout = torch.full((2, 3), -1.0), torch.full((2, 3), -2.0)
+    metrics = rollout_correction_metrics(old, rollout, torch.zeros(2, 3))
+    assert [metrics[f"rollout_correction/{k}"] for k in ("chi2_token", "chi2_seq", "log_ppl_diff", "ppl_ratio")] == \
+        [0.0, 0.0, 0.0, 1.0]
+
+
+def _correction_metrics(mask, log_unit, keep, weights, rejected, bound=2.0) -> dict:
+    f64 = dict(dtype=torch.float64)
+    correction = Correction(weights=torch.tensor(weights, **f64), keep=torch.tensor(keep),
+                            log_unit=torch.tensor(log_unit, **f64), rejected=torch.tensor(rejected))
+    zeros = torch.zeros(len(mask), len(mask[0]))
+    metrics = rollout_correction_metrics(zeros, zeros, torch.tensor(mask, dtype=torch.float32), correction, "token", bound)
+    return {k.split("/")[1]: v for k, v in metrics.items()}
+
+
+def test_rollout_correction_metrics_count_what_the_correction_did():
+    """Row 0: a truncated token (weight 3 > 2), one dropped by the mode, one exactly on the bound (not
+    truncated), and a stray keep flag on padding; row 1 rejected whole; row 2 empty (its rejection flag
+    counts for nothing). Five response tokens, two sequences."""
+    log2, log3 = math.log(2.0), math.log(3.0)
+    metrics = _correction_metrics(
+        mask=[[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]],
+        log_unit=[[log3, math.log(0.5), log2, 0.0], [0.1, 0.2, 0.0, 0.0], [0.0] * 4],
+        keep=[[True, False, True, True], [False, False, False, False], [False] * 4],
+        weights=[[2.0, 0.0, 2.0, 0.0], [0.0] * 4, [0.0] * 4], rejected=[False, True, True])
+    expected = {"frac_truncated": 1 / 5, "frac_masked": 1 / 5, "frac_rejected": 1 / 2, "weight_min": 2.0,
+                "weight_mean": 2.0, "weight_max": 2.0, "ess": 1.0, "bound": 2.0}
+    assert {k: metrics[k] for k in expected} == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("mask, expected_truncated", [([[0, 1]], 1.0), ([[0, 0]], 0.0)])
+def test_rollout_correction_fractions_of_one_or_no_token(mask, expected_truncated):
+    metrics = _correction_metrics(mask=mask, log_unit=[[0.0, 1.0]], keep=[[False, bool(mask[0][1])]],
+                                  weights=[[0.0, 2.0 if mask[0][1] else 0.0]], rejected=[False])
+    assert (metrics["frac_truncated"], metrics["frac_masked"], metrics["frac_rejected"]) == (expected_truncated, 0.0, 0.0)
