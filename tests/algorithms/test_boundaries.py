@@ -78,8 +78,10 @@ def test_ratios_on_the_clip_bound_are_not_clipped(variant):
 
 @pytest.mark.parametrize("variant", ["grpo", "gspo", "gspo_token"])
 def test_zero_advantages_are_never_clipped(variant):
-    """Ratio e^-1 is far below 1 - eps, but a zero advantage is neither positive nor negative."""
+    """Ratios e^-1 and e are far outside [1 - eps, 1 + eps], but a zero advantage is neither positive nor
+    negative."""
     assert clip_fractions(variant, LOGP + 1.0, [0.0, 0.0, 0.0], eps=0.2) == (0.0, 0.0)
+    assert clip_fractions(variant, LOGP - 1.0, [0.0, 0.0, 0.0], eps=0.2) == (0.0, 0.0)
 
 
 def test_dual_clip_bounds_the_loss_of_negative_advantages():

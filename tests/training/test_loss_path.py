@@ -328,8 +328,20 @@ def test_rollout_correction_metrics_count_what_the_correction_did():
     assert {k: metrics[k] for k in expected} == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("mask, expected_truncated", [([[0, 1]], 1.0), ([[0, 0]], 0.0)])
-def test_rollout_correction_fractions_of_one_or_no_token(mask, expected_truncated):
-    metrics = _correction_metrics(mask=mask, log_unit=[[0.0, 1.0]], keep=[[False, bool(mask[0][1])]],
-                                  weights=[[0.0, 2.0 if mask[0][1] else 0.0]], rejected=[False])
-    assert (metrics["frac_truncated"], metrics["frac_masked"], metrics["frac_rejected"]) == (expected_truncated, 0.0, 0.0)
+@pytest.mark.parametrize("mask, kept, rejected, expected", [
+    ([[0, 1]], True, False, (1.0, 0.0, 0.0, 2.0, 2.0, 2.0)),  # one token, truncated (weight e > 2)
+    ([[0, 1]], False, True, (0.0, 0.0, 1.0, 0.0, 0.0, 0.0)),  # one sequence, rejected: no weights left
+    ([[0, 0]], False, False, (0.0,) * 6),  # nothing at all: zeros, never NaN
+])
+def test_rollout_correction_metrics_of_one_or_no_token(mask, kept, rejected, expected):
+    metrics = _correction_metrics(mask=mask, log_unit=[[0.0, 1.0]], keep=[[False, kept]],
+                                  weights=[[0.0, 2.0 if kept else 0.0]], rejected=[rejected])
+    keys = ("frac_truncated", "frac_masked", "frac_rejected", "weight_min", "weight_mean", "weight_max")
+    assert tuple(metrics[k] for k in keys) == expected
+
+
+def test_without_a_truncation_bound_nothing_counts_as_truncated():
+    """mis / reject drop weights instead of truncating them: no bound, frac_truncated 0."""
+    metrics = _correction_metrics(mask=[[1, 1]], log_unit=[[0.0, 5.0]], keep=[[True, True]], weights=[[1.0, 1.0]],
+                                  rejected=[False], bound=None)
+    assert metrics["frac_truncated"] == 0.0 and "bound" not in metrics
