@@ -25,13 +25,15 @@ setup(
         "tqdm",
         "psutil",
         "einops",
+        # HTTP client of the remote reward service (rollout/remote_reward.py) and the SGLang client.
+        "httpx",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
         # NVIDIA apex is not on PyPI (PyPI's `apex` is an unrelated project): build it from NVIDIA's source.
         "gpu": ["transformer-engine[pytorch]"],
         # The trainer only speaks HTTP to SGLang; the server runs in its own environment.
-        "sglang": ["httpx", "requests"],
+        "sglang": ["requests"],
         "logging": ["tensorboard", "wandb"],
         "plots": ["matplotlib"],
         "math": ["math-verify"],

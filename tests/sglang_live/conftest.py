@@ -2,7 +2,8 @@
 
 These tests are marked `sglang_live`. They run only when the cached venv exists
 (tests/sglang_live/install_sglang.sh makes it, ~10 min / 11 GB once) and they were asked for
-(`pytest -m sglang_live tests/sglang_live` or GRPO_SGLANG_LIVE=1); otherwise they skip with the reason.
+(`pytest -m sglang_live tests/sglang_live` or GRPO_SGLANG_LIVE=1); otherwise they are deselected.
+Asked for without the venv, collection stops with the install command.
 Each server takes ~45 s to start on 2 cores.
 """
 from __future__ import annotations
@@ -28,19 +29,19 @@ def _selected(config) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    """Unasked-for, the live tests are deselected (they start servers); asked-for without the venv is an error."""
     here = Path(__file__).resolve().parent
     mine = [item for item in items if here in Path(str(item.fspath)).resolve().parents]
+    if not mine:
+        return
+    if not _selected(config):
+        items[:] = [item for item in items if item not in mine]
+        config.hook.pytest_deselected(items=mine)
+        return
+    if not venv_ready():
+        raise pytest.UsageError(f"no SGLang {SGLANG_VERSION} venv for the sglang_live tests: {INSTALL_HINT}")
     for item in mine:
         item.add_marker(pytest.mark.sglang_live)
-    if not venv_ready():
-        reason = f"no SGLang {SGLANG_VERSION} venv: {INSTALL_HINT}"
-    elif not _selected(config):
-        reason = "real-SGLang tests start servers (~1 min each): run `pytest -m sglang_live tests/sglang_live` " \
-                 "or set GRPO_SGLANG_LIVE=1"
-    else:
-        return
-    for item in mine:
-        item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")
