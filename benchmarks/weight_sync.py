@@ -77,17 +77,13 @@ def worker(args) -> None:
     """One rank under torchrun (or alone): build, load, then time `--syncs` pushes per mode; rank 0 prints JSON."""
     import torch.distributed as dist
 
-    from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, model_dims
+    from grpo_megatron.models import build_loaded_policy
     from grpo_megatron.models.weight_stream import hf_buckets, plain_alloc
-    from grpo_megatron.parallel import control_group, init_distributed, init_model_parallel, layout_from_args
+    from grpo_megatron.parallel import control_group, init_distributed, layout_from_args
     from grpo_megatron.rollout.sglang import DiskSync, DistributedSync, ServerPool, TensorSync
 
     rank, world = init_distributed()
-    hf_config = load_hf_config(args.model)
-    layout = layout_from_args(args)
-    init_model_parallel(layout, **model_dims(hf_config))
-    model = build_model(hf_config, layout)
-    load_hf_weights(model, args.model)
+    model = build_loaded_policy(args.model, layout_from_args(args))
     pool = ServerPool([args.url], timeout_s=900)
     for mode in args.modes:
         sync = None

@@ -148,7 +148,7 @@ def _patch_for_missing_te() -> None:
 
 
 def _patch_distributed_optimizer_load() -> None:
-    """Let megatron's distributed optimizer load a checkpoint when it runs torch's Adam (no Apex/TE).
+    """Let megatron's distributed optimizer load a checkpoint, exactly, when it runs torch's Adam (no Apex/TE).
 
     megatron-core 0.16.1 copies every per-parameter entry of the optimizer state from the checkpoint
     (`_set_main_param_and_optimizer_states`, distrib_optimizer.py ~936), including torch Adam's `step`, which
@@ -166,6 +166,20 @@ def _patch_distributed_optimizer_load() -> None:
         return original(self, model_param, {**{k: v for k, v in current.items() if k not in tensors}, **tensors})
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+    # Its load_state_dict then gives every parameter's torch-Adam state the *same* `step` tensor
+    # (distrib_optimizer.py ~823, `s["step"] = step` in a loop), and torch's Adam increments each state's
+    # step in place: after a resume one optimizer step advanced it once per parameter, so the bias
+    # correction was wrong from the first resumed step on. One tensor per parameter, as before the save.
+    original_load = DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    DistributedOptimizer.load_state_dict = load_state_dict
     DistributedOptimizer._grpo_patched_load = True
 
 

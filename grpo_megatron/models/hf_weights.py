@@ -19,7 +19,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from grpo_megatron.models.provider import PolicyModel
+from grpo_megatron.models.provider import PolicyModel, build_model, load_hf_config, model_dims
+from grpo_megatron.parallel import ParallelLayout, init_model_parallel
 
 # HF tensors that carry no weights of their own (recomputed buffers).
 _IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
@@ -59,6 +60,16 @@ class SafetensorsReader:
         if file not in self._handles:
             self._handles[file] = safe_open(self.path / file, framework="pt")
         return self._handles[file].get_tensor(name)
+
+
+def build_loaded_policy(hf_path: str | Path, layout: ParallelLayout, **build_overrides) -> PolicyModel:
+    """Model-parallel groups for `layout`, the model built from the HF config, the HF weights loaded into it:
+    what every standalone worker (export, weight push, benchmarks) does after `init_distributed`."""
+    hf_config = load_hf_config(hf_path)
+    init_model_parallel(layout, **model_dims(hf_config))
+    model = build_model(hf_config, layout, **build_overrides)
+    load_hf_weights(model, hf_path)
+    return model
 
 
 def load_hf_weights(model: PolicyModel, hf_path: str | Path) -> None:

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, model_dims
 import torch.distributed as dist
 
+from grpo_megatron.models import build_loaded_policy
 from grpo_megatron.models.weight_stream import hf_buckets, plain_alloc, stage_hf_bytes
 from grpo_megatron.parallel import (
-    add_layout_arguments, control_group, init_distributed, init_model_parallel, layout_from_args)
+    add_layout_arguments, control_group, init_distributed, layout_from_args)
 from grpo_megatron.rollout.sglang.weight_sync import Pipelined
 
 
@@ -51,11 +51,7 @@ def main() -> None:
     add_layout_arguments(parser)
     args = parser.parse_args()
     rank, _ = init_distributed()
-    hf_config = load_hf_config(args.hf_dir)
-    layout = layout_from_args(args)
-    init_model_parallel(layout, **model_dims(hf_config))
-    model = build_model(hf_config, layout)
-    load_hf_weights(model, args.hf_dir)
+    model = build_loaded_policy(args.hf_dir, layout_from_args(args))
 
     alloc = CountingAlloc()
     received: dict[str, torch.Tensor] = {}

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grpo_megatron.models import build_model, export_hf_weights, load_hf_weights, model_dims
+from grpo_megatron.models import build_loaded_policy, export_hf_weights
 from grpo_megatron.models.weight_stream import Bucket, BucketPacker, hf_buckets, pack, stage_hf_bytes
-from grpo_megatron.parallel import ParallelLayout, init_model_parallel
+from grpo_megatron.parallel import ParallelLayout
 from tests.conftest import run_cli
 
 LAYOUTS = {
@@ -55,12 +55,7 @@ def test_every_receiver_gets_exactly_the_model(name, every, tiny_hf_dir, tmp_pat
 
 def test_one_process_stream_equals_the_bridge_export(tiny_hf_dir, dist_world1):
     hf_dir = tiny_hf_dir("qwen3_moe")
-    from grpo_megatron.models import load_hf_config
-
-    config = load_hf_config(hf_dir)
-    init_model_parallel(ParallelLayout(), **model_dims(config))
-    model = build_model(config, ParallelLayout())
-    load_hf_weights(model, hf_dir)
+    model = build_loaded_policy(hf_dir, ParallelLayout())
     streamed = [(n, t.clone()) for b in hf_buckets(model, BUCKET_BYTES) for n, t in b.tensors()]
     exported = list(export_hf_weights(model))
     assert [n for n, _ in streamed] == [n for n, _ in exported]

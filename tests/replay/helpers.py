@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, model_dims
-from grpo_megatron.parallel import ParallelLayout, init_model_parallel
+from grpo_megatron.models import build_loaded_policy
+from grpo_megatron.parallel import ParallelLayout
 from grpo_megatron.replay import attach_routing_replay
 from grpo_megatron.training.actor import _run_schedule, data_parallel_info, forward_logprobs
 from grpo_megatron.training.batch import Sample, make_micro_batches, split_for_rank
@@ -14,10 +14,7 @@ RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recom
 
 def build_policy(hf_dir, layout: ParallelLayout = ParallelLayout(), mode: str = "r2", wrap_ddp: bool = False,
                  **overrides):
-    config = load_hf_config(hf_dir)
-    init_model_parallel(layout, **model_dims(config))
-    model = build_model(config, layout, wrap_ddp=wrap_ddp, moe_enable_routing_replay=True, **overrides)
-    load_hf_weights(model, hf_dir)
+    model = build_loaded_policy(hf_dir, layout, wrap_ddp=wrap_ddp, moe_enable_routing_replay=True, **overrides)
     return model, attach_routing_replay(model, mode)
 
 

@@ -11,8 +11,8 @@ import json
 import torch
 
 from grpo_megatron.config import load_config
-from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, model_dims
-from grpo_megatron.parallel import add_layout_arguments, init_distributed, init_model_parallel, layout_from_args
+from grpo_megatron.models import build_loaded_policy
+from grpo_megatron.parallel import add_layout_arguments, init_distributed, layout_from_args
 from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.weight_push import WeightPush
 
@@ -24,11 +24,7 @@ def main() -> None:
     add_layout_arguments(parser)
     args = parser.parse_args()
     rank, _ = init_distributed()
-    hf_config = load_hf_config(args.hf_dir)
-    layout = layout_from_args(args)
-    init_model_parallel(layout, **model_dims(hf_config))
-    model = build_model(hf_config, layout)
-    load_hf_weights(model, args.hf_dir)
+    model = build_loaded_policy(args.hf_dir, layout_from_args(args))
     with torch.no_grad():
         for chunk in model.unwrapped():
             for param in chunk.parameters():

@@ -167,9 +167,6 @@ def test_resume_on_another_parallel_layout(make_config, tmp_path, dist_world1):
 
 
 @pytest.mark.distributed
-@pytest.mark.xfail(strict=True, reason="not exact on CPU: resumed step 3 gives approx_kl_old 0.00088 against 0.00105 "
-                                       "uninterrupted (megatron 0.16.1 distributed optimizer with torch Adam); "
-                                       "cause not found")
 def test_distributed_optimizer_checkpoint_resumes(make_config, tmp_path, dist_world1):
     """Two processes with megatron's distributed optimizer (the GPU default at DP > 1): a run resumed from its
     step-2 checkpoint repeats steps 3 and 4 of the uninterrupted run."""
