@@ -17,7 +17,10 @@ Definitions used in the table:
                      the noise of a converged run, whose typical values are tiny, from counting
   max acc drop       largest fall of the accuracy metric below its best value so far (a collapse measure)
   NaN steps          steps with any non-finite number in their metrics
-  means              over the steps where the metric is present and finite
+  means              over the steps where the metric is present and finite; the mismatch columns (train vs
+                     rollout log-prob diff, ratio outside 2x, rollout-train routing agreement, and the
+                     rollout_correction/* chi-square, ESS before/after, truncated / masked / rejected
+                     fractions and IS weights) appear only when some run logged them
 Runs with different metric sets or lengths are compared anyway, with a warning; a run directory without
 metrics is an error.
 """
@@ -44,7 +47,13 @@ SEED_KEY = "train.seed"
 PANELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "accuracy": (("reward/accuracy", "eval/accuracy"), False),
     "clip_fraction": (("train/clip_frac_tokens", "train/clip_frac_seqs"), True),
-    "train_rollout": (("train_rollout/k3_kl", "train_rollout/logprob_abs_diff"), False),
+    "train_rollout": (("train_rollout/k3_kl", "train_rollout/logprob_abs_diff", "train_rollout/ratio_outside_2x"),
+                      True),
+    # the mismatch correction (algorithms/rollout_correction.py): old-vs-rollout divergence, ESS, what was cut
+    "rollout_correction_divergence": (("rollout_correction/chi2_token", "rollout_correction/chi2_seq"), True),
+    "rollout_correction_ess": (("rollout_correction/ess_raw", "rollout_correction/ess"), False),
+    "rollout_correction_weights": (("rollout_correction/frac_truncated", "rollout_correction/frac_masked",
+                                    "rollout_correction/frac_rejected", "rollout_correction/weight_max"), False),
     "policy_drift": (("train/approx_kl_old", "train/ratio_max"), True),
     "routing": (("routing/agree_old_current", "routing/agree_rollout_train"), False),
     "grad_norm": (("train/grad_norm",), True),
@@ -58,6 +67,20 @@ MEAN_COLUMNS = {  # summary column -> metric averaged over steps
     "KL old-current": "train/approx_kl_old",
     "KL train-rollout (k3)": "train_rollout/k3_kl",
     "routing agree old-current": "routing/agree_old_current",
+}
+OPTIONAL_MEAN_COLUMNS = {  # like MEAN_COLUMNS, but a table shows them only when some run logged the metric
+    "logprob diff train-rollout": "train_rollout/logprob_abs_diff",
+    "ratio outside 2x train-rollout": "train_rollout/ratio_outside_2x",
+    "routing agree rollout-train": "routing/agree_rollout_train",
+    "chi2 token": "rollout_correction/chi2_token",
+    "chi2 seq": "rollout_correction/chi2_seq",
+    "ESS raw": "rollout_correction/ess_raw",
+    "ESS corrected": "rollout_correction/ess",
+    "frac truncated": "rollout_correction/frac_truncated",
+    "frac masked": "rollout_correction/frac_masked",
+    "frac rejected": "rollout_correction/frac_rejected",
+    "IS weight mean": "rollout_correction/weight_mean",
+    "IS weight max": "rollout_correction/weight_max",
 }
 
 
@@ -218,7 +241,7 @@ def summarize(run: Run, args: argparse.Namespace) -> dict:
         "NaN steps": sum(1 for r in run.records.values() if any(
             isinstance(v, float) and not math.isfinite(v) for v in r.values())),
     }
-    for column, metric in MEAN_COLUMNS.items():
+    for column, metric in {**MEAN_COLUMNS, **OPTIONAL_MEAN_COLUMNS}.items():
         values = finite(run.series(metric)[1])
         row[column] = statistics.fmean(values) if values else None
     return row
@@ -277,10 +300,12 @@ def markdown_table(rows: list[dict], columns: list[str]) -> list[str]:
 
 def write_summary(out: Path, runs: list[Run], rows: list[dict], arms: list[dict], notes: list[str],
                   args: argparse.Namespace) -> str:
-    run_cols = [c for c in rows[0] if c != "arm"]
+    absent = {c for c in OPTIONAL_MEAN_COLUMNS if all(row[c] is None for row in rows)}
+    run_cols = [c for c in rows[0] if c != "arm" and c not in absent]
     arm_cols = ["arm", "runs", "steps", "tokens", "final acc", "final acc std", "best acc", "max acc drop",
                 "steps to target",
-                "steps to target reached", *SPIKE_COLUMNS, "NaN steps", *MEAN_COLUMNS, "clip frac / lowest"]
+                "steps to target reached", *SPIKE_COLUMNS, "NaN steps", *MEAN_COLUMNS, "clip frac / lowest",
+                *(c for c in OPTIONAL_MEAN_COLUMNS if c not in absent)]
     lines = ["# Run comparison", "",
              f"Accuracy metric `{args.accuracy_metric}`, target {args.target}. Spikes: steps whose |value| of "
              + " / ".join(f"`{m}`" for m in SPIKE_COLUMNS.values())

@@ -128,3 +128,58 @@ def test_step_window_restricts_the_summary(tmp_path):
     assert row["steps"] == 4 and row["tokens"] == sum(100 + s for s in range(1, 5))
     assert row["clip frac (tokens)"] == pytest.approx(0.03)  # 0.01 x mean(2, 3, 4)
     assert compare_runs.main([str(run), "--output", str(out), "--steps", "50:"]) == 2
+
+
+def add_mismatch_metrics(run: Path, corrected: bool) -> None:
+    """The train-vs-rollout and rollout-correction metrics of a run against a separate (bf16) engine."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for record in lines[1:]:
+        step = record["step"]
+        record.update({"train_rollout/k3_kl": 1e-4 * step, "train_rollout/logprob_abs_diff": 0.01,
+                       "train_rollout/ratio_outside_2x": 0.0, "routing/agree_rollout_train": 0.95,
+                       "rollout_correction/chi2_token": 2e-4 * step, "rollout_correction/chi2_seq": 1e-3,
+                       "rollout_correction/ess_raw": 0.99})
+        if corrected:
+            record.update({"rollout_correction/ess": 0.995, "rollout_correction/frac_truncated": 0.01 * (step % 2),
+                           "rollout_correction/frac_masked": 0.0, "rollout_correction/frac_rejected": 0.0,
+                           "rollout_correction/weight_mean": 1.0, "rollout_correction/weight_max": 2.0})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+
+
+def test_mismatch_and_correction_metrics_are_tabled_and_plotted(tmp_path):
+    runs = []
+    for arm, corrected in (("grpo", False), ("grpo_tis", True)):
+        for seed in (1, 2):
+            runs.append(make_run(tmp_path / "runs" / arm / f"seed{seed}", "grpo", seed))
+            add_mismatch_metrics(runs[-1], corrected)
+            if corrected:  # the arms differ in config, as the study's do
+                config = yaml.safe_load((runs[-1] / "config.yaml").read_text())
+                config["algorithm"]["rollout_correction"] = {"mode": "tis"}
+                (runs[-1] / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    with pytest.warns(compare_runs.RunMismatchWarning):  # the uncorrected arm lacks the correction's own metrics
+        assert compare_runs.main([*map(str, runs), "--output", str(out)]) == 0
+    for panel in ("rollout_correction_divergence", "rollout_correction_ess", "rollout_correction_weights"):
+        assert (out / f"{panel}.png").stat().st_size > 1000
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["run"]: r for r in summary["runs"]}
+    tis, plain = rows["grpo_tis/seed1"], rows["grpo/seed1"]
+    assert tis["KL train-rollout (k3)"] == pytest.approx(5.5e-4)
+    assert tis["chi2 token"] == pytest.approx(1.1e-3) and tis["chi2 seq"] == pytest.approx(1e-3)
+    assert tis["ESS raw"] == pytest.approx(0.99) and tis["ESS corrected"] == pytest.approx(0.995)
+    assert tis["frac truncated"] == pytest.approx(0.005) and tis["IS weight max"] == 2.0
+    assert tis["routing agree rollout-train"] == pytest.approx(0.95)
+    assert plain["ESS raw"] == pytest.approx(0.99) and plain["ESS corrected"] is None
+    arms = {a["arm"]: a for a in summary["arms"]}
+    assert arms["grpo_tis"]["frac truncated"] == pytest.approx(0.005) and arms["grpo"]["frac truncated"] is None
+    table = (out / "summary.md").read_text()
+    assert "| chi2 token | chi2 seq | ESS raw | ESS corrected | frac truncated |" in table
+
+
+def test_mismatch_columns_absent_when_no_run_logged_them(tmp_path):
+    runs = [make_run(tmp_path / arm, "grpo", 1) for arm in ("a", "b")]
+    out = tmp_path / "out"
+    assert compare_runs.main([*map(str, runs), "--output", str(out)]) == 0
+    table = (out / "summary.md").read_text()
+    assert "chi2 token" not in table and "ESS raw" not in table and "routing agree rollout-train" not in table
+    assert not (out / "rollout_correction_ess.png").exists()

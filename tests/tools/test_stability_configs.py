@@ -65,3 +65,32 @@ def test_study_script_parses():
     import subprocess
 
     assert subprocess.run(["bash", "-n", str(STUDY / "run_cpu_study.sh")]).returncode == 0
+
+
+V2_ARMS = {  # study v2 (real SGLang rollouts in bf16): arm -> (loss, replay, correction mode, correction level)
+    "grpo": ("grpo", "none", "none", "token"), "grpo_r2": ("grpo", "r2", "none", "token"),
+    "grpo_r3": ("grpo", "r3", "none", "token"), "grpo_tis": ("grpo", "none", "tis", "token"),
+    "gspo": ("gspo", "none", "none", "token"), "gspo_seqcorr": ("gspo", "none", "tis", "sequence"),
+}
+
+
+def test_sglang_study_arms_differ_only_in_the_algorithm():
+    """v2: the same shared sections in all six arms, rollouts from an SGLang server, and each arm's algorithm."""
+    configs = {arm: yaml.safe_load((STUDY / "cpu_sglang" / f"{arm}.yaml").read_text()) for arm in V2_ARMS}
+    shared = {arm: {k: v for k, v in c.items() if k not in ("algorithm", "run_dir")} for arm, c in configs.items()}
+    assert all(s == shared["grpo"] for s in shared.values())
+    v1 = yaml.safe_load((STUDY / "cpu" / "grpo.yaml").read_text())
+    assert shared["grpo"]["model"] == v1["model"] and shared["grpo"]["data"] == v1["data"]
+    for arm, (loss, replay, mode, level) in V2_ARMS.items():
+        cfg = load_config(STUDY / "cpu_sglang" / f"{arm}.yaml")
+        assert cfg.rollout.engine == "sglang" and cfg.rollout.sglang.weight_sync == "tensor"
+        assert not cfg.rollout.use_engine_logprobs  # decoupled: the correction needs the trainer's old log-probs
+        assert (cfg.algorithm.loss, cfg.algorithm.routing_replay) == (loss, replay)
+        assert (cfg.algorithm.rollout_correction.mode, cfg.algorithm.rollout_correction.level) == (mode, level)
+        assert (cfg.algorithm.clip_low, cfg.algorithm.clip_high) == ((3e-4, 4e-4) if loss == "gspo" else (0.2, 0.2))
+
+
+def test_sglang_study_script_parses():
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(STUDY / "run_cpu_sglang_study.sh")]).returncode == 0
