@@ -58,13 +58,14 @@ class RoutingReplay:
         return [layer.moe_index for layer in self.layers]
 
     # ------------------------------------------------------------------------------------ step
-    def begin_step(self, samples: list[Sample]) -> None:
-        """Start a step over `samples` (the indices micro-batches refer to)."""
+    def begin_step(self, samples: list[Sample], engine: RouteTable | None = None) -> None:
+        """Start a step over `samples` (the indices micro-batches refer to), with this rank's share of the
+        engine's routes (replay/delivery.py); without it, the routes are read from the samples."""
         self.samples = samples
-        self.engine: RouteTable | None = None
-        if self.mode == "r3" or any(s.routed_experts is not None for s in samples):
-            self.engine = RouteTable.from_engine(samples, self.local_layers, self.num_moe_layers, self.topk,
-                                                 self.num_experts)
+        if engine is None and (self.mode == "r3" or any(s.routed_experts is not None for s in samples)):
+            engine = RouteTable.from_engine(samples, self.local_layers, self.num_moe_layers, self.topk,
+                                            self.num_experts)
+        self.engine: RouteTable | None = engine
         self.old: RouteTable | None = None
         self.replayed = torch.zeros(len(samples))
         self.counts = {name: torch.zeros(self.num_moe_layers, 2, dtype=torch.float64)

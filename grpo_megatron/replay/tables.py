@@ -25,16 +25,6 @@ def storage_dtype(num_experts: int) -> torch.dtype:
     return torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
 
 
-def compact_routes(samples: list[Sample], num_experts: int) -> None:
-    """Store each sample's engine routes as a tensor of `storage_dtype` (engines return int32 or lists)."""
-    for sample in samples:
-        if sample.routed_experts is not None:
-            routes = torch.as_tensor(sample.routed_experts)
-            if routes.numel() and (routes.min() < 0 or routes.max() >= num_experts):
-                continue  # out of range: left as it is for RouteTable.from_engine to report
-            sample.routed_experts = routes.to(storage_dtype(num_experts))
-
-
 @dataclass
 class RouteTable:
     routes: dict[int, torch.Tensor]  # sample index -> [positions, len(layers), topk]

@@ -117,6 +117,11 @@ def split_for_rank(indices: list[int], samples: list[Sample], dp_rank: int, dp_s
     return ordered[dp_rank::dp_size]
 
 
+def samples_of_rank(samples: list[Sample], passes: list[list[int]], dp_rank: int, dp_size: int) -> list[int]:
+    """The samples a data-parallel rank handles in any of `passes` (each a list of indices split over DP)."""
+    return sorted(set().union(*(split_for_rank(indices, samples, dp_rank, dp_size) for indices in passes)))
+
+
 def make_micro_batches(
     samples: list[Sample], indices: list[int], micro_batch_size: int, pad_id: int, pad_multiple: int = 1,
     max_tokens: int | None = None, count: int | None = None,

@@ -34,7 +34,8 @@ from grpo_megatron.platform import device
 from grpo_megatron.models.bridge import MOE_MODEL_TYPES
 from grpo_megatron.parallel import control_group, init_distributed, init_model_parallel
 from grpo_megatron.replay import attach_routing_replay
-from grpo_megatron.replay.tables import compact_routes
+from grpo_megatron.replay.delivery import (
+    EngineRoutes, deliver_engine_routes, route_header, take_engine_routes)
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.data import PromptDataset, PromptLoader
 from grpo_megatron.rollout.functions import RolloutContext, generate_samples
@@ -42,7 +43,8 @@ from grpo_megatron.training import checkpoint as ckpt
 from grpo_megatron.training.actor import (
     Actor, combine_minibatch_metrics, data_parallel_info, forward_logprobs)
 from grpo_megatron.training.batch import (
-    Sample, make_micro_batch, make_micro_batches, response_span, split_for_rank, token_budget_count)
+    Sample, make_micro_batch, make_micro_batches, response_span, samples_of_rank, split_for_rank,
+    token_budget_count)
 from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.metrics import MetricsLogger, PhaseTimer
 from grpo_megatron.training.reference import ReferenceModel
@@ -273,14 +275,21 @@ class Trainer:
 
         return loss_fn
 
-    def train_on(self, samples: list[Sample], timer: PhaseTimer) -> dict:
+    def train_on(self, samples: list[Sample], timer: PhaseTimer, routes: EngineRoutes | None = None) -> dict:
+        """One RL step's update from `samples` (on every rank); `routes`: the engine's routes as train_step
+        took them on rank 0 (or their header elsewhere), else they are taken from `samples` here."""
         cfg, alg = self.cfg, self.cfg.algorithm
         self._advantages(samples)
         if alg.overlong_filter:
             for s in samples:
                 s.meta["_in_loss"] = not s.truncated
         if self.routing:
-            self.routing.begin_step(samples)
+            if routes is None:
+                routes = self._take_engine_routes(samples)
+            engine = deliver_engine_routes(routes, samples, self._samples_of_this_rank(samples),
+                                           self.routing.local_layers, self.routing.topk,
+                                           self.routing.num_experts, control_group())
+            self.routing.begin_step(samples, engine)
         with timer.phase("old_logprobs"):
             if cfg.rollout.use_engine_logprobs:
                 for s in samples:
@@ -299,11 +308,9 @@ class Trainer:
                     ref = self._logprob_pass(reference, samples)
                 for i, s in enumerate(samples):
                     s.ref_logprobs = ref.get(i, torch.zeros(len(s.response_ids)))
-        per_minibatch = len(samples) // cfg.train.num_minibatches
         results = []
         with timer.phase("train"):
-            for m in range(cfg.train.num_minibatches):
-                indices = list(range(m * per_minibatch, (m + 1) * per_minibatch))
+            for m, indices in enumerate(self._minibatches(len(samples))):
                 whole = make_micro_batch(samples, indices, self.pad_id)
                 normalizer = loss_normalizer(self._loss_mask(samples, whole), alg.loss_agg, cfg.rollout.max_new_tokens)
                 micro = self._micro_batches(samples, indices)
@@ -317,6 +324,22 @@ class Trainer:
         if self.routing:
             metrics.update(self.routing.end_step())
         return {("train/" + k if "/" not in k else k): v for k, v in metrics.items()}
+
+    def _minibatches(self, count: int) -> list[list[int]]:
+        """The sample indices of each optimizer step of a rollout batch of `count` samples."""
+        per_minibatch = count // self.cfg.train.num_minibatches
+        return [list(range(m * per_minibatch, (m + 1) * per_minibatch)) for m in range(self.cfg.train.num_minibatches)]
+
+    def _samples_of_this_rank(self, samples: list[Sample]) -> list[int]:
+        """Every sample this data-parallel rank runs through the policy this step (log-prob and training
+        passes): the ones whose engine routes it needs."""
+        passes = [list(range(len(samples))), *self._minibatches(len(samples))]
+        return samples_of_rank(samples, passes, *data_parallel_info())
+
+    def _take_engine_routes(self, samples: list[Sample]) -> EngineRoutes:
+        routing = self.routing
+        return take_engine_routes(samples, routing.num_moe_layers, routing.topk, routing.num_experts,
+                                  required=routing.mode == "r3")
 
     def _old_logprobs_are_current(self) -> bool:
         """True when the old-policy pass would recompute what the training pass computes anyway.
@@ -457,10 +480,10 @@ class Trainer:
                 self.prompt_log.log(self.step + 1, batch)
             else:
                 batch, rollout_metrics = None, None
-            if _rank0() and self.routing:
-                compact_routes(batch, self.routing.num_experts)  # a byte per expert id to every rank, not int32
-            batch, rollout_metrics = _broadcast((batch, rollout_metrics))
-        train_metrics = self.train_on(batch, timer)
+            routes = self._take_engine_routes(batch) if _rank0() and self.routing else None
+            # the routes go separately, each rank its own share (replay/delivery.py)
+            batch, rollout_metrics, header = _broadcast((batch, rollout_metrics, route_header(routes)))
+        train_metrics = self.train_on(batch, timer, routes if _rank0() else header)
         self.step += 1
         with timer.phase("weight_sync"):
             with self.worker.weight_update(self.step) if _rank0() and self._background() else nullcontext():

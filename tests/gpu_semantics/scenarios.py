@@ -140,24 +140,37 @@ def run_layout(name: str) -> dict[str, str]:
         check("stop_flag", lambda: trainer._stop_requested())
         check("phase_timer", phase_timer)
         if moe:
+            check("route_delivery", lambda: _engine_routes(state["model"], trainer, samples, "r3"))
             check("routing_replay_r3", lambda: _replay(state["model"], trainer, samples, "r3"))
             check("routing_replay_r2", lambda: _replay(state["model"], trainer, samples, "r2"))
     return results
 
 
-def _replay(model, trainer, samples, mode: str) -> None:
-    """R2/R3 bookkeeping over an old-log-prob pass: engine routes in, routes recorded, counts reduced."""
+def _engine_routes(model, trainer, samples, mode: str):
+    """This rank's share of the engine routes, received as the trainer receives it: rank 0 takes them out of
+    the broadcast samples, the other ranks get theirs over the gloo control group (CPU tensors only)."""
+    from grpo_megatron.parallel import control_group
     from grpo_megatron.replay import attach_routing_replay
-    from grpo_megatron.replay.tables import compact_routes
+    from grpo_megatron.replay.delivery import deliver_engine_routes, route_header
 
     config = model.config
     g = torch.Generator().manual_seed(1)
     for s in samples:
         s.routed_experts = torch.randint(0, config.num_moe_experts, (s.length - 1, config.num_layers, config.moe_router_topk),
                                          generator=g, dtype=torch.int32)
-    compact_routes(samples, config.num_moe_experts)
     routing = attach_routing_replay(model, mode)
-    routing.begin_step(samples)
+    trainer.routing = routing
+    header = route_header(trainer._take_engine_routes(samples))  # what rank 0 broadcasts with the samples
+    assert all(s.routed_experts is None for s in samples), "routes left in the broadcast samples"
+    engine = deliver_engine_routes(header, samples, trainer._samples_of_this_rank(samples), routing.local_layers,
+                                   routing.topk, routing.num_experts, control_group())
+    return routing, engine
+
+
+def _replay(model, trainer, samples, mode: str) -> None:
+    """R2/R3 bookkeeping over an old-log-prob pass: engine routes in, routes recorded, counts reduced."""
+    routing, engine = _engine_routes(model, trainer, samples, mode)
+    routing.begin_step(samples, engine)
     with torch.no_grad():
         trainer._logprob_pass(model, samples)
     routing.samples = samples

@@ -19,9 +19,9 @@ def run(make_config, steps: int, trained_versions: list | None = None, **overrid
     if trained_versions is not None:
         train_on = trainer.train_on
 
-        def recording(samples, timer):
+        def recording(samples, timer, routes=None):
             trained_versions.append((trainer.step, sorted({v for s in samples for v in s.weight_versions})))
-            return train_on(samples, timer)
+            return train_on(samples, timer, routes)
 
         trainer.train_on = recording
     history = trainer.train()
@@ -101,8 +101,8 @@ def test_background_modes_on_mock_sglang_servers(mode, mock, tiny_hf_dir, tmp_pa
     versions = []
     trainer = Trainer(cfg)
     train_on = trainer.train_on
-    trainer.train_on = lambda samples, timer: versions.append(
-        (trainer.step, {v for s in samples for v in s.weight_versions})) or train_on(samples, timer)
+    trainer.train_on = lambda samples, timer, routes=None: versions.append(
+        (trainer.step, {v for s in samples for v in s.weight_versions})) or train_on(samples, timer, routes)
     history = trainer.train()
     trainer.close()
     for url in mock:
