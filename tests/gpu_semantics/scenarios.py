@@ -143,7 +143,24 @@ def run_layout(name: str) -> dict[str, str]:
             check("route_delivery", lambda: _engine_routes(state["model"], trainer, samples, "r3"))
             check("routing_replay_r3", lambda: _replay(state["model"], trainer, samples, "r3"))
             check("routing_replay_r2", lambda: _replay(state["model"], trainer, samples, "r2"))
+    # The weight-sync sender is rank 0, the first stage's leader, which packs and posts the buckets.
+    with harness.fake_gpu_rank(0, world):
+        init_model_parallel(layout, seed=0, **model_dims(hf))
+        check("weight_sync_buckets",
+              lambda: _weight_sync_buckets(build_model(hf, layout, torch.bfloat16, moe_enable_routing_replay=moe)))
     return results
+
+
+def _weight_sync_buckets(model) -> None:
+    """The weight-sync payloads as rank 0 makes them: the whole model streamed as HF buckets for rank 0
+    (tensor/distributed/disk modes) and for every rank (colocated servers): the TP/EP gathers and the bucket
+    bytes on the device over NCCL-rule groups, bucket metadata as CPU objects over the gloo control group."""
+    from grpo_megatron.models.weight_stream import hf_buckets
+
+    for to_every_rank in (False, True):
+        buckets = list(hf_buckets(model, 64 * 1024, to_every_rank=to_every_rank))
+        assert len(buckets) > 1, "expected the tiny model in several 64 KiB buckets"
+        _on_cuda(b.flat for b in buckets)
 
 
 def _engine_routes(model, trainer, samples, mode: str):
