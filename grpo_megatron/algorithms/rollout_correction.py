@@ -157,8 +157,11 @@ def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
     one dominates (1 for an empty or all-zero set, where there is nothing to correct)."""
     if weights.numel() == 0:
         return weights.new_tensor(1.0)
-    square_sum = weights.square().sum()
-    return torch.where(square_sum > 0, weights.sum().square() / (weights.numel() * square_sum.clamp(min=1e-30)), 1.0)
+    # Scale-free, so divided by the largest weight first: tiny weights' squares then neither underflow nor
+    # fall under a floor (equal weights of 1e-20 have ESS 1; a clamp at 1e-30 made it 3e-10).
+    w = weights / weights.abs().amax().clamp(min=torch.finfo(weights.dtype).tiny)
+    square_sum = w.square().sum()
+    return torch.where(square_sum > 0, w.sum().square() / (w.numel() * square_sum), 1.0)
 
 
 def adaptive_truncation_bound(unit_weights: torch.Tensor, high: float, ess_target: float) -> float:

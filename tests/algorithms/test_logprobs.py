@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from grpo_megatron.algorithms import token_logprobs_and_entropy
+from grpo_megatron.algorithms.logprobs import CHUNK_ELEMENTS_CPU
 from tests.algorithms import reference
 
 
@@ -79,3 +80,31 @@ def test_no_grad_path_and_unused_outputs():
     logprobs, entropy = token_logprobs_and_entropy(logits, targets)
     (0 * logprobs.sum()).backward()  # only one output used, with zero gradient
     assert logits.grad.abs().sum() == 0
+
+
+def test_temperature_two_divides_the_logits():
+    """T = 2 (not only T = 1 skips the division): log_softmax(x / 2), and its gradient."""
+    logits, targets, (w_lp, w_h) = make_logits(5, shape=(2, 3, 11))
+    logits.requires_grad_()
+    logprobs, entropy = token_logprobs_and_entropy(logits, targets, temperature=2.0, chunk_size=4)
+    naive_lp, naive_h = reference.logprobs_and_entropy(logits, targets, 2.0)
+    torch.testing.assert_close(logprobs, naive_lp)
+    torch.testing.assert_close(entropy, naive_h)
+    grad, = torch.autograd.grad((w_lp * logprobs).sum() + (w_h * entropy).sum(), logits)
+    naive_grad, = torch.autograd.grad((w_lp * naive_lp).sum() + (w_h * naive_h).sum(), logits)
+    torch.testing.assert_close(grad, naive_grad)
+
+
+def test_a_vocab_larger_than_the_default_chunk_is_one_row_per_chunk():
+    """V > CHUNK_ELEMENTS_CPU logits: the default chunk is one row (never zero rows)."""
+    vocab = CHUNK_ELEMENTS_CPU + 3
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, vocab, generator=gen).requires_grad_()
+    targets = torch.tensor([vocab - 1, 12345])
+    logprobs, entropy = token_logprobs_and_entropy(logits, targets)
+    naive_lp, naive_h = reference.logprobs_and_entropy(logits, targets)
+    torch.testing.assert_close(logprobs.double(), naive_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), naive_h, rtol=1e-5, atol=1e-5)
+    grad, = torch.autograd.grad(logprobs.sum(), logits)
+    naive_grad, = torch.autograd.grad(naive_lp.sum(), logits)
+    torch.testing.assert_close(grad.double(), naive_grad.double(), rtol=1e-5, atol=1e-7)
