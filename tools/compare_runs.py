@@ -41,7 +41,8 @@ import yaml
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
-IGNORED_CONFIG_KEYS = ("run_dir",)
+# where a run wrote and which server addresses it was handed: never part of what the run did
+IGNORED_CONFIG_KEYS = ("run_dir", "rollout.sglang.urls")
 SEED_KEY = "train.seed"
 # panel name -> (metrics, log-scale y); a panel is drawn when at least one run has one of its metrics
 PANELS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -156,8 +157,9 @@ def load_run(path: Path) -> Run:
     return run
 
 
-def name_runs(runs: list[Run]) -> None:
-    """Run names: paths relative to the runs' common parent; arms: runs equal in config but run_dir/seed."""
+def name_runs(runs: list[Run], ignored: tuple[str, ...] = IGNORED_CONFIG_KEYS) -> None:
+    """Run names: paths relative to the runs' common parent; arms: runs equal in config but the ignored keys
+    (run_dir, server URLs, --ignore-config) and the seed."""
     paths = [run.path.resolve() for run in runs]
     root = Path(os.path.commonpath(paths))
     if root in paths:  # one run, or a run inside another's directory: name it by its own last part
@@ -165,7 +167,7 @@ def name_runs(runs: list[Run]) -> None:
     arms: dict[tuple, list[Run]] = {}
     for run, path in zip(runs, paths):
         run.name = str(path.relative_to(root))
-        key = tuple(sorted((k, repr(v)) for k, v in run.config.items() if k not in (*IGNORED_CONFIG_KEYS, SEED_KEY)))
+        key = tuple(sorted((k, repr(v)) for k, v in run.config.items() if k not in (*ignored, SEED_KEY)))
         arms.setdefault(key, []).append(run)
     for members in arms.values():
         parts = [Path(run.name).parts for run in members]
@@ -276,8 +278,8 @@ def summarize_arms(rows: list[dict]) -> list[dict]:
     return out
 
 
-def config_differences(runs: list[Run]) -> dict[str, list]:
-    keys = sorted(set().union(*(run.config for run in runs)) - set(IGNORED_CONFIG_KEYS))
+def config_differences(runs: list[Run], ignored: tuple[str, ...] = IGNORED_CONFIG_KEYS) -> dict[str, list]:
+    keys = sorted(set().union(*(run.config for run in runs)) - set(ignored))
     return {k: [run.config.get(k, "—") for run in runs] for k in keys
             if len({repr(run.config.get(k, "—")) for run in runs}) > 1}
 
@@ -313,7 +315,7 @@ def write_summary(out: Path, runs: list[Run], rows: list[dict], arms: list[dict]
              "run's median. Means are over steps.", "",
              "## Per arm (mean over its runs; spikes and NaN steps summed)", "", *markdown_table(arms, arm_cols),
              "", "## Per run", "", *markdown_table(rows, run_cols), "", "## Config differences", ""]
-    diffs = config_differences(runs)
+    diffs = config_differences(runs, ignored_keys(args))
     if diffs:
         lines += markdown_table([{"key": k, **{r.name: v for r, v in zip(runs, vals)}} for k, vals in diffs.items()],
                                 ["key", *[r.name for r in runs]])
@@ -382,6 +384,10 @@ def save_small_png(fig, path: Path) -> None:
     Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
 
 
+def ignored_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    return (*IGNORED_CONFIG_KEYS, *getattr(args, "ignore_config", []))
+
+
 def step_range(text: str) -> tuple[int, int]:
     first, _, last = text.partition(":")
     try:
@@ -400,6 +406,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="summarize and plot only these steps (inclusive; tokens still count from step 0)")
     parser.add_argument("--spike-factor", type=float, default=5.0)
     parser.add_argument("--spike-window", type=int, default=10)
+    parser.add_argument("--ignore-config", action="append", default=[], metavar="KEY",
+                        help="a dotted config key that does not split arms (repeatable; run_dir and "
+                             "rollout.sglang.urls always ignored), e.g. rollout.sglang.probe_tolerance")
     return parser.parse_args(argv)
 
 
@@ -416,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             if not run.records:
                 print(f"error: {run.path}: no metrics in steps {args.steps[0]}..{args.steps[1]}", file=sys.stderr)
                 return 2
-    name_runs(runs)
+    name_runs(runs, ignored_keys(args))
     notes = check_alignment(runs)
     rows = [summarize(run, args) for run in runs]
     args.output.mkdir(parents=True, exist_ok=True)

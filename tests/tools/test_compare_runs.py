@@ -183,3 +183,23 @@ def test_mismatch_columns_absent_when_no_run_logged_them(tmp_path):
     table = (out / "summary.md").read_text()
     assert "chi2 token" not in table and "ESS raw" not in table and "routing agree rollout-train" not in table
     assert not (out / "rollout_correction_ess.png").exists()
+
+
+def test_server_urls_and_ignored_keys_do_not_split_arms(tmp_path):
+    """Runs of one arm handed different SGLang servers (lanes), or differing in a key named by --ignore-config,
+    form one arm; the differences are left out of the config table."""
+    runs = []
+    for seed, (url, tolerance) in enumerate((("http://a:1", 1.0), ("http://b:2", 0.0)), 1):
+        runs.append(make_run(tmp_path / "runs" / "grpo" / f"seed{seed}", "grpo", seed))
+        config = yaml.safe_load((runs[-1] / "config.yaml").read_text())
+        config["rollout"] = {"sglang": {"urls": [url], "probe_tolerance": tolerance}}
+        (runs[-1] / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert compare_runs.main([*map(str, runs), "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["arms"]) == 2 and "rollout.sglang.urls" not in summary["config_differences"]
+    assert compare_runs.main([*map(str, runs), "--output", str(out),
+                              "--ignore-config", "rollout.sglang.probe_tolerance"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [a["runs"] for a in summary["arms"]] == [2]
+    assert summary["config_differences"] == {"train.seed": [1, 2]}
