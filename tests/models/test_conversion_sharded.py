@@ -21,7 +21,8 @@ def assert_ok(result):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name == "ep2" else pytest.mark.slow)
+                                  for name in sorted(LAYOUTS)])  # tp2/pp2: -m slow (2-process torchrun each)
 def test_sharded_export_and_import_give_the_same_hf_weights(name, tiny_hf_dir, tmp_path, dist_world1):
     family, flags = LAYOUTS[name]
     hf_dir = tiny_hf_dir(family)

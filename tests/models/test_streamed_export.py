@@ -23,9 +23,16 @@ LAYOUTS = {
 BUCKET_BYTES = 16 * 1024
 
 
+# The default suite runs one case with gathers in the TP group to every rank and one with stage leaders to
+# rank 0; the other layouts and receivers are behind -m slow (each case is a 2-process torchrun).
+DEFAULT_CASES = {("tp2-moe", 1), ("pp2", 0)}
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("every", [0, 1], ids=["to-rank0", "to-every-rank"])
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("name, every", [
+    pytest.param(name, every, id=f"{name}-{'to-every-rank' if every else 'to-rank0'}",
+                 marks=() if (name, every) in DEFAULT_CASES else pytest.mark.slow)
+    for name in sorted(LAYOUTS) for every in (0, 1)])
 def test_every_receiver_gets_exactly_the_model(name, every, tiny_hf_dir, tmp_path):
     family, flags = LAYOUTS[name]
     hf_dir = tiny_hf_dir(family)

@@ -33,7 +33,8 @@ def _push_from_two_ranks(model_dir, urls, sglang: dict, flags: list[str]) -> str
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("servers,tp", [(1, 2), (2, 1)], ids=["one-server-tp2", "two-servers-tp1"])
+@pytest.mark.parametrize("servers,tp", [(1, 2), pytest.param(2, 1, marks=pytest.mark.slow)],
+                         ids=["one-server-tp2", "two-servers-tp1"])
 def test_colocated_tensor_mode_sends_each_server_rank_its_own_copy(servers, tp, tiny_hf_dir):
     """Trainer at TP2 on 2 ranks; server i's TP rank j gets its pickle from trainer rank i*tp + j (its GPU),
     the server's first rank posts them; every server rank ends with exactly the full model."""
@@ -54,6 +55,7 @@ def test_colocated_tensor_mode_sends_each_server_rank_its_own_copy(servers, tp, 
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # 2 torchrun ranks + 2 TP2 mock servers per mode; the modes' buckets: tests/sglang/test_weight_sync.py
 @pytest.mark.parametrize("mode", ["distributed", "disk"])
 def test_rank0_modes_from_a_sharded_trainer(mode, tiny_hf_dir, tmp_path):
     """EP2 trainer; buckets reach rank 0 only, which pushes to two TP2 servers (one group of world 5)."""

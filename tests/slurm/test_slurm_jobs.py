@@ -33,6 +33,7 @@ def test_cluster_start_stop_by_saved_pids(tmp_path):
     assert not cluster.pids_file.exists()
 
 
+@pytest.mark.slow  # the requeue test runs a one-node job to completion too
 def test_one_node_completes(cluster1, tiny_example, tmp_path):
     run_dir = tmp_path / "run"
     env = job_env(cluster1, tiny_example, run_dir)

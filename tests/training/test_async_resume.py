@@ -51,6 +51,7 @@ def trained_steps(run_dir) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] > 0)
 
 
+@pytest.mark.slow  # 2-3 runs of a trainer process per mode, ~2-6 min each on 2 shared cores
 @pytest.mark.parametrize("mode", ["sync", "one_step_off", "async"])
 def test_sigkill_and_resume_train_every_draw_exactly_once(mode, make_config, tmp_path):
     rng = random.Random()

@@ -167,6 +167,7 @@ def test_resume_on_another_parallel_layout(make_config, tmp_path, dist_world1):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # 2-process torchrun twice; the bug it found has a one-process test: test_distributed_optimizer_state.py
 def test_distributed_optimizer_checkpoint_resumes(make_config, tmp_path, dist_world1):
     """Two processes with megatron's distributed optimizer (the GPU default at DP > 1): a run resumed from its
     step-2 checkpoint repeats steps 3 and 4 of the uninterrupted run."""

@@ -38,7 +38,8 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.mark.parametrize("args, message", [
     (["--config", "missing.yaml"], "error: config file missing.yaml does not exist"),
-    ([*EXAMPLE, "--train.no_such_key", "1"], "error: unknown config key(s) train.no_such_key; known keys in train:"),
+    pytest.param([*EXAMPLE, "--train.no_such_key", "1"],  # the message itself: tests/training/test_config_and_failures.py
+                 "error: unknown config key(s) train.no_such_key; known keys in train:", marks=pytest.mark.slow),
     ([*EXAMPLE, "--model.megatron_path", "/nonexistent/ckpt"], "error: /nonexistent/ckpt is not a grpo_megatron"),
 ])
 def test_a_user_error_is_one_line_and_status_2(args, message, tmp_path):

@@ -49,7 +49,7 @@ def test_micro_batch_splits_give_the_same_clipped_gradient(make_config, tmp_path
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("distributed_optimizer", [False, True])
+@pytest.mark.parametrize("distributed_optimizer", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_two_data_parallel_ranks_give_the_single_process_step(distributed_optimizer, make_config, tmp_path, dist_world1):
     """DP=2 against one process. With megatron's distributed optimizer (the GPU default at DP > 1) each rank
     keeps only its reduce-scattered shard of the gradient, so the updated weights (all-gathered after the
