@@ -71,9 +71,9 @@ def test_async_partial_rollouts_train_with_r3_and_the_correction(make_config, di
     seen = []
     begin = trainer.routing.begin_step
 
-    def recording(samples):
-        seen.extend((s.weight_versions, s.routed_experts.clone()) for s in samples)
-        return begin(samples)
+    def recording(samples, engine=None):  # the engine's routes as this rank received them (replay/delivery.py)
+        seen.extend((s.weight_versions, engine.routes[i].clone()) for i, s in enumerate(samples))
+        return begin(samples, engine)
 
     trainer.routing.begin_step = recording
     history = trainer.train()

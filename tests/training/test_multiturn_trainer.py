@@ -17,12 +17,15 @@ from tests.training.test_loop import VARIED
 
 CALLS: list[int] = []
 SEEN: list = []
+ROUTE_SPANS: list[tuple[int, int]] = []
 
 
 def recording_tool_loop(engine, items, params, context):
     """The built-in tool loop, keeping its samples for the test to look at."""
     groups = tool_loop(engine, items, params, context)
     SEEN.extend(s for group in groups for s in group)
+    # the step takes the routes out of the samples (each rank gets its share): check them as they came
+    ROUTE_SPANS.extend((s.routed_experts.shape[0], s.length - 1) for group in groups for s in group)
     return groups
 
 
@@ -53,6 +56,7 @@ def end_marker(task_files):
 @pytest.mark.parametrize("loss, clip", [("grpo", (0.2, 0.28)), ("gspo", (3e-4, 4e-4)), ("gspo_token", (3e-4, 4e-4))])
 def test_tool_loop_steps_with_every_loss_dynamic_sampling_and_r3(loss, clip, end_marker, make_config, dist_world1):
     SEEN.clear()
+    ROUTE_SPANS.clear()
     cfg = make_config(
         algorithm={"loss": loss, "clip_low": clip[0], "clip_high": clip[1], "kl_coef": 0.01, "routing_replay": "r3"},
         rollout={"function": f"{__name__}:recording_tool_loop", "max_new_tokens": 24, "dynamic_sampling": True,
@@ -64,7 +68,7 @@ def test_tool_loop_steps_with_every_loss_dynamic_sampling_and_r3(loss, clip, end
     metrics = trainer.train_step()
     trainer.close()
     assert sum(0 in s.loss_mask for s in SEEN) >= 2 and all(s.meta["turns"] >= 1 for s in SEEN)
-    assert all(s.routed_experts.shape[0] == s.length - 1 for s in SEEN)
+    assert ROUTE_SPANS and all(routes == positions for routes, positions in ROUTE_SPANS)
     for key in ("reward/mean", "train/pg_loss", "train/grad_norm", "train/kl_ref", "routing/agree_rollout_train"):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert metrics["train_rollout/logprob_abs_diff"] < 1e-4  # tool positions (engine log-prob 0.0) left out
