@@ -284,12 +284,8 @@ class Trainer:
             for s in samples:
                 s.meta["_in_loss"] = not s.truncated
         if self.routing:
-            if routes is None:
-                routes = self._take_engine_routes(samples)
-            engine = deliver_engine_routes(routes, samples, self._samples_of_this_rank(samples),
-                                           self.routing.local_layers, self.routing.topk,
-                                           self.routing.num_experts, control_group())
-            self.routing.begin_step(samples, engine)
+            self.routing.begin_step(samples, self._engine_routes_of_this_rank(
+                samples, routes if routes is not None else self._take_engine_routes(samples)))
         with timer.phase("old_logprobs"):
             if cfg.rollout.use_engine_logprobs:
                 for s in samples:
@@ -335,6 +331,14 @@ class Trainer:
         passes): the ones whose engine routes it needs."""
         passes = [list(range(len(samples))), *self._minibatches(len(samples))]
         return samples_of_rank(samples, passes, *data_parallel_info())
+
+    def _engine_routes_of_this_rank(self, samples: list[Sample], routes: EngineRoutes):
+        """This rank's share of the engine's routes (None when the engine returned none: every rank knows
+        that from the broadcast header, so no collective runs)."""
+        if routes.table is None and routes.problem is None:
+            return None
+        return deliver_engine_routes(routes, samples, self._samples_of_this_rank(samples), self.routing.local_layers,
+                                     self.routing.topk, self.routing.num_experts, control_group())
 
     def _take_engine_routes(self, samples: list[Sample]) -> EngineRoutes:
         routing = self.routing

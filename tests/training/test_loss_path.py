@@ -84,10 +84,13 @@ class FakeActor:
 
 
 class FakeRouting:
+    mode, num_moe_layers, topk, num_experts = "r2", 1, 1, 2  # r2 without engine routes: nothing is delivered
+
     def __init__(self):
         self.begun = None
 
-    def begin_step(self, samples):
+    def begin_step(self, samples, engine=None):
+        assert engine is None
         self.begun = samples
 
     def end_step(self) -> dict:
