@@ -57,7 +57,9 @@ def tool_loop_samples(engine: RolloutEngine, model_dir, routes: bool):
     return samples, recording, first
 
 
-def check_exact_tokens(samples, recording, first, model_dir):
+def check_exact_tokens(samples, recording, first, model_dir, atol: float = 1e-4):
+    """Turn contexts are prefixes of the final samples, token for token; sampled tokens' engine log-probs match
+    a float32 teacher-forced forward within `atol` (an engine computing in bf16 needs more); tool tokens 0."""
     assert samples[0].response_ids[0] == first[0] and 0 in samples[0].loss_mask  # a tool output was inserted
     assert samples[0].meta["tool_calls"] >= 1 and samples[0].meta["tool_errors"] >= 1
     sent = [prompt for prompts, _, _ in recording.calls[1:] for prompt in prompts]  # contexts of turns > 0
@@ -70,18 +72,23 @@ def check_exact_tokens(samples, recording, first, model_dir):
         span = torch.arange(len(s.prompt_ids) - 1, s.length - 1)
         forced = torch.log_softmax(logits[span], -1).gather(1, torch.tensor(s.response_ids)[:, None])[:, 0]
         sampled = torch.tensor(s.loss_mask, dtype=torch.bool)
-        assert torch.allclose(forced[sampled], torch.tensor(s.engine_logprobs)[sampled], atol=1e-4)
+        assert torch.allclose(forced[sampled], torch.tensor(s.engine_logprobs)[sampled], atol=atol)
         assert all(lp == 0.0 for lp, m in zip(s.engine_logprobs, s.loss_mask) if m == 0)
 
 
-def check_routes(samples, engine):
-    """Rows of tool tokens equal a prefill of the whole sequence (they were recorded from one)."""
+def check_routes(samples, engine, tool_agreement: float = 1.0):
+    """Rows of tool tokens equal a prefill of the whole sequence (they were recorded from one); in bf16 a prefill
+    of a longer context can flip a near-tie, so `tool_agreement` may be set below 1 there."""
     for s in samples:
         assert s.routed_experts.shape[0] == s.length - 1
         prefill = engine.generate([s.prompt_ids + s.response_ids], SamplingParams(max_new_tokens=1, temperature=0.0),
                                   return_routed_experts=True)[0][0].routed_experts[:s.length - 1]
         tool_rows = [len(s.prompt_ids) - 1 + j for j, m in enumerate(s.loss_mask) if m == 0]
-        assert torch.equal(s.routed_experts[tool_rows], prefill[tool_rows])
+        if tool_agreement == 1.0:
+            assert torch.equal(s.routed_experts[tool_rows], prefill[tool_rows])
+        else:
+            same = (s.routed_experts[tool_rows].sort(-1).values == prefill[tool_rows].sort(-1).values).all(-1)
+            assert int(same.sum()) >= tool_agreement * len(tool_rows)
         agree = (s.routed_experts.sort(-1).values == prefill.sort(-1).values).all(-1).float().mean()
         assert agree > 0.9  # sampled rows come from decode steps; the same experts up to float ties
 
