@@ -18,21 +18,13 @@
 # The commands and timings of the recorded study are in docs/stability.md (section v2).
 set -euo pipefail
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-HERE="$REPO/examples/stability"
 ARMS=${ARMS:-"grpo grpo_r2 grpo_r3 grpo_tis gspo gspo_seqcorr"}
 SEEDS=${SEEDS:-"1 2 3"}
 JOBS=${JOBS:-2}
 DTYPE=${DTYPE:-bfloat16}
 OUT=${OUT:-runs/stability/cpu_sglang}
-CACHE=${CACHE:-$REPO/examples/tiny_cpu/cache}
-PYTHON=${PYTHON:-python}
-[[ "${1:-}" == "--" ]] && shift
-EXTRA=("$@")
-[[ -n "${STEPS:-}" ]] && EXTRA+=(--train.steps "$STEPS")
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-
-"$PYTHON" "$REPO/examples/tiny_cpu/prepare.py" --cache "$CACHE" --task copy
+# shellcheck source=examples/stability/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"
 "$PYTHON" -c "from tests.sglang_live.server import venv_ready, INSTALL_HINT; import sys
 sys.exit(0 if venv_ready() else f'no pinned SGLang venv: {INSTALL_HINT}')"
 mkdir -p "$OUT"
@@ -56,17 +48,6 @@ wait_healthy() {  # PORT PID
     return 1
 }
 
-run_arm() {  # URL ARM SEED
-    local dir="$OUT/$2/seed$3"
-    mkdir -p "$dir"
-    echo "[study] $2 seed $3 -> $dir ($1)"
-    "$PYTHON" -m grpo_megatron.train --config "$HERE/cpu_sglang/$2.yaml" --run_dir "$dir" --train.seed "$3" \
-        --model.hf_path "$CACHE/tiny_qwen3_moe_hf" --model.megatron_path "$CACHE/tiny_qwen3_moe_mcore" \
-        --data.train_files "$CACHE/copy_train.jsonl" --data.eval_files "$CACHE/copy_eval.jsonl" \
-        --rollout.sglang.urls "$1" "${EXTRA[@]}" >"$dir.log" 2>&1 \
-        || { echo "[study] $2 seed $3 FAILED, see $dir.log" >&2; return 1; }
-}
-
 runs=() dirs=()
 for seed in $SEEDS; do
     for arm in $ARMS; do runs+=("$arm $seed"); dirs+=("$OUT/$arm/seed$seed"); done
@@ -86,7 +67,7 @@ run_lane() {  # LANE: one server, then every JOBS-th run from LANE on against it
     fi
     echo "[study] lane $lane: SGLang ($DTYPE) healthy at http://127.0.0.1:$port"
     for ((i = lane; i < ${#runs[@]}; i += JOBS)); do
-        run_arm "http://127.0.0.1:$port" ${runs[$i]} || failed=1
+        study_train cpu_sglang ${runs[$i]} --rollout.sglang.urls "http://127.0.0.1:$port" || failed=1
     done
     kill "$server" 2>/dev/null
     wait "$server" 2>/dev/null || true
@@ -97,9 +78,4 @@ run_lane() {  # LANE: one server, then every JOBS-th run from LANE on against it
 lane_pids=() failed=0
 for ((lane = 0; lane < JOBS; lane++)); do run_lane "$lane" & lane_pids+=($!); done
 for pid in "${lane_pids[@]}"; do wait "$pid" || failed=1; done
-(( failed )) && echo "[study] some runs failed; comparing those that wrote metrics" >&2
-
-present=()
-for dir in "${dirs[@]}"; do [[ -s "$dir/metrics.jsonl" ]] && present+=("$dir"); done
-"$PYTHON" "$REPO/tools/compare_runs.py" "${present[@]}" --output "$OUT/compare"
-exit "$failed"
+study_compare "$failed" "${dirs[@]}"
