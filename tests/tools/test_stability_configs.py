@@ -65,6 +65,7 @@ def test_study_script_parses():
     import subprocess
 
     assert subprocess.run(["bash", "-n", str(STUDY / "run_cpu_study.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(STUDY / "common.sh")]).returncode == 0
 
 
 V2_ARMS = {  # study v2 (real SGLang rollouts in bf16): arm -> (loss, replay, correction mode, correction level)
