@@ -9,8 +9,10 @@ processes under torchrun) and pushed as Trainer.sync_weights does: hf_buckets (e
 layers, TP/EP shards gathered in their groups, buckets packed and handed to rank 0 while the next is assembled)
 into the mode's sender. The time is the whole sync, export included. Memory: each rank resets its peak RSS
 (/proc/self/clear_refs 5) before a sync and reports VmHWM - VmRSS(before) after it; the target is < 2 buckets
-+ 10%. The in-memory copy is `clone()` of rank 0's parameters timed before each sync (the load here varies), the
-reference each mode's copies divide.
++ 10%. "Seconds in requests": per path, the seconds rank 0 spent inside HTTP requests, i.e. waiting on the
+server's side (tensor/distributed: overlapped with the export of the next bucket; disk: after all files are
+written). The in-memory copy is `copy_` of rank 0's parameters into touched memory, timed before each sync (the load here
+varies), the reference each mode's copies divide.
 `--server mock` (tests/sglang/mock_server.py) measures the client's transport plus HTTP; `--server sglang`
 starts the pinned SGLang (tests/sglang_live/install_sglang.sh) with the project's launcher, in float32.
 """
@@ -85,19 +87,21 @@ def worker(args) -> None:
     rank, world = init_distributed()
     model = build_loaded_policy(args.model, layout_from_args(args))
     pool = ServerPool([args.url], timeout_s=900)
+    requests = time_requests(pool)
     for mode in args.modes:
         sync = None
         if rank == 0 and mode != "export":
             sync = {"tensor": lambda: TensorSync(pool, args.bucket_mb, 1),
                     "distributed": lambda: DistributedSync(pool, args.bucket_mb, 1, "", free_port(), "gloo"),
                     "disk": lambda: DiskSync(pool, args.bucket_mb, args.model, None)}[mode]()
-        seconds, extra_mb, ratios, moved = [], [], [], 0
+        seconds, request_s, extra_mb, ratios, moved = [], [], [], [], 0
         for version in range(1, args.syncs + 1):
             copy = copy_rate(model) if rank == 0 else 0.0  # interleaved: the load on this machine varies
             if world > 1:
                 dist.barrier(group=control_group())
             Path("/proc/self/clear_refs").write_text("5")
             before = _status_kb("VmRSS")
+            requests.clear()
             begin = time.perf_counter()
             buckets = hf_buckets(model, int(args.bucket_mb * 2**20), False, sync.alloc if sync else plain_alloc)
             if sync is not None:
@@ -105,6 +109,7 @@ def worker(args) -> None:
             else:
                 moved = sum(bucket.nbytes for bucket in buckets)
             seconds.append(time.perf_counter() - begin)
+            request_s.append(dict(requests))
             ratios.append(moved / 2**20 / seconds[-1] / copy if copy else 0.0)
             extra_mb.append((_status_kb("VmHWM") - before) / 1024)
         peaks = [max(extra_mb)]
@@ -116,15 +121,36 @@ def worker(args) -> None:
             if sync is not None:
                 sync.close()
             median = statistics.median(seconds)
+            requests_s = {path: statistics.median(r.get(path, 0.0) for r in request_s) for path in request_s[-1]}
             print(json.dumps({"mode": mode, "mb": moved / 2**20, "seconds": median, "mb_per_s": moved / 2**20 / median,
-                              "of_copy": statistics.median(ratios), "extra_mb_per_rank": peaks}), flush=True)
+                              "requests_s": requests_s, "of_copy": statistics.median(ratios),
+                              "extra_mb_per_rank": peaks}), flush=True)
+
+
+def time_requests(pool) -> dict[str, float]:
+    """Wrap pool.call so that the seconds spent in each request path add up in the returned dict: the server's
+    side of a sync (its load_weights; for disk mode also its file reads; the session's begin and end)."""
+    seconds, call = {}, pool.call
+
+    def timed(url, method, path, *rest, **kwargs):
+        begin = time.perf_counter()
+        try:
+            return call(url, method, path, *rest, **kwargs)
+        finally:
+            seconds[path] = seconds.get(path, 0.0) + time.perf_counter() - begin
+    pool.call = timed
+    return seconds
 
 
 def copy_rate(model) -> float:
-    """MB/s of clone() over this rank's parameters: the in-memory copy each sync is compared with."""
+    """MB/s of copying this rank's parameters into memory already touched once (a `clone()`, then `copy_` into
+    the clones, timed): the steady-state in-memory copy each sync is compared with, free of the first-touch
+    page faults that made a timed `clone()` range from 1.1 to 6 GB/s on the 1.2 GB model."""
     params = [p.detach() for chunk in model.unwrapped() for p in chunk.parameters()]
-    begin = time.perf_counter()
     copies = [p.clone() for p in params]
+    begin = time.perf_counter()
+    for copy, param in zip(copies, params):
+        copy.copy_(param)
     seconds = time.perf_counter() - begin
     del copies
     return sum(p.numel() * p.element_size() for p in params) / 2**20 / seconds
@@ -173,8 +199,10 @@ def main() -> None:
             for layout in args.layouts:
                 for row in run_layout(layout, args, model, url):
                     extra = ", ".join(f"{m:.0f}" for m in row["extra_mb_per_rank"])
+                    requests = ", ".join(f"{path.lstrip('/')} {s:.2f}" for path, s in row["requests_s"].items())
                     print(f"  {layout:6s} {row['mode']:11s}: {row['mb_per_s']:8.1f} MB/s ({row['seconds']:.2f} s, "
-                          f"{row['of_copy']:.3f} of copy); extra memory per rank [{extra}] MiB", flush=True)
+                          f"{row['of_copy']:.3f} of copy); extra memory per rank [{extra}] MiB; seconds in requests: "
+                          f"{requests or '-'}", flush=True)
         finally:
             stop()
 

@@ -19,7 +19,7 @@ from grpo_megatron.rollout.sglang import (
     ServerRequestError, ServerUnavailableError, TensorSync,
 )
 from grpo_megatron.models.weight_stream import pack
-from grpo_megatron.rollout.sglang.weight_sync import _pickle, _shared_alloc
+from grpo_megatron.rollout.sglang.weight_sync import ReusedBuffers, _pickle, _shared_alloc
 from grpo_megatron.parallel import free_port
 from tests.conftest import REPO
 from tests.sglang.conftest import mock_servers, request_log, server_weights, weight_updates
@@ -59,7 +59,8 @@ def test_sync_then_generation_uses_new_weights(mode, mock, tiny_hf_dir):
     model_dir = tiny_hf_dir("qwen3_moe")
     pool = ServerPool(mock, retry=RetryPolicy(attempts=2, backoff_s=0.05))
     probe = ProbeCheck(model_dir, PROBE, tolerance=1e-4)
-    engine = SGLangEngine(pool, make_sync(mode, pool, model_dir), probe=probe)
+    # several buckets: the sender refills its two buffers, which the probe must not see change
+    engine = SGLangEngine(pool, make_sync(mode, pool, model_dir, bucket_mb=SMALL_BUCKET_MB), probe=probe)
     weights = new_weights(model_dir, seed=hash(mode) % 1000)
     try:
         engine.update_weights(weights, version=7)
@@ -92,6 +93,24 @@ def test_probe_reports_a_server_that_missed_the_weights(mock, tiny_hf_dir):
     probe = ProbeCheck(model_dir, PROBE, tolerance=1e-4)
     with pytest.raises(ProbeMismatchError, match=mock[0]):
         probe.run(pool, new_weights(model_dir, seed=123), version=1)
+
+
+def test_reused_buffers_alternate_two_cpu_buffers_and_grow():
+    made = []
+
+    def make(nbytes, device):
+        made.append(nbytes)
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    buffers = ReusedBuffers(make)
+    cpu = torch.device("cpu")
+    first, second, third = buffers(100, cpu), buffers(80, cpu), buffers(60, cpu)
+    assert third.data_ptr() == first.data_ptr() != second.data_ptr() and third.numel() == 60
+    assert buffers(200, cpu).numel() == 200 and made == [100, 80, 200]  # slot 2 grew, slot 1 kept
+    assert buffers(10, torch.device("meta")).device.type == "meta" and made[-1] == 10  # not CPU: made fresh
+    buffers.release()
+    buffers(10, cpu)
+    assert made[-1] == 10
 
 
 def test_buckets_respect_the_size_limit():
@@ -158,16 +177,18 @@ def test_a_model_of_several_buckets_arrives_whole(mode, mock, tiny_hf_dir):
     count = len(list(pack(weights, sync.bucket_bytes, dry=True)))
     assert count >= 3
     try:
+        sync.push(new_weights(model_dir, seed=10), version=8)  # the buffers refilled below held these
+        seen = {url: (len(weight_updates(url)), request_log(url).count("(flush_cache in update)")) for url in mock}
         sync.push(weights, version=9)
         requests = 1 if mode == "disk" else count
         for url in mock:
             assert_holds(server_weights(url), weights)
-            updates = weight_updates(url)
+            updates = weight_updates(url)[seen[url][0]:]
             assert [u["weight_version"] for u in updates] == [None] * (requests - 1) + ["9"]
             assert [u["flush_cache"] for u in updates] == [False] * (requests - 1) + [True]
             sent = [n for u in updates for n in u["names"]]
             assert sorted(sent) == sorted(n for n, _ in weights) and not any(u["ignored"] for u in updates)
-            assert request_log(url).count("(flush_cache in update)") == 1
+            assert request_log(url).count("(flush_cache in update)") == seen[url][1] + 1
         if mode == "disk":
             index = (sync.root / "v9" / "model.safetensors.index.json").read_text()
             assert len(set(json.loads(index)["weight_map"].values())) == count

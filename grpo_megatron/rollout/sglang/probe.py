@@ -37,8 +37,9 @@ class ProbeCheck:
         self._pushed: list[tuple[str, torch.Tensor]] = []
 
     def observe(self, named_tensors: NamedTensors) -> None:
-        """Remember tensors being pushed (references, no copy) for the next check."""
-        self._pushed.extend(named_tensors)
+        """Remember copies of the tensors being pushed for the next check (the sender refills its bucket
+        buffers, so a reference would see later buckets' bytes)."""
+        self._pushed.extend((name, tensor.clone()) for name, tensor in named_tensors)
 
     def check(self, pool: ServerPool, version: int) -> float:
         """Load what was observed into the reference and compare it with every server (see run)."""

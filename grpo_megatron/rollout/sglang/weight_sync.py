@@ -5,7 +5,8 @@ carries `weight_version` and `flush_cache: true`, so the server drops the KV cac
 them; a separate `/flush_cache` call cost ~0.45 s per sync on SGLang 0.5.23, in-request ~0), `/end_weight_update`.
 SGLang rejects tensor and distributed updates outside begin/end with HTTP 400; servers that predate the session
 routes answer 404 to begin, and then the envelope is skipped for them (logged once).
-A bucket is sent while the next is assembled (one worker thread), so a sender holds at most two buckets.
+A bucket is sent while the next is assembled (one worker thread), so a sender holds at most two buckets; on CPU
+those two buffers are kept and refilled from bucket to bucket and sync to sync (ReusedBuffers).
 - tensor: `/update_weights_from_tensor`, the bucket's tensors pickled by torch's ForkingPickler (CUDA IPC on GPU,
   shared memory on CPU), one pickle per server TP rank. Colocated, each trainer rank pickles its own copy for the
   server TP rank on its GPU and the server's first rank posts them together; otherwise every server must be on
@@ -112,6 +113,37 @@ class Pipelined:
             self._executor.shutdown(wait=True)
 
 
+class ReusedBuffers:
+    """An Alloc that hands out two CPU buffers in turn and keeps them until `release` (GPU buffers: fresh ones).
+
+    Writing a fresh buffer costs its page faults: making and filling a 108 MB shared-memory bucket took 0.2 s
+    here, refilling one already touched 0.01 s, which was most of the CPU tensor mode's time. Two are enough
+    because a stream allocates bucket k+1 only after handing bucket k over, and `Pipelined.submit(k)` returns only
+    once the send of bucket k-1 (the other buffer) has returned. Not for colocated sends, whose ranks give their
+    buffers to the server without waiting. On GPU the sender's buffers are left to be freed between syncs, so
+    training keeps that memory.
+    """
+
+    def __init__(self, make: Alloc, slots: int = 2):
+        self.make = make
+        self._buffers: list[torch.Tensor | None] = [None] * slots
+        self._next = 0
+
+    def __call__(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return self.make(nbytes, device)
+        slot, self._next = self._next, (self._next + 1) % len(self._buffers)
+        buffer = self._buffers[slot]
+        if buffer is None or buffer.numel() < nbytes:
+            self._buffers[slot] = None  # the old one goes before the larger one is made
+            buffer = self._buffers[slot] = self.make(nbytes, device)
+        return buffer[:nbytes]
+
+    def release(self) -> None:
+        self._buffers = [None] * len(self._buffers)
+        self._next = 0
+
+
 class WeightSync(ABC):
     """One way of moving weights; the push methods return the bytes moved (per server copy).
 
@@ -120,11 +152,11 @@ class WeightSync(ABC):
     """
 
     to_every_rank = False
-    alloc: Alloc = staticmethod(plain_alloc)
 
-    def __init__(self, pool: ServerPool, bucket_mb: float):
+    def __init__(self, pool: ServerPool, bucket_mb: float, alloc: Alloc = plain_alloc):
         self.pool = pool
         self.bucket_bytes = bucket_bytes(bucket_mb)
+        self.alloc: Alloc = ReusedBuffers(alloc)
         self._sessionless: set[str] = set()
 
     def push(self, named_tensors: NamedTensors, version: int) -> int:
@@ -153,7 +185,9 @@ class WeightSync(ABC):
         """Send all buckets to every server; the last request carries `version` and flushes the cache."""
 
     def close(self) -> None:
-        """Release what the mode holds (process group, files)."""
+        """Release what the mode holds (process group, files, bucket buffers)."""
+        if isinstance(self.alloc, ReusedBuffers):
+            self.alloc.release()
 
     def _begin(self, url: str) -> None:
         try:
@@ -192,13 +226,13 @@ def _shared_alloc(nbytes: int, device: torch.device) -> torch.Tensor:
 class TensorSync(WeightSync):
     """Colocated (`colocated`, several trainer ranks): server i's TP rank j is trainer rank i * tp_size + j."""
 
-    alloc = staticmethod(_shared_alloc)
-
     def __init__(self, pool: ServerPool, bucket_mb: float, tp_size: int, colocated: bool = False):
-        super().__init__(pool, bucket_mb)
+        super().__init__(pool, bucket_mb, _shared_alloc)
         self.tp_size = tp_size
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.to_every_rank = colocated and world > 1
+        if self.to_every_rank:
+            self.alloc = _shared_alloc  # each rank's pickle outlives its turn (see _transfer_colocated)
         if self.to_every_rank and world != len(pool.urls) * tp_size:
             raise ValueError(f"colocated tensor weight sync maps server TP ranks onto trainer ranks: "
                              f"{len(pool.urls)} server(s) x rollout.sglang.server_tp_size={tp_size} must equal the "
@@ -334,6 +368,7 @@ class DistributedSync(WeightSync):
         return group
 
     def close(self) -> None:
+        super().close()
         if self._group is not None:
             for url in self.pool.urls:
                 self.pool.call(url, "POST", "/destroy_weights_update_group", {"group_name": GROUP_NAME})
@@ -396,6 +431,7 @@ class DiskSync(WeightSync):
         return moved
 
     def close(self) -> None:
+        super().close()
         if self._own_dir:
             shutil.rmtree(self.root, ignore_errors=True)
 
