@@ -65,13 +65,16 @@ def build_model(
     use_te: bool | None = None,
     wrap_ddp: bool = False,
     ddp_overrides: dict | None = None,
+    freeze: list[str] | None = None,
     **config_overrides,
 ) -> PolicyModel:
     """Build this rank's model chunks (random init; load weights with hf_weights.load_hf_weights).
 
     Megatron's parallel state must already be initialised with `layout` (parallel.init_model_parallel).
     bf16/fp16 models are wrapped in megatron's Float16Module (needed on CPU too); `wrap_ddp` wraps each
-    chunk in megatron's DistributedDataParallel, which its optimizer requires.
+    chunk in megatron's DistributedDataParallel, which its optimizer requires. `freeze` (train.freeze) marks
+    parameters requires_grad=False before that wrapping, so DDP gives them no gradient buffer and no optimizer
+    (plain or distributed) holds them.
     """
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.transformer.module import Float16Module
@@ -91,6 +94,8 @@ def build_model(
         chunks.append(chunk)
     if dtype in (torch.bfloat16, torch.float16):
         chunks = [Float16Module(bridge.config, c) for c in chunks]
+    if freeze:
+        freeze_parameters(chunks, bridge, freeze)
     if wrap_ddp:
         chunks = wrap_with_ddp(chunks, bridge.config, ddp_overrides)
     return PolicyModel(chunks, bridge, hf_config, layout, dtype)
@@ -107,3 +112,58 @@ def wrap_with_ddp(chunks: list[torch.nn.Module], config, overrides: dict | None 
                                 disable_bucketing=index > 0)
         for index, chunk in enumerate(chunks)
     ]
+
+
+def freeze_parameters(chunks: list[torch.nn.Module], bridge, patterns: list[str]) -> int:
+    """Set requires_grad=False on parameters whose global megatron name (layer numbers as in the whole model,
+    experts numbered globally) matches one of the fnmatch `patterns`; returns how many this rank froze.
+
+    Every rank takes part (a pattern may match on another pipeline stage only): a pattern that matches nothing
+    anywhere, or a set that leaves nothing to train, is a ConfigError naming the parameter names available.
+    """
+    from fnmatch import fnmatchcase
+
+    from mbridge.core.util import unwrap_model
+
+    names, matched, frozen, trainable = set(), set(), 0, 0
+    for chunk in chunks:
+        module = unwrap_model(chunk)
+        global_names = bridge._weight_name_mapping_mcore_local_to_global(module)
+        for local, param in module.named_parameters():
+            name = global_names.get(local, local)
+            names.add(name)
+            hits = {p for p in patterns if fnmatchcase(name, p)}
+            matched |= hits
+            if hits:
+                param.requires_grad_(False)
+                frozen += 1
+            trainable += param.requires_grad
+    _check_freeze(patterns, *_across_ranks(names, matched, trainable))
+    return frozen
+
+
+def _across_ranks(names: set[str], matched: set[str], trainable: int) -> tuple[set[str], set[str], int]:
+    """The union of names and matched patterns, and the trainable count, over all ranks (gloo control group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return names, matched, trainable
+    from grpo_megatron.parallel import control_group
+
+    entries: list = [None] * dist.get_world_size()
+    dist.all_gather_object(entries, (names, matched, trainable), group=control_group())
+    return set().union(*(e[0] for e in entries)), set().union(*(e[1] for e in entries)), sum(e[2] for e in entries)
+
+
+def _check_freeze(patterns: list[str], names: set[str], matched: set[str], trainable: int) -> None:
+    import re
+
+    from grpo_megatron.config import ConfigError
+
+    shapes = sorted({re.sub(r"weight\d+$", "weight*", re.sub(r"layers\.\d+\.", "layers.*.", n)) for n in names})
+    unmatched = [p for p in patterns if p not in matched]
+    if unmatched:
+        raise ConfigError(f"train.freeze: {', '.join(map(repr, unmatched))} match no parameter; the model's "
+                          f"parameters (fnmatch over these global megatron names): {', '.join(shapes)}")
+    if not trainable:
+        raise ConfigError(f"train.freeze {patterns} freezes every parameter: leave something to train")
