@@ -73,7 +73,8 @@ def local_fingerprints(model: PolicyModel) -> dict[tuple[int, str], int]:
 
 
 def is_ep_expert(name: str, ep_size: int) -> bool:
-    """A local expert's weight that the stream gathers from its EP group (one HF tensor per EP rank)."""
+    """Whether the parameter of global name `name` (mbridge's, local expert numbers) is a local expert's weight that
+    the stream gathers from its EP group (one HF tensor per EP rank)."""
     return ".mlp.experts.linear_fc" in name and ep_size > 1
 
 
@@ -107,7 +108,8 @@ class ChangeTracker:
             dist.all_gather_object(entries, (mpu.pp_rank, mpu.ep_rank, changed, full), group=control_group())
         if any(entry[3] for entry in entries):
             return None
-        keys = {(index, name, ep_rank if is_ep_expert(name, mpu.ep_size) else 0)
+        experts = _ep_experts(model)
+        keys = {(index, name, ep_rank if (index, name) in experts else 0)
                 for pp_rank, ep_rank, names, _ in entries if pp_rank == mpu.pp_rank for index, name in names}
         if mpu.pp_rank == mpu.pp_size - 1:
             keys.add(_anchor(model))
@@ -116,6 +118,14 @@ class ChangeTracker:
     def commit(self) -> None:
         """The selected sync completed: its fingerprints become the reference of the next."""
         self._synced, self._pending = self._pending, None
+
+
+def _ep_experts(model: PolicyModel) -> set[tuple[int, str]]:
+    """(chunk index, local name) of the local experts the stream gathers over EP (the same on every rank)."""
+    bridge = model.bridge
+    return {(index, local) for index, chunk in enumerate(model.unwrapped())
+            for local, name in bridge._weight_name_mapping_mcore_local_to_global(chunk, consider_ep=False).items()
+            if is_ep_expert(name, bridge.mpu.ep_size)}
 
 
 def _anchor(model: PolicyModel) -> ParamKey:

@@ -157,7 +157,7 @@ def stage_hf_tensors(model: PolicyModel, only: Selection = None) -> Iterator[tup
         global_names = bridge._weight_name_mapping_mcore_local_to_global(chunk, consider_ep=False)
         for local, param in _parameters(chunk):
             name = global_names[local]
-            if is_ep_expert(local, mpu.ep_size):
+            if is_ep_expert(name, mpu.ep_size):
                 ep_ranks = _selected_ep_ranks(only, index, local, mpu.ep_size)
                 if ep_ranks:
                     yield from _expert_tensors(bridge, name, param.detach(), ep_ranks)
@@ -179,9 +179,10 @@ def stage_hf_bytes(model: PolicyModel, only: Selection = None) -> int:
     """What stage_hf_tensors will yield in bytes, from the local shards' sizes (TP/ETP/EP gathers multiply)."""
     mpu, total = model.bridge.mpu, 0
     for index, chunk in enumerate(model.unwrapped()):
+        global_names = model.bridge._weight_name_mapping_mcore_local_to_global(chunk, consider_ep=False)
         for local, param in _parameters(chunk):
             expert = ".mlp.experts." in local
-            if is_ep_expert(local, mpu.ep_size):
+            if is_ep_expert(global_names[local], mpu.ep_size):
                 factor = len(_selected_ep_ranks(only, index, local, mpu.ep_size))
             else:
                 factor = 1 if only is None or (index, local, 0) in only else 0

@@ -79,3 +79,33 @@ def test_frozen_parameters_are_not_fingerprinted(tiny_hf_dir, dist_world1):
     chunk.embedding.word_embeddings.weight.requires_grad_(False)
     keys = {name for _, name in local_fingerprints(model)}
     assert "embedding.word_embeddings.weight" not in keys and "output_layer.weight" in keys
+
+
+CHANGED_LAYOUTS = {  # rank 1 alone changes its shard; the default suite runs the EP case
+    "ep2-moe": (["--ep", "2"], {"model.layers.0.mlp.experts.2.gate_proj.weight", "model.layers.0.mlp.experts.2.up_proj.weight"}),
+    "tp2-moe": (["--tp", "2"], {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                                "model.layers.0.self_attn.v_proj.weight"}),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", [pytest.param("ep2-moe"), pytest.param("tp2-moe", marks=pytest.mark.slow)])
+def test_every_rank_of_a_stage_streams_the_same_changed_buckets(name, tiny_hf_dir, tmp_path):
+    """A change on one rank's shard reaches every rank's selection: same buckets everywhere, only the tensors of
+    that parameter (under EP only the owning rank's expert, not the other rank's expert of the same local index)."""
+    import json
+
+    from tests.conftest import run_cli
+
+    flags, sent = CHANGED_LAYOUTS[name]
+    result = run_cli(["tests/models/changed_stream_worker.py", str(tiny_hf_dir("qwen3_moe")), str(tmp_path), *flags],
+                     nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert reports[0]["sequence"] == reports[1]["sequence"]  # colocated mode broadcasts each bucket to all ranks
+    for report in reports:
+        assert report["first_was_full"] and report["exact"]
+        names = {n for b in report["sequence"] for n in b["names"]}
+        assert set(report["changed"]) <= sent
+        assert names == sent | {"model.layers.0.self_attn.q_norm.weight"}  # + the last stage's smallest tensor
+        assert [b["last"] for b in report["sequence"]][-1] is True
