@@ -66,6 +66,8 @@ class SGLangConfig:
     probe_tolerance: float = 0.0  # max |dlogprob| of the probe (0 = log only)
     gpu_servers: bool = False  # GPU servers: colocated ones release their memory for training (memory saver)
     probe_on_gpu_servers: bool = False  # the probe holds an fp32 model copy on rank 0's CPU: off for GPU servers
+    sync_changed_only: bool = False  # after a full first sync, send only tensors whose parameters changed (64-bit
+    # fingerprints); tensor and distributed modes (disk reloads the whole directory, so it always writes it all)
 
 
 @dataclass
@@ -175,6 +177,8 @@ class TrainConfig:
     num_threads: int | None = None
     distributed_optimizer: bool | None = None  # shard optimizer state over DP ranks; None: on GPU when DP > 1
     rollout_wait_minutes: float = 720.0  # how long ranks 1..N wait (gloo) while rank 0 generates a step's rollout
+    freeze: list[str] = field(default_factory=list)  # fnmatch globs over global megatron parameter names (e.g.
+    # embedding.*, output_layer.*, decoder.layers.*.self_attention.*): those parameters are not trained
 
 
 @dataclass
@@ -230,6 +234,7 @@ class RunConfig:
         self._validate_rollout_correction()
         self._validate_rollout_mode()
         self._validate_rollout_function()
+        self._validate_weight_sync()
         batch = self.rollout.prompts_per_step * self.rollout.group_size
         if batch % self.train.num_minibatches:
             raise ConfigError(
@@ -249,6 +254,16 @@ class RunConfig:
             raise ConfigError("eval.num_samples must be >= 0 and eval.temperature > 0 (greedy accuracy is always reported)")
         if self.rollout.group_size < 2:
             raise ConfigError("rollout.group_size must be >= 2: group-relative advantages need a group")
+
+    def _validate_weight_sync(self) -> None:
+        s = self.rollout.sglang
+        if s.sync_changed_only and (self.rollout.engine != "sglang" or s.weight_sync == "disk"):
+            raise ConfigError(f"rollout.sglang.sync_changed_only needs rollout.engine sglang with weight_sync tensor or "
+                              f"distributed (got engine {self.rollout.engine}, weight_sync {s.weight_sync}): "
+                              f"update_weights_from_disk reloads the whole directory, so disk mode always writes "
+                              f"the full checkpoint; set sync_changed_only false")
+        if any(not pattern.strip() for pattern in self.train.freeze):
+            raise ConfigError("train.freeze has an empty pattern; give fnmatch globs such as embedding.*")
 
     def _validate_rollout_function(self) -> None:
         from grpo_megatron.rollout.functions import resolve_rollout_function

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from grpo_megatron.models.provider import PolicyModel
+from grpo_megatron.models.weight_changes import ParamKey, is_ep_expert
 
 Alloc = Callable[[int, torch.device], torch.Tensor]
 """Makes the flat uint8 buffer of a bucket (nbytes, device): plain memory, or shared memory for tensor mode."""
@@ -135,24 +136,33 @@ def pack(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, a
         yield final
 
 
+Selection = frozenset[ParamKey] | None
+"""The parameters to stream (grpo_megatron.models.weight_changes), the same on every rank of a stage; None: all."""
+
+
 @torch.no_grad()
-def stage_hf_tensors(model: PolicyModel) -> Iterator[tuple[str, torch.Tensor]]:
+def stage_hf_tensors(model: PolicyModel, only: Selection = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for this pipeline stage's parameters; collectives over TP/EP/ETP groups only.
 
     The same conversion as mbridge's export_weights (its merge and name-mapping methods) without its
-    per-tensor pipeline broadcast and object all-gathers: a stage converts its own layers.
+    per-tensor pipeline broadcast and object all-gathers: a stage converts its own layers. With `only`, just the
+    HF tensors of the selected parameters (a local expert: of the selected EP ranks' copies).
     """
     bridge = model.bridge
     mpu = bridge.mpu
     if mpu.ep_size == 1 and mpu.etp_size not in (1, mpu.tp_size):
         raise NotImplementedError(
             "export with expert_parallel=1 needs expert_tensor_parallel equal to tensor_parallel or 1")
-    for chunk in model.unwrapped():
+    for index, chunk in enumerate(model.unwrapped()):
         global_names = bridge._weight_name_mapping_mcore_local_to_global(chunk, consider_ep=False)
         for local, param in _parameters(chunk):
             name = global_names[local]
-            if ".mlp.experts.linear_fc" in name and mpu.ep_size > 1:
-                yield from _expert_tensors(bridge, name, param.detach())
+            if is_ep_expert(name, mpu.ep_size):
+                ep_ranks = _selected_ep_ranks(only, index, local, mpu.ep_size)
+                if ep_ranks:
+                    yield from _expert_tensors(bridge, name, param.detach(), ep_ranks)
+                continue
+            if only is not None and (index, local, 0) not in only:
                 continue
             full = param.detach()
             if getattr(param, "tensor_model_parallel", False) and mpu.tp_size > 1:
@@ -160,13 +170,22 @@ def stage_hf_tensors(model: PolicyModel) -> Iterator[tuple[str, torch.Tensor]]:
             yield from zip(*bridge._weight_to_hf_format(name, full))
 
 
-def stage_hf_bytes(model: PolicyModel) -> int:
+def _selected_ep_ranks(only: Selection, index: int, local: str, ep_size: int) -> list[int]:
+    """The EP ranks whose copy of local expert `local` is streamed."""
+    return [r for r in range(ep_size) if only is None or (index, local, r) in only]
+
+
+def stage_hf_bytes(model: PolicyModel, only: Selection = None) -> int:
     """What stage_hf_tensors will yield in bytes, from the local shards' sizes (TP/ETP/EP gathers multiply)."""
     mpu, total = model.bridge.mpu, 0
-    for chunk in model.unwrapped():
+    for index, chunk in enumerate(model.unwrapped()):
+        global_names = model.bridge._weight_name_mapping_mcore_local_to_global(chunk, consider_ep=False)
         for local, param in _parameters(chunk):
             expert = ".mlp.experts." in local
-            factor = mpu.ep_size if expert and mpu.ep_size > 1 else 1
+            if is_ep_expert(global_names[local], mpu.ep_size):
+                factor = len(_selected_ep_ranks(only, index, local, mpu.ep_size))
+            else:
+                factor = 1 if only is None or (index, local, 0) in only else 0
             if getattr(param, "tensor_model_parallel", False):
                 factor *= mpu.etp_size if expert and mpu.ep_size > 1 else mpu.tp_size
             total += param.numel() * param.element_size() * factor
@@ -181,12 +200,14 @@ def _parameters(chunk: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return params + [(n, state[n]) for n in state if "expert_bias" in n and "_extra_state" not in n and n not in known]
 
 
-def _expert_tensors(bridge, name: str, param: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """The EP group's copies of local expert `name` (one per EP rank), each merged over ETP, under HF names."""
+def _expert_tensors(bridge, name: str, param: torch.Tensor, ep_ranks: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The EP group's copies of local expert `name` from `ep_ranks`, each merged over ETP, under HF names."""
     mpu = bridge.mpu
     prefix, local_id = name.split(".weight")
     per_rank = bridge.config.num_moe_experts // mpu.ep_size
     for ep_rank, expert in enumerate(_all_gather(param, mpu.ep_group, mpu.ep_size)):
+        if ep_rank not in ep_ranks:
+            continue
         expert_name = f"{prefix}.weight{per_rank * ep_rank + int(local_id)}"
         shards = _all_gather(expert, mpu.etp_group, mpu.etp_size) if mpu.etp_size > 1 else [expert]
         yield from zip(*bridge._weight_to_hf_format(expert_name, bridge._weight_merge_across_tp(
@@ -200,15 +221,16 @@ def _all_gather(tensor: torch.Tensor, group, size: int) -> list[torch.Tensor]:
 
 
 def hf_buckets(model: PolicyModel, bucket_bytes: int, to_every_rank: bool = False,
-               alloc: Alloc = plain_alloc) -> Iterator[Bucket]:
-    """The whole model as buckets, on rank 0 (or on every rank); other ranks get an empty iterator.
+               alloc: Alloc = plain_alloc, only: Selection = None) -> Iterator[Bucket]:
+    """The whole model (or the `only` selection) as buckets, on rank 0 (or on every rank); other ranks get an
+    empty iterator.
 
     Every rank must exhaust it (the collectives run as it is iterated). Stages go in pipeline order; a stage's
     first rank packs and sends, its other ranks take part in the gathers with a dry packer so that they know
     where buckets end. Bucket metadata travels over the gloo control group, the bytes over the default group.
     """
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        yield from pack(stage_hf_tensors(model), bucket_bytes, alloc, total_bytes=stage_hf_bytes(model))
+        yield from pack(stage_hf_tensors(model, only), bucket_bytes, alloc, total_bytes=stage_hf_bytes(model, only))
         return
     from grpo_megatron.parallel import control_group
 
@@ -220,8 +242,8 @@ def hf_buckets(model: PolicyModel, bucket_bytes: int, to_every_rank: bool = Fals
     for stage, leader in enumerate(leaders):
         last_stage = stage == mpu.pp_size - 1
         if mpu.pp_rank == stage:
-            own = pack(stage_hf_tensors(model), bucket_bytes, alloc, last_stage, dry=rank != leader,
-                       total_bytes=stage_hf_bytes(model))
+            own = pack(stage_hf_tensors(model, only), bucket_bytes, alloc, last_stage, dry=rank != leader,
+                       total_bytes=stage_hf_bytes(model, only))
             for bucket in own:
                 bucket = _deliver(bucket, leader, to_every_rank, control, alloc)
                 if bucket is not None and receives:

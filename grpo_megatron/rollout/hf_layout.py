@@ -64,10 +64,11 @@ class CheckpointLayout:
         """Checkpoint name -> shape, i.e. exactly what update_weights must receive."""
         return {name: target.shape for name, target in self._targets.items()}
 
-    def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]], complete: bool = True) -> None:
         """Write a full set of checkpoint tensors into the model, all or nothing.
 
         Every name is checked before anything is written, so a bad update leaves the old weights intact.
+        `complete=False` accepts a subset (a changed-only weight sync): the other tensors keep their values.
         """
         staged: dict[str, torch.Tensor] = {}
         unknown: list[str] = []
@@ -83,7 +84,7 @@ class CheckpointLayout:
                                    f"expected {tuple(target.shape)} floating point)")
             else:
                 staged[name] = tensor
-        missing = sorted(set(self._targets) - set(staged) - set(misshaped))
+        missing = sorted(set(self._targets) - set(staged) - set(misshaped)) if complete else []
         if unknown or missing or misshaped:
             raise WeightUpdateError(_mismatch_message(unknown, missing, list(misshaped.values())))
         with torch.no_grad():

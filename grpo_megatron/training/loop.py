@@ -156,7 +156,7 @@ class Trainer:
             dp_size = parallel_state.get_data_parallel_world_size()
             ddp = {"use_distributed_optimizer": use_distributed_optimizer(self.cfg.train.distributed_optimizer, dp_size)}
         return build_model(self.hf_config, self.cfg.parallel, self.dtype, wrap_ddp=wrap_ddp, ddp_overrides=ddp,
-                           **overrides)
+                           freeze=self.cfg.train.freeze if wrap_ddp else None, **overrides)
 
     def _load_initial_weights(self, model) -> None:
         if self.cfg.model.megatron_path:

@@ -2,7 +2,9 @@
 
 Rank 0 holds the engine; with colocated tensor-mode servers every rank also sends (its own copy for the server
 TP rank on its GPU), so it gets a sender of its own here. No rank materialises the model (see
-grpo_megatron.models.weight_stream for the memory bound).
+grpo_megatron.models.weight_stream for the memory bound). With rollout.sglang.sync_changed_only a sync streams
+only the tensors whose parameters changed since the last one (grpo_megatron.models.weight_changes), after a full
+first sync in every process and whenever rank 0's engine finds a server not holding its last push.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch.distributed as dist
 
 from grpo_megatron.config import RunConfig
 from grpo_megatron.models.provider import PolicyModel
+from grpo_megatron.models.weight_changes import ChangeTracker
 from grpo_megatron.models.weight_stream import hf_buckets, plain_alloc
 from grpo_megatron.rollout.base import RolloutEngine
 
@@ -29,12 +32,17 @@ class WeightPush:
             self.sender = make_weight_sync(s, cfg.model.hf_path)  # this rank's share of the colocated sends
         self.to_every_rank = self.sender is not None and self.sender.to_every_rank
         self.alloc = self.sender.alloc if self.sender is not None else plain_alloc
+        self.changes = ChangeTracker() if cfg.rollout.engine == "sglang" and s.sync_changed_only else None
 
     def run(self, model: PolicyModel, version: int) -> None:
         """Every rank calls this (the export's collectives); the engine ends with weights `version`."""
-        buckets = hf_buckets(model, self.bucket_bytes, self.to_every_rank, self.alloc)
+        only = None
+        if self.changes is not None:
+            serves = getattr(self.engine, "serves_last_push", None)
+            only = self.changes.select(model, full=serves is not None and not serves())
+        buckets = hf_buckets(model, self.bucket_bytes, self.to_every_rank, self.alloc, only)
         if self.engine is not None and self.sender is not None:
-            self.engine.push_buckets(buckets, version)
+            self.engine.push_buckets(buckets, version, complete=only is None)
         elif self.engine is not None:
             self.engine.update_weights(((n, t) for bucket in buckets for n, t in bucket.tensors()), version)
         elif self.sender is not None:
@@ -42,6 +50,8 @@ class WeightPush:
         else:
             for _ in buckets:
                 pass
+        if self.changes is not None:
+            self.changes.commit()
 
 
 def release_rollout_memory(engine: RolloutEngine | None) -> None:

@@ -409,11 +409,15 @@ class Handler(BaseHTTPRequestHandler):
         state = self.state
         if path in ("/health", "/health_generate") and method == "GET":
             return 200, None
-        if path == "/get_model_info" and method == "GET":
+        if path in ("/model_info", "/get_model_info") and method == "GET":  # the second is deprecated in 0.5.23
             return 200, {"model_path": state.model_dir, "tokenizer_path": state.model_dir, "is_generation": True,
                          "preferred_sampling_params": None, "weight_version": state.weight_version}
         if path == "/get_weight_version" and method == "GET":
             return 200, {"weight_version": state.weight_version}
+        if path == "/update_weight_version" and method == "POST":  # io_struct.UpdateWeightVersionReqInput
+            state.weight_version = req["new_version"]
+            return 200, {"success": True, "message": f"Weight version updated to {req['new_version']}",
+                         "new_version": req["new_version"]}
         if path == "/generate" and method in ("POST", "PUT"):
             return generate(state, req)
         if path == "/flush_cache" and method in ("GET", "POST"):

@@ -86,11 +86,12 @@ class SGLangEngine(RolloutEngine):
         """Push full tensors held in this process (packed into buckets here); see push_buckets."""
         self.push_buckets(pack(named_tensors, self.sync.bucket_bytes, self.sync.alloc), version)
 
-    def push_buckets(self, buckets: Iterable[Bucket], version: int) -> None:
+    def push_buckets(self, buckets: Iterable[Bucket], version: int, complete: bool = True) -> None:
         """Push streamed buckets to every server in the configured mode; then the probe check when configured.
 
         Servers that released their memory for training get their weights' memory back first and their KV cache
         after the push, so weights and KV cache are never both resident beside the trainer's sync buffers.
+        `complete=False`: the buckets hold only the tensors that changed since the last push (sync_changed_only).
         """
         self._check_alive()
         if self._released:
@@ -102,11 +103,21 @@ class SGLangEngine(RolloutEngine):
             self._memory("/resume_memory_occupation", ["kv_cache"])
             self._released = False
         self._version = version
-        self.last_sync = {"bytes": float(moved), "seconds": seconds, "mb_per_s": moved / 2**20 / max(seconds, 1e-9)}
-        logger.info("weight sync v%d: %.1f MB in %.2f s (%.0f MB/s per server)", version, moved / 2**20, seconds,
-                    self.last_sync["mb_per_s"])
+        self.last_sync = {"bytes": float(moved), "seconds": seconds, "mb_per_s": moved / 2**20 / max(seconds, 1e-9),
+                          "full": float(complete)}
+        logger.info("weight sync v%d: %.1f MB in %.2f s (%.0f MB/s per server)%s", version, moved / 2**20, seconds,
+                    self.last_sync["mb_per_s"], "" if complete else ", changed tensors only")
         if self.probe is not None:
-            self.last_sync["probe_max_abs_diff"] = self.probe.check(self.pool, version)
+            self.last_sync["probe_max_abs_diff"] = self.probe.check(self.pool, version, complete)
+
+    def serves_last_push(self) -> bool:
+        """Whether every server reports the weight version of this engine's last push (/model_info): false before
+        the first push and for a server that restarted since (it reports its initial version), i.e. whenever a
+        changed-only sync could leave a server with other weights than the trainer's."""
+        if not self.last_sync:
+            return False
+        return all(str(self.pool.call(url, "GET", "/model_info").get("weight_version")) == str(self._version)
+                   for url in self.pool.urls)
 
     def _observed(self, buckets: Iterable[Bucket]) -> Iterator[Bucket]:
         for bucket in buckets:

@@ -41,14 +41,17 @@ class ProbeCheck:
         buffers, so a reference would see later buckets' bytes)."""
         self._pushed.extend((name, tensor.clone()) for name, tensor in named_tensors)
 
-    def check(self, pool: ServerPool, version: int) -> float:
-        """Load what was observed into the reference and compare it with every server (see run)."""
-        pushed, self._pushed = self._pushed, []
-        return self.run(pool, pushed, version)
+    def check(self, pool: ServerPool, version: int, complete: bool = True) -> float:
+        """Load what was observed into the reference and compare it with every server (see run).
 
-    def run(self, pool: ServerPool, named_tensors: NamedTensors, version: int) -> float:
+        `complete=False` after a changed-only sync: the reference keeps its copy of the tensors not pushed, as the
+        servers do."""
+        pushed, self._pushed = self._pushed, []
+        return self.run(pool, pushed, version, complete)
+
+    def run(self, pool: ServerPool, named_tensors: NamedTensors, version: int, complete: bool = True) -> float:
         """Max |server - reference| log-prob over the probe and all servers; raises past a non-zero tolerance."""
-        self.layout.load(named_tensors)
+        self.layout.load(named_tensors, complete)
         expected = reference_logprobs(self.model, self.probe_ids)
         worst = 0.0
         for url in pool.urls:

@@ -15,7 +15,12 @@ those two buffers are kept and refilled from bucket to bucket and sync to sync (
   per bucket `/update_weights_from_distributed` with `load_format: flattened_bucket` while rank 0 broadcasts the
   bucket's bytes in one call (gloo on CPU, NCCL on GPU).
 - disk: the bucket bytes written as safetensors shards under `disk_dir` (a staging directory renamed into place,
-  older versions removed), then `/update_weights_from_disk`; every server must see that directory.
+  older versions removed), then `/update_weights_from_disk`; every server must see that directory. The server
+  reloads the whole directory, so disk mode always writes the full checkpoint (no rollout.sglang.sync_changed_only).
+Tensor and distributed updates may carry any subset of the checkpoint's tensors (sync_changed_only): SGLang 0.5.23's
+`load_weights` (e.g. models/qwen3_moe.py) writes each named tensor into its slice of the fused parameter on its own
+(q/k/v_proj -> qkv_proj shard "q"/"k"/"v", gate/up_proj -> gate_up_proj shard 0/1, experts.E.* -> FusedMoE w13/w2
+of expert E) and checks no completeness, and `end_weight_update`'s post-processing runs over the whole model.
 """
 from __future__ import annotations
 
