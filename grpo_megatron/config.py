@@ -61,7 +61,7 @@ class SGLangConfig:
     # address of this host on the route to the first server)
     update_master_port: int = 0  # 0 = a free port
     update_backend: str = ""  # "" = nccl on GPU, gloo on CPU
-    disk_dir: str = ""  # disk mode: directory every server node reads ("" = a temporary one, local servers only)
+    disk_dir: str = ""  # disk mode: directory every server node reads ("" = a temp dir in /dev/shm, local servers only)
     probe_tokens: int = 16  # post-sync probe length (0 = off)
     probe_tolerance: float = 0.0  # max |dlogprob| of the probe (0 = log only)
     gpu_servers: bool = False  # GPU servers: colocated ones release their memory for training (memory saver)

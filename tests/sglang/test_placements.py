@@ -3,7 +3,9 @@ server TP ranks and several servers per update group, the master address, disk m
 placements that cannot work, and colocated memory release/resume around the push."""
 from __future__ import annotations
 
+import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from grpo_megatron.config import ConfigError, SGLangConfig
 from grpo_megatron.models.weight_stream import pack
 from grpo_megatron.rollout.sglang import DiskSync, DistributedSync, SGLangEngine, ServerPool, TensorSync
 from grpo_megatron.rollout.sglang.sync_factory import make_probe, make_weight_sync
+from grpo_megatron.rollout.sglang import weight_sync
 from grpo_megatron.rollout.sglang.weight_sync import is_local_host, reachable_address
 from tests.conftest import run_cli
 from tests.sglang.conftest import mock_servers, request_log, server_weights, weight_updates
@@ -110,6 +113,23 @@ def test_disk_versions_are_renamed_into_place_and_old_ones_removed(mock, tiny_hf
         sync.push(new_weights(model_dir, seed=version), version)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v4"]
     assert_holds(server_weights(mock[0]), new_weights(model_dir, seed=4))
+
+
+def test_disk_mode_defaults_to_memory_and_names_the_fix_when_full(tiny_hf_dir, monkeypatch):
+    sync = DiskSync(ServerPool(["http://127.0.0.1:1"]), 1, tiny_hf_dir("qwen3_moe"), None)
+    try:
+        assert sync.root.parent == Path("/dev/shm")  # this machine has one; elsewhere the system temp dir
+
+        def full(bucket, path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(weight_sync, "write_safetensors", full)
+        with pytest.raises(OSError, match="set rollout.sglang.disk_dir to a directory with space"):
+            sync.transfer(pack([("a", torch.ones(4))], 1 << 20), "1")
+        assert list(sync.root.iterdir()) == []
+    finally:
+        sync.close()
+    assert not sync.root.exists()
 
 
 def test_a_failed_disk_write_leaves_no_version_behind(tiny_hf_dir, tmp_path):

@@ -15,7 +15,8 @@ those two buffers are kept and refilled from bucket to bucket and sync to sync (
   per bucket `/update_weights_from_distributed` with `load_format: flattened_bucket` while rank 0 broadcasts the
   bucket's bytes in one call (gloo on CPU, NCCL on GPU).
 - disk: the bucket bytes written as safetensors shards under `disk_dir` (a staging directory renamed into place,
-  older versions removed), then `/update_weights_from_disk`; every server must see that directory. The server
+  older versions removed first; /dev/shm when `disk_dir` is unset), then `/update_weights_from_disk`; every
+  server must see that directory. The server
   reloads the whole directory, so disk mode always writes the full checkpoint (no rollout.sglang.sync_changed_only).
 Tensor and distributed updates may carry any subset of the checkpoint's tensors (sync_changed_only): SGLang 0.5.23's
 `load_weights` (e.g. models/qwen3_moe.py) writes each named tensor into its slice of the fused parameter on its own
@@ -25,6 +26,7 @@ of expert E) and checks no completeness, and `end_weight_update`'s post-processi
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import logging
@@ -382,8 +384,12 @@ class DistributedSync(WeightSync):
 
 
 class DiskSync(WeightSync):
-    """Versions are written to `<disk_dir>/.v<N>.staging`, renamed to `v<N>` when complete, and older ones
-    removed once the servers loaded the new one. Without `disk_dir` every server must be on this host."""
+    """Versions are written to `<disk_dir>/.v<N>.staging` and renamed to `v<N>` when complete; the older ones go
+    before the next is written (the servers hold them in memory), so the directory holds one model at most.
+
+    Without `disk_dir` every server must be on this host, and the directory is made in /dev/shm where there is one:
+    1.2 GB went to a fresh file there at ~2.3 GB/s, to /tmp on this machine's disk at 270-330 MB/s.
+    """
 
     def __init__(self, pool: ServerPool, bucket_mb: float, hf_path: str | Path, disk_dir: str | Path | None):
         super().__init__(pool, bucket_mb)
@@ -395,17 +401,23 @@ class DiskSync(WeightSync):
                 raise ValueError(f"rollout.sglang.weight_sync=disk: {remote[0]} is on another host and cannot read "
                                  f"a local temporary directory; set rollout.sglang.disk_dir to a directory every "
                                  f"server node sees (the Slurm scripts use RUN_DIR/weights)")
-        self.root = Path(disk_dir) if disk_dir else Path(tempfile.mkdtemp(prefix="grpo_sglang_weights_"))
+        self.root = Path(disk_dir) if disk_dir else Path(tempfile.mkdtemp(prefix="grpo_sglang_weights_",
+                                                                           dir=_memory_filesystem()))
         self.root.mkdir(parents=True, exist_ok=True)
 
     def transfer(self, buckets: Iterable[Bucket], version: str) -> int:
         target = self.root / f"v{version}"
-        moved = self.write_checkpoint(buckets, target)
+        for old in [*self.root.glob("v*"), *self.root.glob(".v*.staging")]:
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            moved = self.write_checkpoint(buckets, target)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise OSError(err.errno, f"no room for the weights in {self.root}; set rollout.sglang.disk_dir to a "
+                                     f"directory with space for one copy of the model") from err
         self._post_all("/update_weights_from_disk", {url: {
             "model_path": str(target), "weight_version": version, "flush_cache": True} for url in self.pool.urls})
-        for old in [*self.root.glob("v*"), *self.root.glob(".v*.staging")]:
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
         return moved
 
     def write_checkpoint(self, buckets: Iterable[Bucket], target: Path) -> int:
@@ -439,6 +451,11 @@ class DiskSync(WeightSync):
         super().close()
         if self._own_dir:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _memory_filesystem() -> str | None:
+    """/dev/shm when this host has a writable one (a memory file system), else None: the default temp dir."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 _SAFETENSORS_DTYPES = {
