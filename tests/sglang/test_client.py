@@ -15,7 +15,7 @@ from grpo_megatron.rollout.sglang import (
     ServerUnavailableError, TensorSync,
 )
 from grpo_megatron.parallel import free_port
-from tests.sglang.conftest import inject, request_log, running_requests, set_token_delay
+from tests.sglang.conftest import inject, request_log, running_requests, server_weights, set_token_delay
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.05)
 PROMPTS = [[1, 5, 9, 2], [3, 4]]
@@ -45,12 +45,15 @@ def test_generate_parses_logprobs_finish_reason_and_routed_experts(mock, tiny_hf
 
 
 def test_greedy_logprobs_match_the_model(mock, tiny_hf_dir):
-    """The parsed numbers are the model's: greedy responses and log-probs equal an in-process engine's."""
+    """The parsed numbers are the model's: greedy responses and log-probs equal an in-process engine's holding
+    the weights the server holds (earlier tests may have pushed others to the shared mock servers)."""
     from grpo_megatron.rollout.embedded import EmbeddedEngine
 
     engine = make_engine(mock[:1], tiny_hf_dir)
     params = SamplingParams(max_new_tokens=5, temperature=0.0)
-    ref = EmbeddedEngine(tiny_hf_dir("qwen3_moe")).generate(PROMPTS, params)
+    reference = EmbeddedEngine(tiny_hf_dir("qwen3_moe"))
+    reference.update_weights(sorted(server_weights(mock[0]).items()), version=1)
+    ref = reference.generate(PROMPTS, params)
     got = engine.generate(PROMPTS, params)
     for r, g in zip(ref, got):
         assert g[0].response_ids == r[0].response_ids
