@@ -228,11 +228,13 @@ def test_partial_rollouts_resume_across_a_push(live_server, live_model, ignore_e
                           partial_rollouts=True)
     engine.update_weights(checkpoint(live_model), 0)
     prompt, params = [1, 5, 6, 7], SamplingParams(max_new_tokens=LONG, temperature=0.0)
+    start = time.monotonic()
     [[old]] = engine.generate([prompt], params, return_routed_experts=True)  # no push: all under version 0
+    seconds = time.monotonic() - start  # one request of LONG tokens: ~1 s here
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(out=engine.generate([prompt], params, True)))
     thread.start()
-    time.sleep(1.5)
+    time.sleep(seconds / 3)
     assert thread.is_alive(), "generation finished before the push; raise LONG"
     engine.update_weights(perturbed(live_model, seed=9), 1)
     thread.join(180)
