@@ -99,14 +99,15 @@ def test_colocated_gpu_servers_free_their_memory_while_the_trainer_trains(mock, 
 def test_async_partial_rollouts_train_within_max_staleness(mock, tiny_hf_dir, tmp_path, dist_world1):
     """rollout.mode async + partial_rollouts on the servers: each push pauses them, generations in flight go on
     under the new weights, and the trainer trains the multi-version samples with R3 and the rollout correction.
-    The mock decodes slowly, so that generation outlasts a train step and pushes land mid-generation."""
+    A push lands a train step after the next batch started (the rollout thread starts it as soon as the trainer
+    takes a batch), so the mock decodes at a pace that lets a few tokens come out before it and many after."""
     from grpo_megatron.rollout.tasks import make_task_dataset
 
     cfg = load_config(None, {
         "run_dir": str(tmp_path / "run"),
         "model": {"hf_path": str(tiny_hf_dir("qwen3_moe"))},
         "data": {"train_files": [str(make_task_dataset("first_digit", 64, 0, tmp_path / "train.jsonl"))]},
-        "rollout": {"engine": "sglang", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 6,
+        "rollout": {"engine": "sglang", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 16,
                     "mode": "async", "max_staleness": 2, "partial_rollouts": True,
                     "sglang": {"urls": mock, "weight_sync": "tensor", "bucket_mb": 1}},
         "reward": {"functions": [{"name": "tests.training.test_loop:varied_reward"}]},
@@ -115,7 +116,7 @@ def test_async_partial_rollouts_train_within_max_staleness(mock, tiny_hf_dir, tm
         "logging": {"progress_bar": False, "tensorboard": False},
     })
     for url in mock:
-        set_token_delay(url, 0.4)
+        set_token_delay(url, 0.05)
     trainer = Trainer(cfg)
     history = trainer.train()
     trainer.close()

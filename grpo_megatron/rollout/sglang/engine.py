@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,10 @@ class SGLangEngine(RolloutEngine):
         self.generate_pool = generate_pool or pool
         self.routed_shape, self.probe, self.gpu_servers = routed_shape, probe, gpu_servers
         self.last_sync: dict[str, float] = {}
+        self._open = threading.Event()  # partial rollouts: cleared while a push pauses generation
+        self._open.set()
+        self._running = 0  # partial-rollout requests posted and not yet answered
+        self._answered = threading.Condition()  # guards _running
         self._version = 0
         self._alive = True
         self._released = False
@@ -128,7 +133,16 @@ class SGLangEngine(RolloutEngine):
                 return out
 
             async with window:
-                return await pool.post(client, "/generate", payload, parse)
+                if not self._open.is_set():  # a push is pausing the servers: this request waits for it
+                    await asyncio.to_thread(self._open.wait)
+                with self._answered:
+                    self._running += 1
+                try:
+                    return await pool.post(client, "/generate", payload, parse)
+                finally:
+                    with self._answered:
+                        self._running -= 1
+                        self._answered.notify_all()
 
         async def finish(sample: _Resumed, aborted: bool) -> Completion:
             idle = 0  # aborts in a row that brought no token: a server that keeps aborting is an error
@@ -190,12 +204,24 @@ class SGLangEngine(RolloutEngine):
 
     @contextlib.contextmanager
     def _paused(self):
-        """Generation paused on every server (running requests answer aborted, new ones wait) until the end."""
-        self.pause_generation()
+        """Generation paused on every server (running requests answer aborted, new ones wait) until the end.
+
+        The running requests are aborted, and their answers awaited, before /pause_generation: SGLang 0.5.23's
+        pause in mode "abort" polls for running requests once a second (tokenizer_manager.pause_generation), so
+        a pause that finds none returns at once instead of costing a second per push.
+        """
+        self._open.clear()
         try:
+            while True:  # again for a request that reached a server just after the abort
+                self.abort_all()
+                with self._answered:
+                    if self._answered.wait_for(lambda: self._running == 0, timeout=0.05):
+                        break
+            self.pause_generation()
             yield
         finally:
             self.continue_generation()
+            self._open.set()
 
     def pause_generation(self) -> None:
         """/pause_generation in SGLang's default mode "abort" on every server; returns once running requests
