@@ -1,10 +1,11 @@
 """The rollout engine that talks to SGLang servers over HTTP (see transport, protocol, weight_sync).
 
-Partial rollouts (rollout.partial_rollouts): a weight push from another thread while generate runs pauses every
-server in SGLang's "abort" mode, so running requests answer at once with the tokens they have (their ids,
-log-probs and routed-experts rows, under the old version); the push goes on, generation continues, and each
-unfinished sample is resubmitted on its own (n=1) with input_ids = prompt + the tokens kept and max_new_tokens =
-what is left, under the new version. The completion is the segments back to back, with `token_versions`.
+Partial rollouts (rollout.partial_rollouts): a weight push from another thread while generate runs aborts the
+running requests on every server and pauses them (/pause_generation, mode "abort"), so running requests answer
+at once with the tokens they have (their ids, log-probs and routed-experts rows, under the old version) and new
+ones wait; the push goes on, generation continues, and each unfinished sample is resubmitted on its own (n=1)
+with input_ids = prompt + the tokens kept and max_new_tokens = what is left, under the new version. The
+completion is the segments back to back, with `token_versions`.
 
 Replay rule across versions (R3): routed_experts row j is the forward at position j that sampled token j + 1,
 so a row comes from the segment that sampled that token, never from a later segment's prefill of the kept
@@ -27,9 +28,9 @@ import torch
 
 from grpo_megatron.models.weight_stream import Bucket, pack
 from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
+from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
 from grpo_megatron.rollout.sglang.probe import ProbeCheck
 from grpo_megatron.rollout.sglang.protocol import ABORTED, finish_type, generate_payload, outputs_of, parse_completion
-from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
 from grpo_megatron.rollout.sglang.transport import Retryable, ServerPool
 from grpo_megatron.rollout.sglang.weight_sync import WeightSync
 
@@ -171,8 +172,8 @@ class SGLangEngine(RolloutEngine):
     def push_buckets(self, buckets: Iterable[Bucket], version: int) -> None:
         """Push streamed buckets to every server in the configured mode; then the probe check when configured.
 
-        With partial rollouts the servers are paused (mode "abort") around the push: generations in flight come
-        back with their tokens and are resumed under the new weights (see the module docstring).
+        With partial rollouts generation is aborted and paused on every server around the push: generations in
+        flight come back with their tokens and are resumed under the new weights (see the module docstring).
         Servers that released their memory for training get their weights' memory back first and their KV cache
         after the push, so weights and KV cache are never both resident beside the trainer's sync buffers.
         """
