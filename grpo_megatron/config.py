@@ -286,9 +286,6 @@ class RunConfig:
             raise ConfigError(f"rollout.max_staleness={r.max_staleness}: must be >= 1 (0 is rollout.mode sync)")
         if r.partial_rollouts and r.mode != "async":
             raise ConfigError("rollout.partial_rollouts needs rollout.mode async (weights change mid-generation)")
-        if r.partial_rollouts and r.engine != "embedded":
-            raise ConfigError("rollout.partial_rollouts is built for the embedded engine so far: with sglang set it "
-                              "false (weights are then pushed between rollout batches)")
         if r.mode != "sync" and self.algorithm.rollout_correction.mode == "none" and not r.use_engine_logprobs:
             raise ConfigError(f"rollout.mode={r.mode} trains on samples of older weights: set algorithm."
                               "rollout_correction.mode (e.g. tis) or rollout.use_engine_logprobs true")

@@ -35,4 +35,5 @@ def _sglang_engine(cfg: RunConfig) -> RolloutEngine:
     routed_shape = (hf.num_hidden_layers, topk) if topk else None
     probe = make_probe(s, cfg.model.hf_path)
     router = ServerPool([s.router_url], s.api_key, s.timeout_s, RetryPolicy(attempts=s.retries)) if s.router_url else None
-    return SGLangEngine(pool, sync, s.max_in_flight, routed_shape, probe, s.gpu_servers, generate_pool=router)
+    return SGLangEngine(pool, sync, s.max_in_flight, routed_shape, probe, s.gpu_servers, generate_pool=router,
+                        partial_rollouts=cfg.rollout.partial_rollouts)

@@ -5,8 +5,9 @@ Modes (rollout.mode):
 - one_step_off: batch t+1 is generated with weights t while step t trains; the trainer pushes weights t+1
   only once batch t+1 is done, so every batch has exactly one version and a run is reproducible.
 - async: the thread generates continuously; the trainer pushes weights as soon as a step ends (between two
-  rollout batches, or, with rollout.partial_rollouts, at the next token: in-flight responses go on under
-  the new weights and record the version of every token).
+  rollout batches, or, with rollout.partial_rollouts, mid-generation: the embedded engine applies them at
+  the next token, the SGLang engine pauses its servers and resumes the aborted samples from their kept
+  tokens; in-flight responses go on under the new weights and record the version of every token).
 
 Both background modes bound the staleness by construction, as AReaL's max_head_offpolicyness does: a new
 rollout batch starts only while the groups trained, buffered and in flight stay within
@@ -164,7 +165,7 @@ class RolloutWorker:
 
     def _engine_or_nothing(self):
         """A rollout batch holds the engine against weight pushes, unless partial rollouts let a push in
-        between two tokens (the engine applies it there)."""
+        mid-generation (the engine applies it there: see the module docstring)."""
         return contextlib.nullcontext() if self.cfg.rollout.partial_rollouts else self._engine
 
     def next_batch(self, version: int) -> tuple[list[Sample], dict]:
@@ -208,7 +209,7 @@ class RolloutWorker:
     def weight_update(self, version: int):
         """Around a weight push. one_step_off first waits for the batch in flight (generated with the
         previous weights), which is what makes its batches exact; async pushes as soon as the engine is free
-        (at once with partial rollouts: the engine applies the weights between two tokens)."""
+        (at once with partial rollouts: the engine applies the weights mid-generation)."""
         with self._state:
             if self.cfg.rollout.mode == "one_step_off":
                 while not (self._error or self._stop or (not self._busy and not self._gate_open())):

@@ -106,17 +106,23 @@ def generate(state: MockState, req: dict) -> tuple[int, object]:
     ids = req["input_ids"]
     if req.get("return_routed_experts") and state.engine._moe_top_k is None:
         return 400, {"error": {"message": "routed experts requested on a dense model"}}
+    start = req.get("routed_experts_start_len", 0)
+    if req.get("return_routed_experts") and not 0 <= start <= len(ids):  # scheduler.handle_generate_request
+        return 400, {"error": {"message": f"recv_req.routed_experts_start_len={start} is outside [0, "
+                                          f"len(req.origin_input_ids)={len(ids)}]."}}
     run = _admit(state, req.get("rid") or uuid.uuid4().hex)
     try:
         with state.lock:
             outs = state.engine.generate([ids], params, bool(req.get("return_routed_experts")))[0]
             input_lp = _prompt_logprobs(state.model, ids) if req.get("logprob_start_len") == 0 else None
         emitted = _decode(state, run, max(len(c.response_ids) for c in outs))
+        # Answered before the request leaves `running`: a pause returns only after, so an aborted output reports
+        # the weight_version it ran under, never the one a push makes next (tokenizer_manager's model_update_lock).
+        results = [_output(state, run.rid, c, emitted, ids, input_lp, req) for c in outs]
     finally:
         with state.sched:
             state.running.remove(run)
             state.sched.notify_all()
-    results = [_output(state, run.rid, c, emitted, ids, input_lp, req) for c in outs]
     return 200, results[0] if params.n == 1 else results
 
 
@@ -147,7 +153,8 @@ def _decode(state: MockState, run: Running, steps: int) -> int:
 
 
 def _output(state: MockState, rid: str, c, emitted: int, ids: list[int], input_lp, req: dict) -> dict:
-    """One output object; one aborted after `emitted` tokens keeps them and has finish_reason type abort."""
+    """One output object; one aborted after `emitted` tokens keeps them, their log-probs and routed-experts rows
+    and has finish_reason type abort (as a real 0.5.23 server answers a pause in mode "abort")."""
     aborted = len(c.response_ids) > emitted
     response = c.response_ids[:emitted] if aborted else c.response_ids
     if aborted:
@@ -161,8 +168,8 @@ def _output(state: MockState, rid: str, c, emitted: int, ids: list[int], input_l
     if req.get("return_logprob"):
         meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(c.response_logprobs, response)]
         meta["input_token_logprobs"] = input_lp or [[None, ids[0], None]]
-    if c.routed_experts is not None:
-        rows = c.routed_experts[:max(len(ids) + len(response) - 1, 0)]
+    if c.routed_experts is not None:  # positions [routed_experts_start_len, seqlen - 1) (batch_result_processor)
+        rows = c.routed_experts[req.get("routed_experts_start_len", 0):max(len(ids) + len(response) - 1, 0)]
         meta["routed_experts"] = base64.b64encode(rows.numpy().tobytes()).decode()
     return {"text": "", "output_ids": response, "meta_info": meta}
 

@@ -10,7 +10,7 @@ from grpo_megatron.config import load_config
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.loop import Trainer
-from tests.sglang.conftest import request_log
+from tests.sglang.conftest import request_log, set_token_delay
 from tests.sglang.test_weight_sync import new_weights
 
 
@@ -94,3 +94,38 @@ def test_colocated_gpu_servers_free_their_memory_while_the_trainer_trains(mock, 
             "/update_weights_from_tensor", "(resume_memory_occupation kv_cache)"]
     collapsed = [e for i, e in enumerate(log) if i == 0 or e != log[i - 1]]  # one entry per run of requests
     assert collapsed == step * 2
+
+
+def test_async_partial_rollouts_train_within_max_staleness(mock, tiny_hf_dir, tmp_path, dist_world1):
+    """rollout.mode async + partial_rollouts on the servers: each push pauses them, generations in flight go on
+    under the new weights, and the trainer trains the multi-version samples with R3 and the rollout correction.
+    A push lands a train step after the next batch started (the rollout thread starts it as soon as the trainer
+    takes a batch), so the mock decodes at a pace that lets a few tokens come out before it and many after."""
+    from grpo_megatron.rollout.tasks import make_task_dataset
+
+    cfg = load_config(None, {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"hf_path": str(tiny_hf_dir("qwen3_moe"))},
+        "data": {"train_files": [str(make_task_dataset("first_digit", 64, 0, tmp_path / "train.jsonl"))]},
+        "rollout": {"engine": "sglang", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 16,
+                    "mode": "async", "max_staleness": 2, "partial_rollouts": True,
+                    "sglang": {"urls": mock, "weight_sync": "tensor", "bucket_mb": 1}},
+        "reward": {"functions": [{"name": "tests.training.test_loop:varied_reward"}]},
+        "algorithm": {"loss": "gspo", "routing_replay": "r3", "rollout_correction": {"mode": "tis"}},
+        "train": {"steps": 3, "num_minibatches": 1, "micro_batch_size": 8, "lr": 1e-3, "num_threads": 1},
+        "logging": {"progress_bar": False, "tensorboard": False},
+    })
+    for url in mock:
+        set_token_delay(url, 0.05)
+    trainer = Trainer(cfg)
+    history = trainer.train()
+    trainer.close()
+    assert len(history) == 3 and all(math.isfinite(m["train/pg_loss"]) for m in history)
+    assert max(m["async/staleness_max"] for m in history) <= 2
+    assert sum(m["async/multi_version_tokens"] for m in history) > 0  # some responses span a push
+    for url in mock:
+        log = [e for e in request_log(url) if e in ("/pause_generation", "/update_weights_from_tensor",
+                                                    "/continue_generation")]
+        pushes = log.count("/pause_generation")
+        assert pushes >= 3 and log == ["/pause_generation", "/update_weights_from_tensor",
+                                       "/continue_generation"] * pushes, log

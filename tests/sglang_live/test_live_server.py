@@ -214,3 +214,42 @@ def test_server_killed_mid_rollout(live_server, live_model, live_logs, ignore_eo
         assert time.monotonic() - start < 30
     finally:
         victim.stop(grace_s=5)
+
+
+def test_partial_rollouts_resume_across_a_push(live_server, live_model, ignore_eos, restore_weights):
+    """A push mid-generation with partial rollouts: the real server answers the pause (mode "abort") with the
+    tokens so far, which are kept under version 0; the rest is generated from prompt + kept tokens under
+    version 1. Greedy on one request, so both parts can be regenerated on the same server: the kept tokens,
+    log-probs and route rows are those of the unpaused generation under the old weights, the rest those of a
+    generation from prompt + kept tokens under the new weights (rows of the new tokens only)."""
+    url = live_server.spec.url
+    pool = ServerPool([url], timeout_s=120)
+    engine = SGLangEngine(pool, TensorSync(pool, bucket_mb=64, tp_size=1), routed_shape=ROUTED_SHAPE,
+                          partial_rollouts=True)
+    engine.update_weights(checkpoint(live_model), 0)
+    prompt, params = [1, 5, 6, 7], SamplingParams(max_new_tokens=LONG, temperature=0.0)
+    start = time.monotonic()
+    [[old]] = engine.generate([prompt], params, return_routed_experts=True)  # no push: all under version 0
+    seconds = time.monotonic() - start  # one request of LONG tokens: ~1 s here
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(out=engine.generate([prompt], params, True)))
+    thread.start()
+    time.sleep(seconds / 3)
+    assert thread.is_alive(), "generation finished before the push; raise LONG"
+    engine.update_weights(perturbed(live_model, seed=9), 1)
+    thread.join(180)
+    [[c]] = box["out"]
+    k = c.token_versions.index(1)
+    print(f"\npartial rollout on a real server: {k} tokens kept under version 0, {LONG - k} generated under "
+          f"version 1")
+    assert 0 < k < LONG and c.token_versions == [0] * k + [1] * (LONG - k) and c.weight_version == 0
+    assert len(c.response_ids) == LONG and c.finish_reason == "length"
+    assert c.routed_experts.shape == (len(prompt) + LONG - 1, *ROUTED_SHAPE)
+    assert c.response_ids[:k] == old.response_ids[:k]
+    assert c.response_logprobs[:k] == pytest.approx(old.response_logprobs[:k], abs=1e-3)
+    assert torch.equal(c.routed_experts[:len(prompt) - 1 + k], old.routed_experts[:len(prompt) - 1 + k])
+    context = prompt + c.response_ids[:k]
+    [[new]] = engine.generate([context], SamplingParams(max_new_tokens=LONG - k, temperature=0.0), True)
+    assert c.response_ids[k:] == new.response_ids
+    assert c.response_logprobs[k:] == pytest.approx(new.response_logprobs, abs=1e-3)
+    assert torch.equal(c.routed_experts[len(context) - 1:], new.routed_experts[len(context) - 1:])

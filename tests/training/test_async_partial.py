@@ -85,9 +85,9 @@ def test_async_partial_rollouts_train_with_r3_and_the_correction(make_config, di
         assert versions == sorted(versions) and routes.shape[0] >= len(versions)
 
 
-def test_partial_rollouts_need_the_embedded_engine(make_config):
-    from grpo_megatron.config import ConfigError
-
-    with pytest.raises(ConfigError, match="partial_rollouts"):
-        make_config(rollout={"mode": "async", "partial_rollouts": True, "engine": "sglang"},
-                    algorithm={"rollout_correction": {"mode": "tis"}})
+def test_partial_rollouts_are_accepted_with_either_engine(make_config):
+    """The SGLang engine resumes aborted samples across a push (tests/sglang/test_partial_rollouts.py)."""
+    for engine in ("embedded", "sglang"):
+        cfg = make_config(rollout={"mode": "async", "partial_rollouts": True, "engine": engine},
+                          algorithm={"rollout_correction": {"mode": "tis"}})
+        assert cfg.rollout.partial_rollouts and cfg.rollout.engine == engine

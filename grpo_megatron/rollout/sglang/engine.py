@@ -1,15 +1,34 @@
-"""The rollout engine that talks to SGLang servers over HTTP (see transport, protocol, weight_sync)."""
+"""The rollout engine that talks to SGLang servers over HTTP (see transport, protocol, weight_sync).
+
+Partial rollouts (rollout.partial_rollouts): a weight push from another thread while generate runs aborts the
+running requests on every server and pauses them (/pause_generation, mode "abort"), so running requests answer
+at once with the tokens they have (their ids, log-probs and routed-experts rows, under the old version) and new
+ones wait; the push goes on, generation continues, and each unfinished sample is resubmitted on its own (n=1)
+with input_ids = prompt + the tokens kept and max_new_tokens = what is left, under the new version. The
+completion is the segments back to back, with `token_versions`.
+
+Replay rule across versions (R3): routed_experts row j is the forward at position j that sampled token j + 1,
+so a row comes from the segment that sampled that token, never from a later segment's prefill of the kept
+tokens (which ran under newer weights than the token's): a resumed request asks for routed_experts_start_len =
+len(prompt) + kept - 1 and returns exactly the rows of the tokens it samples. Prompt rows come from the first
+segment that sampled a token, so they carry the version of the first response token, as with the embedded engine.
+"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 
+import httpx
 import torch
 
 from grpo_megatron.models.weight_stream import Bucket, pack
 from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
+from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
 from grpo_megatron.rollout.sglang.probe import ProbeCheck
 from grpo_megatron.rollout.sglang.protocol import ABORTED, finish_type, generate_payload, outputs_of, parse_completion
 from grpo_megatron.rollout.sglang.transport import Retryable, ServerPool
@@ -23,7 +42,8 @@ class SGLangEngine(RolloutEngine):
 
     routed_shape is (MoE layers, top-k) of the model, used to check and shape `routed_experts`. A generation the
     server aborted (/abort_request, pause in abort mode) is resubmitted like a failed one, so every prompt gets
-    exactly its n completions or the call raises.
+    exactly its n completions or the call raises; with partial_rollouts it is resumed from the tokens it returned
+    instead (see the module docstring), and every push pauses the servers around itself.
 
     `generate_pool` (an sglang-router in front of the servers) takes the /generate requests when given; weight
     sync, pause/abort and the probe always address every server in `pool` directly, because a router neither
@@ -34,13 +54,18 @@ class SGLangEngine(RolloutEngine):
 
     def __init__(self, pool: ServerPool, sync: WeightSync, max_in_flight: int = 64,
                  routed_shape: tuple[int, int] | None = None, probe: ProbeCheck | None = None,
-                 gpu_servers: bool = False, generate_pool: ServerPool | None = None):
+                 gpu_servers: bool = False, generate_pool: ServerPool | None = None, partial_rollouts: bool = False):
         if max_in_flight < 1:
             raise ValueError(f"rollout.sglang.max_in_flight={max_in_flight}: must be >= 1")
         self.pool, self.sync, self.max_in_flight = pool, sync, max_in_flight
+        self.partial_rollouts = partial_rollouts
         self.generate_pool = generate_pool or pool
         self.routed_shape, self.probe, self.gpu_servers = routed_shape, probe, gpu_servers
         self.last_sync: dict[str, float] = {}
+        self._open = threading.Event()  # partial rollouts: cleared while a push pauses generation
+        self._open.set()
+        self._running = 0  # partial-rollout requests posted and not yet answered
+        self._answered = threading.Condition()  # guards _running
         self._version = 0
         self._alive = True
         self._released = False
@@ -75,12 +100,70 @@ class SGLangEngine(RolloutEngine):
 
         async def one(i: int, prompt: list[int]) -> list[Completion]:
             seed = None if params.seed is None else params.seed + i
+            if self.partial_rollouts:
+                return await self._resumable(pool, client, window, prompt, params, routed, seed)
             async with window:
                 return await pool.post(client, "/generate", generate_payload(prompt, params, routed, seed),
                                        handle(prompt))
 
         async with pool.client(self.max_in_flight) as client:
             return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+    async def _resumable(self, pool: ServerPool, client: httpx.AsyncClient, window: asyncio.Semaphore,
+                         prompt: list[int], params: SamplingParams, routed: bool,
+                         seed: int | None) -> list[Completion]:
+        """params.n completions of one prompt; samples aborted by a pause are resumed one by one (n=1)."""
+
+        async def segments(sample: _Resumed | None) -> list[tuple[Completion, bool]]:
+            """One request: the prompt's n samples, or the rest of `sample`; (segment, aborted) per output."""
+            kept = list(sample.response_ids) if sample else []
+            sp = replace(params, max_new_tokens=params.max_new_tokens - len(kept), n=1) if sample else params
+            payload = generate_payload(prompt + kept, sp, routed, seed)
+            start = len(prompt) + len(kept) - 1 if routed and kept else 0  # rows of the new tokens only
+            if start:
+                payload["routed_experts_start_len"] = start
+            version = self._version  # for a server that reports no weight_version (never updated)
+
+            def parse(url: str, body) -> list[tuple[Completion, bool]]:
+                out = []
+                for o in outputs_of(body, sp.n, url):
+                    aborted = finish_type(o, url) == ABORTED
+                    # An abort before the first token (still queued) may come without routed_experts.
+                    shape = self.routed_shape if routed and (o.get("output_ids") or not aborted) else None
+                    out.append((parse_completion(o, prompt + kept, url, version, shape, start), aborted))
+                return out
+
+            async with window:
+                if not self._open.is_set():  # a push is pausing the servers: this request waits for it
+                    await asyncio.to_thread(self._open.wait)
+                with self._answered:
+                    self._running += 1
+                try:
+                    return await pool.post(client, "/generate", payload, parse)
+                finally:
+                    with self._answered:
+                        self._running -= 1
+                        self._answered.notify_all()
+
+        async def finish(sample: _Resumed, aborted: bool) -> Completion:
+            idle = 0  # aborts in a row that brought no token: a server that keeps aborting is an error
+            while aborted and len(sample.response_ids) < params.max_new_tokens:
+                logger.info("resuming a sample aborted by a pause after %d tokens", len(sample.response_ids))
+                [(segment, aborted)] = await segments(sample)
+                idle = 0 if segment.response_ids else idle + 1
+                if idle >= pool.retry.attempts:
+                    raise ServerUnavailableError(f"/generate was aborted {idle} times in a row without a new token "
+                                                 f"(prompt of {len(prompt)} tokens)")
+                sample.add(segment)
+            return sample.completion(params.max_new_tokens)
+
+        first = await segments(None)
+        samples = []
+        for segment, aborted in first:
+            sample = _Resumed(prompt)
+            sample.add(segment)
+            samples.append(finish(sample, aborted))
+        return list(await asyncio.gather(*samples))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Push full tensors held in this process (packed into buckets here); see push_buckets."""
@@ -89,20 +172,23 @@ class SGLangEngine(RolloutEngine):
     def push_buckets(self, buckets: Iterable[Bucket], version: int, complete: bool = True) -> None:
         """Push streamed buckets to every server in the configured mode; then the probe check when configured.
 
+        With partial rollouts generation is aborted and paused on every server around the push: generations in
+        flight come back with their tokens and are resumed under the new weights (see the module docstring).
         Servers that released their memory for training get their weights' memory back first and their KV cache
         after the push, so weights and KV cache are never both resident beside the trainer's sync buffers.
         `complete=False`: the buckets hold only the tensors that changed since the last push (sync_changed_only).
         """
         self._check_alive()
-        if self._released:
-            self._memory("/resume_memory_occupation", ["weights"])
-        start = time.perf_counter()
-        moved = self.sync.push_buckets(self._observed(buckets), version)
-        seconds = time.perf_counter() - start
-        if self._released:
-            self._memory("/resume_memory_occupation", ["kv_cache"])
-            self._released = False
-        self._version = version
+        with self._paused() if self.partial_rollouts else contextlib.nullcontext():
+            if self._released:
+                self._memory("/resume_memory_occupation", ["weights"])
+            start = time.perf_counter()
+            moved = self.sync.push_buckets(self._observed(buckets), version)
+            seconds = time.perf_counter() - start
+            if self._released:
+                self._memory("/resume_memory_occupation", ["kv_cache"])
+                self._released = False
+            self._version = version
         self.last_sync = {"bytes": float(moved), "seconds": seconds, "mb_per_s": moved / 2**20 / max(seconds, 1e-9),
                           "full": float(complete)}
         logger.info("weight sync v%d: %.1f MB in %.2f s (%.0f MB/s per server)%s", version, moved / 2**20, seconds,
@@ -128,7 +214,30 @@ class SGLangEngine(RolloutEngine):
     def sync_metrics(self) -> dict[str, float]:
         return {f"weight_sync/{key}": value for key, value in self.last_sync.items()}
 
+    @contextlib.contextmanager
+    def _paused(self):
+        """Generation paused on every server (running requests answer aborted, new ones wait) until the end.
+
+        The running requests are aborted, and their answers awaited, before /pause_generation: SGLang 0.5.23's
+        pause in mode "abort" polls for running requests once a second (tokenizer_manager.pause_generation), so
+        a pause that finds none returns at once instead of costing a second per push.
+        """
+        self._open.clear()
+        try:
+            while True:  # again for a request that reached a server just after the abort
+                self.abort_all()
+                with self._answered:
+                    if self._answered.wait_for(lambda: self._running == 0, timeout=0.05):
+                        break
+            self.pause_generation()
+            yield
+        finally:
+            self.continue_generation()
+            self._open.set()
+
     def pause_generation(self) -> None:
+        """/pause_generation in SGLang's default mode "abort" on every server; returns once running requests
+        have answered (aborted, with their tokens so far)."""
         for url in self.pool.urls:
             self.pool.call(url, "POST", "/pause_generation", {})
 
@@ -162,3 +271,33 @@ class SGLangEngine(RolloutEngine):
     def _check_alive(self) -> None:
         if not self._alive:
             raise RuntimeError("this SGLangEngine was shut down; create a new one")
+
+
+@dataclass
+class _Resumed:
+    """One sample over the requests (segments) that generated it, split by pauses for weight pushes."""
+
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    routes: list[torch.Tensor] = field(default_factory=list)
+    finish_reason: str = ABORTED
+
+    def add(self, segment: Completion) -> None:
+        """Append a segment's tokens under its version; its routes only when it sampled tokens (see R3 rule)."""
+        if segment.response_ids and segment.routed_experts is not None:
+            self.routes.append(segment.routed_experts)
+        self.response_ids += segment.response_ids
+        self.logprobs += segment.response_logprobs
+        self.versions += [segment.weight_version] * len(segment.response_ids)
+        self.finish_reason = segment.finish_reason
+
+    def completion(self, max_new_tokens: int) -> Completion:
+        # A sample aborted right at its last token is complete: it was cut at max_new_tokens.
+        reason = "length" if self.finish_reason == ABORTED and len(self.response_ids) == max_new_tokens \
+            else self.finish_reason
+        return Completion(prompt_ids=list(self.prompt_ids), response_ids=self.response_ids,
+                          response_logprobs=self.logprobs, finish_reason=reason,
+                          routed_experts=torch.cat(self.routes) if self.routes else None,
+                          weight_version=self.versions[0], token_versions=self.versions)

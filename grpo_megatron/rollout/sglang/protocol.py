@@ -3,7 +3,11 @@
 Mirrors `GenerateReqInput` in sglang/srt/managers/io_struct.py and the live responses listed in
 ../shared/notes/cpu-platform-facts.md: `meta_info.output_token_logprobs` is `[[logprob, token_id, text|null], ...]`,
 `meta_info.finish_reason` is `{"type": "stop"|"length"|"abort", ...}` and `meta_info.routed_experts` is base64
-int32 of shape (len(prompt) + len(response) - 1, layers, topk).
+int32 of shape (len(prompt) + len(response) - 1 - routed_experts_start_len, layers, topk): the rows of positions
+[routed_experts_start_len, len(prompt) + len(response) - 1). A request aborted while running (/abort_request,
+/pause_generation in mode "abort") answers 200 with finish_reason `{"type": "abort", "message": "Aborted",
+"status_code": null, "err_type": null}` and everything it had: output_ids, their output_token_logprobs and their
+routed_experts rows (seen live on 0.5.23).
 """
 from __future__ import annotations
 
@@ -50,8 +54,9 @@ def finish_type(output: dict[str, Any], url: str) -> str:
 
 
 def parse_completion(output: dict[str, Any], prompt_ids: list[int], url: str, fallback_version: int,
-                     routed_shape: tuple[int, int] | None) -> Completion:
-    """A Completion from one /generate output; routed_shape is (layers, topk) when experts were asked for."""
+                     routed_shape: tuple[int, int] | None, routed_start: int = 0) -> Completion:
+    """A Completion from one /generate output; routed_shape is (layers, topk) when experts were asked for, and
+    routed_start the request's routed_experts_start_len (its routed_experts then lack the first rows)."""
     meta = _meta(output, url)
     entries = meta.get("output_token_logprobs")
     if not isinstance(entries, list) or not all(isinstance(e, (list, tuple)) and len(e) >= 2 for e in entries):
@@ -65,8 +70,8 @@ def parse_completion(output: dict[str, Any], prompt_ids: list[int], url: str, fa
                                      f"token ids of output_token_logprobs ({len(response_ids)} tokens)")
     routed = None
     if routed_shape is not None:
-        routed = decode_routed_experts(meta.get("routed_experts"), len(prompt_ids) + len(response_ids) - 1,
-                                       routed_shape, url)
+        routed = decode_routed_experts(meta.get("routed_experts"),
+                                       len(prompt_ids) + len(response_ids) - 1 - routed_start, routed_shape, url)
     return Completion(prompt_ids=list(prompt_ids), response_ids=response_ids, response_logprobs=logprobs,
                       finish_reason=finish_type(output, url), routed_experts=routed,
                       weight_version=_version(meta.get("weight_version"), fallback_version))
@@ -85,7 +90,8 @@ def decode_routed_experts(encoded: Any, rows: int, shape: tuple[int, int], url: 
     if flat.size != rows * layers * topk:
         raise MalformedResponseError(
             f"{url}/generate: routed_experts has {flat.size} values; expected {rows} positions x {layers} layers "
-            f"x top-{topk} = {rows * layers * topk} (len(prompt) + len(response) - 1 positions)")
+            f"x top-{topk} = {rows * layers * topk} (len(prompt) + len(response) - 1 - routed_experts_start_len "
+            f"positions)")
     return torch.from_numpy(flat.copy()).view(rows, layers, topk)
 
 
