@@ -10,9 +10,10 @@ first evaluation with eval/accuracy >= --target.
 With --engine sglang every mode gets a fresh real CPU SGLang server (the pinned version in the cached venv,
 tests/sglang_live/install_sglang.sh) pinned to --server-cores with one OMP thread, and the trainer pinned to
 --trainer-cores with one torch thread: the issue's set-up, with the same cores and threads in every mode. The
-columns gen s / train s are the step's mean time/generation (sync: generating the batch; the background
-modes: waiting for it) and time/old_logprobs + time/train: comparable gen and train in sync is where
-overlapping them can approach 2x.
+columns gen s / train s / sync s are the step's mean time/generation (sync: generating the batch; the background
+modes: waiting for it), time/old_logprobs + time/train, and time/weight_sync (the push, which in one_step_off
+and async without partial rollouts first waits for the batch being generated): comparable gen and train in sync
+is where overlapping them can approach 2x.
 
     python benchmarks/async_throughput.py --steps 40 --eval-interval 5 --target 0.5
     python benchmarks/async_throughput.py --engine sglang --partial --steps 40 --eval-interval 5 --target 0.9
@@ -117,6 +118,7 @@ def run_mode(mode: str, args, work: Path) -> dict:
             "trainer_idle_s": sum(r.get("time/trainer_idle", 0.0) for r in steps) / len(steps),
             "gen_s": sum(r.get("time/generation", 0.0) for r in steps) / len(steps),
             "train_s": sum(r.get("time/old_logprobs", 0.0) + r.get("time/train", 0.0) for r in steps) / len(steps),
+            "sync_s": sum(r.get("time/weight_sync", 0.0) for r in steps) / len(steps),
             "multi_version_tokens": sum(r.get("async/multi_version_tokens", 0) for r in steps)}
 
 
@@ -141,13 +143,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         results = {mode: run_mode(mode, args, Path(tmp)) for mode in modes}
     base = results.get("sync", {}).get("tokens_per_s")
-    print(f"{'mode':<15}{'tokens/s':>10}{'vs sync':>9}{'step s':>8}{'gen s':>8}{'train s':>9}{'to target s':>13}"
+    print(f"{'mode':<15}{'tokens/s':>10}{'vs sync':>9}{'step s':>8}{'gen s':>8}{'train s':>9}{'sync s':>8}{'to target s':>13}"
           f"{'final acc':>11}{'staleness':>11}{'trainer idle s':>16}{'multi-ver tok':>15}")
     for mode, r in results.items():
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         target = f"{r['to_target_s']:.1f}" if r["to_target_s"] is not None else "not reached"
         print(f"{mode:<15}{r['tokens_per_s']:>10.0f}{ratio:>9}{r['step_s']:>8.3f}{r['gen_s']:>8.3f}"
-              f"{r['train_s']:>9.3f}{target:>13}{r['final_accuracy']:>11.3f}{r['staleness_mean']:>11.2f}"
+              f"{r['train_s']:>9.3f}{r['sync_s']:>8.3f}{target:>13}{r['final_accuracy']:>11.3f}{r['staleness_mean']:>11.2f}"
               f"{r['trainer_idle_s']:>16.3f}{r['multi_version_tokens']:>15}")
     return 0
 
