@@ -134,36 +134,48 @@ def _assert_continues(history: list[dict], run_dir) -> None:
             assert math.isclose(got[key], expected[key], rel_tol=1e-4, abs_tol=1e-6), (key, got[key], expected[key])
 
 
-@pytest.mark.distributed
-def test_resume_on_another_parallel_layout(make_config, tmp_path, dist_world1):
-    """A one-process checkpoint resumed by two data-parallel processes continues as the uninterrupted run
-    (megatron's dist_checkpointing reshards model and optimizer state). Where megatron keys the optimizer state
-    differently (expert parallelism chains separate dense and expert optimizers; the distributed optimizer
-    keeps main parameters), the resume is refused with one line naming the ways out. TP/PP changes take
-    megatron's resharding path too and are not run here."""
+def _one_process_checkpoint(make_config, tmp_path) -> list[str]:
+    """A checkpoint of two steps by one process; the command line that resumes it."""
     from grpo_megatron.config import save_config
-    from tests.conftest import run_cli
 
-    straight = Trainer(_resume_config(make_config, tmp_path, "straight"))
-    history = straight.train()
-    straight.close()
     first = Trainer(_resume_config(make_config, tmp_path, "resumed"))
     first.train_step()
     first.train_step()
     first.save_checkpoint()
     first.close()
     save_config(_resume_config(make_config, tmp_path, "resumed"), tmp_path / "resumed.yaml")
-    train = ["-m", "grpo_megatron.train", "--config", str(tmp_path / "resumed.yaml"), "--resume"]
+    return ["-m", "grpo_megatron.train", "--config", str(tmp_path / "resumed.yaml"), "--resume"]
 
+
+@pytest.mark.distributed
+def test_resume_on_another_parallel_layout(make_config, tmp_path, dist_world1):
+    """A one-process checkpoint resumed by two data-parallel processes continues as the uninterrupted run
+    (megatron's dist_checkpointing reshards model and optimizer state). TP/PP changes take megatron's
+    resharding path too and are not run here."""
+    from tests.conftest import run_cli
+
+    straight = Trainer(_resume_config(make_config, tmp_path, "straight"))
+    history = straight.train()
+    straight.close()
+    result = run_cli(_one_process_checkpoint(make_config, tmp_path), nproc=2, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    _assert_continues(history, tmp_path / "resumed")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # two 2-process torchrun starts; the resume that works is in the default suite
+def test_resume_where_the_optimizer_state_is_keyed_differently_is_refused(make_config, tmp_path, dist_world1):
+    """Where megatron keys the optimizer state differently (expert parallelism chains separate dense and expert
+    optimizers; the distributed optimizer keeps main parameters), the resume is refused with one line naming
+    the ways out."""
+    from tests.conftest import run_cli
+
+    train = _one_process_checkpoint(make_config, tmp_path)
     for refused_layout in (["--expert-model-parallel-size", "2"], ["--train.distributed_optimizer", "true"]):
         refused = run_cli([*train, *refused_layout], nproc=2, timeout=600)
         assert refused.returncode != 0, refused.stderr[-3000:]  # torchrun turns the trainer's status 2 into 1
         assert "holds optimizer state this run cannot use" in refused.stderr, refused.stderr[-3000:]
         assert "model.megatron_path" in refused.stderr
-
-    result = run_cli(train, nproc=2, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    _assert_continues(history, tmp_path / "resumed")
 
 
 @pytest.mark.distributed
