@@ -16,8 +16,8 @@ those two buffers are kept and refilled from bucket to bucket and sync to sync (
   bucket's bytes in one call (gloo on CPU, NCCL on GPU).
 - disk: the bucket bytes written as safetensors shards under `disk_dir` (a staging directory renamed into place,
   older versions removed first; /dev/shm when `disk_dir` is unset), then `/update_weights_from_disk`; every
-  server must see that directory. The server
-  reloads the whole directory, so disk mode always writes the full checkpoint (no rollout.sglang.sync_changed_only).
+  server must see that directory. The server reloads the whole directory, so disk mode always writes the full
+  checkpoint (no rollout.sglang.sync_changed_only).
 Tensor and distributed updates may carry any subset of the checkpoint's tensors (sync_changed_only): SGLang 0.5.23's
 `load_weights` (e.g. models/qwen3_moe.py) writes each named tensor into its slice of the fused parameter on its own
 (q/k/v_proj -> qkv_proj shard "q"/"k"/"v", gate/up_proj -> gate_up_proj shard 0/1, experts.E.* -> FusedMoE w13/w2
