@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,8 +85,8 @@ def sglang_server(work: Path, name: str, args) -> Iterator[str]:
         server.stop(grace_s=10)
 
 
-def run_mode(mode: str, args, work: Path) -> dict:
-    run_dir = work / mode
+def run_mode(mode: str, args, work: Path, round_index: int) -> dict:
+    run_dir = work / f"{mode}_{round_index}"
     rollout_mode = "async" if mode == PARTIAL else mode
     command = [sys.executable, str(REPO / "examples/tiny_cpu/run.py"), "--cache", str(work / "cache"),
                "--run-dir", str(run_dir), "--train.steps", str(args.steps),
@@ -97,7 +98,7 @@ def run_mode(mode: str, args, work: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
     with contextlib.ExitStack() as stack:
         if args.engine == "sglang":
-            url = stack.enter_context(sglang_server(work, mode, args))
+            url = stack.enter_context(sglang_server(work, f"{mode}_{round_index}", args))
             command += ["--rollout-backend", "sglang", "--sglang-url", url]
             stack.enter_context(pinned(cores(args.trainer_cores)))
         proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
@@ -136,22 +137,48 @@ def main() -> int:
                         help="sglang: a real CPU SGLang server on its own core(s) per mode")
     parser.add_argument("--server-cores", default="1", help="--engine sglang: CPU ids of the server")
     parser.add_argument("--trainer-cores", default="0", help="--engine sglang: CPU ids of the trainer")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all modes; then each figure's median")
+    parser.add_argument("--keep", default=None, help="keep every mode's run directory (metrics.jsonl) under this path")
     args, overrides = parser.parse_known_args()
     args.overrides = overrides  # trainer overrides, the same for every mode
     modes = args.modes.split(",") if args.modes else [*MODES, *([PARTIAL] if args.partial and
                                                                  args.engine == "sglang" else [])]
     with tempfile.TemporaryDirectory() as tmp:
-        results = {mode: run_mode(mode, args, Path(tmp)) for mode in modes}
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        rounds = []
+        for index in range(args.repeats):  # the modes one after another in every round, so drift hits them alike
+            rounds.append({mode: run_mode(mode, args, work, index) for mode in modes})
+            print(f"round {index + 1} of {args.repeats}", flush=True)
+            print_table(rounds[-1])
+    if args.repeats > 1:
+        print(f"median over {args.repeats} rounds (vs sync: ratio of the medians; to target: median of the rounds "
+              "that reached it, and how many did)")
+        print_table({mode: median_result([r[mode] for r in rounds]) for mode in modes})
+    return 0
+
+
+def median_result(results: list[dict]) -> dict:
+    """Each figure's median over the rounds; to_target over the rounds that reached the target."""
+    reached = [r["to_target_s"] for r in results if r["to_target_s"] is not None]
+    out = {key: statistics.median(r[key] for r in results) for key in results[0] if key != "to_target_s"}
+    out["to_target_s"] = statistics.median(reached) if reached else None
+    out["reached"] = f"{len(reached)}/{len(results)}"
+    return out
+
+
+def print_table(results: dict[str, dict]) -> None:
     base = results.get("sync", {}).get("tokens_per_s")
-    print(f"{'mode':<15}{'tokens/s':>10}{'vs sync':>9}{'step s':>8}{'gen s':>8}{'train s':>9}{'sync s':>8}{'to target s':>13}"
-          f"{'final acc':>11}{'staleness':>11}{'trainer idle s':>16}{'multi-ver tok':>15}")
+    print(f"{'mode':<15}{'tokens/s':>10}{'vs sync':>9}{'step s':>8}{'gen s':>8}{'train s':>9}{'sync s':>8}"
+          f"{'to target s':>18}{'final acc':>11}{'staleness':>11}{'trainer idle s':>16}{'multi-ver tok':>15}")
     for mode, r in results.items():
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         target = f"{r['to_target_s']:.1f}" if r["to_target_s"] is not None else "not reached"
+        if "reached" in r:
+            target += f" ({r['reached']})"
         print(f"{mode:<15}{r['tokens_per_s']:>10.0f}{ratio:>9}{r['step_s']:>8.3f}{r['gen_s']:>8.3f}"
-              f"{r['train_s']:>9.3f}{r['sync_s']:>8.3f}{target:>13}{r['final_accuracy']:>11.3f}{r['staleness_mean']:>11.2f}"
-              f"{r['trainer_idle_s']:>16.3f}{r['multi_version_tokens']:>15}")
-    return 0
+              f"{r['train_s']:>9.3f}{r['sync_s']:>8.3f}{target:>18}{r['final_accuracy']:>11.3f}"
+              f"{r['staleness_mean']:>11.2f}{r['trainer_idle_s']:>16.3f}{r['multi_version_tokens']:>15.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ class RolloutEngine(ABC):
     def shutdown(self) -> None:
         """Release the engine's resources; it cannot generate afterwards."""
 
+    def verify_push(self) -> None:
+        """Check that the engine serves the weights of the last update (SGLang's post-sync probe); none here."""
+
     def sync_metrics(self) -> dict[str, float]:
         """Figures of the last update_weights for the step's metrics (bytes, MB/s, post-sync probe); none here."""
         return {}

@@ -416,13 +416,14 @@ class Trainer:
         return dict(zip(metrics, values.tolist()))
 
     # ------------------------------------------------------------------------------------ sync / eval
-    def sync_weights(self) -> None:
-        """Stream the policy to the engine in buckets (training/weight_push.py); every rank takes part."""
+    def sync_weights(self, verify: bool = True) -> None:
+        """Stream the policy to the engine in buckets (training/weight_push.py); every rank takes part.
+        `verify=False`: the engine's post-sync probe waits for engine.verify_push()."""
         from grpo_megatron.training.weight_push import WeightPush
 
         if getattr(self, "_weight_push", None) is None:
             self._weight_push = WeightPush(self.cfg, self.engine)
-        self._weight_push.run(self.policy, version=self.step)
+        self._weight_push.run(self.policy, version=self.step, verify=verify)
 
     def evaluate(self) -> dict:
         """Held-out evaluation on rank 0 (the engine has the current weights), each eval file on its own:
@@ -490,8 +491,11 @@ class Trainer:
         train_metrics = self.train_on(batch, timer, routes if _rank0() else header)
         self.step += 1
         with timer.phase("weight_sync"):
-            with self.worker.weight_update(self.step) if _rank0() and self._background() else nullcontext():
-                self.sync_weights()
+            background = _rank0() and self._background()
+            with self.worker.weight_update(self.step) if background else nullcontext():
+                self.sync_weights(verify=not background)
+            if background:  # the probe once the rollout side has the engine back: it need not wait for it
+                self.engine.verify_push()
         elapsed = time.perf_counter() - start
         sync_metrics = self.engine.sync_metrics() if _rank0() else {}
         metrics = {**rollout_metrics, **train_metrics, **sync_metrics, **timer.times, "time/step": elapsed,

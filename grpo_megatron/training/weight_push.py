@@ -34,15 +34,16 @@ class WeightPush:
         self.alloc = self.sender.alloc if self.sender is not None else plain_alloc
         self.changes = ChangeTracker() if cfg.rollout.engine == "sglang" and s.sync_changed_only else None
 
-    def run(self, model: PolicyModel, version: int) -> None:
-        """Every rank calls this (the export's collectives); the engine ends with weights `version`."""
+    def run(self, model: PolicyModel, version: int, verify: bool = True) -> None:
+        """Every rank calls this (the export's collectives); the engine ends with weights `version`.
+        `verify=False` leaves the engine's post-sync check to a later engine.verify_push()."""
         only = None
         if self.changes is not None:
             serves = getattr(self.engine, "serves_last_push", None)
             only = self.changes.select(model, full=serves is not None and not serves())
         buckets = hf_buckets(model, self.bucket_bytes, self.to_every_rank, self.alloc, only)
         if self.engine is not None and self.sender is not None:
-            self.engine.push_buckets(buckets, version, complete=only is None)
+            self.engine.push_buckets(buckets, version, complete=only is None, verify=verify)
         elif self.engine is not None:
             self.engine.update_weights(((n, t) for bucket in buckets for n, t in bucket.tensors()), version)
         elif self.sender is not None:

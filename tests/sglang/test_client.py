@@ -131,6 +131,19 @@ def test_pause_blocks_and_continue_resumes_generation(mock, tiny_hf_dir):
     assert len(result) == 1
 
 
+def test_a_pool_makes_its_tls_context_once(mock, tiny_hf_dir, monkeypatch):
+    """Control calls and generate make an HTTP client each; the CA bundle behind their TLS context is loaded
+    once per pool (each load cost ~17 ms of the trainer's CPU, several times per weight push)."""
+    made = []
+    create = httpx.create_ssl_context
+    monkeypatch.setattr(httpx, "create_ssl_context", lambda *a, **k: made.append(1) or create(*a, **k))
+    engine = make_engine(mock[:1], tiny_hf_dir)
+    engine.pause_generation()
+    engine.continue_generation()
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))
+    assert len(made) == 1
+
+
 def test_memory_release_is_skipped_on_cpu(mock, tiny_hf_dir):
     engine = make_engine(mock[:1], tiny_hf_dir)
     engine.release_memory()

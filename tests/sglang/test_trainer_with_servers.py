@@ -46,6 +46,37 @@ def test_trainer_rolls_out_on_servers_and_pushes_each_update(mode, mock, tiny_hf
     assert steps[0]["train/grad_norm"] > 0
 
 
+def test_background_rollouts_probe_each_push_after_giving_the_engine_back(mock, tiny_hf_dir, tmp_path, dist_world1):
+    """rollout.mode async: the post-sync probe still checks every push, but once the push has let go of the
+    engine (no hold on it), so the rollout thread can generate while the probe's reference forward runs."""
+    from grpo_megatron.rollout.tasks import make_task_dataset
+
+    cfg = load_config(None, {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"hf_path": str(tiny_hf_dir("qwen3_moe"))},
+        "data": {"train_files": [str(make_task_dataset("first_digit", 64, 0, tmp_path / "train.jsonl"))]},
+        "rollout": {"engine": "sglang", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 3,
+                    "mode": "async", "sglang": {"urls": mock[:1], "weight_sync": "tensor", "probe_tolerance": 1e-4}},
+        "reward": {"functions": [{"name": "tests.training.test_loop:varied_reward"}]},
+        "algorithm": {"rollout_correction": {"mode": "tis"}},
+        "train": {"steps": 3, "num_minibatches": 1, "micro_batch_size": 8, "lr": 1e-3, "num_threads": 1},
+        "logging": {"progress_bar": False, "tensorboard": False},
+    })
+    trainer = Trainer(cfg)
+    probe, checks = trainer.engine.probe, []
+    check = probe.check
+
+    def recording(pool, version, complete=True):
+        checks.append((version, trainer.worker._holds))
+        return check(pool, version, complete)
+
+    probe.check = recording
+    steps = [trainer.train_step() for _ in range(3)]
+    trainer.close()
+    assert checks == [(1, 0), (2, 0), (3, 0)]  # every push probed once, none while holding the engine
+    assert all(metrics["weight_sync/probe_max_abs_diff"] < 1e-4 for metrics in steps)
+
+
 def test_router_takes_generation_and_servers_take_weights(mock, tiny_hf_dir, tmp_path):
     """With rollout.sglang.router_url, /generate goes to the router; sync and probe go to each server directly."""
     server, router = mock  # the second mock stands in for sglang-router's URL

@@ -95,6 +95,22 @@ def test_probe_reports_a_server_that_missed_the_weights(mock, tiny_hf_dir):
         probe.run(pool, new_weights(model_dir, seed=123), version=1)
 
 
+def test_a_push_may_leave_its_probe_for_later_and_the_probe_runs_once(mock, tiny_hf_dir):
+    """verify=False (background rollouts): the push ends without the probe's /generate; verify_push runs it
+    against what that push sent, once."""
+    model_dir = tiny_hf_dir("qwen3_moe")
+    pool = ServerPool(mock[:1])
+    engine = SGLangEngine(pool, make_sync("tensor", pool, model_dir), probe=ProbeCheck(model_dir, PROBE, 1e-4))
+    try:
+        engine.push_buckets(pack(new_weights(model_dir, seed=3), engine.sync.bucket_bytes), version=1, verify=False)
+        assert "probe_max_abs_diff" not in engine.last_sync and "/generate" not in request_log(mock[0])
+        engine.verify_push()
+        engine.verify_push()
+        assert engine.last_sync["probe_max_abs_diff"] < 1e-4 and request_log(mock[0]).count("/generate") == 1
+    finally:
+        engine.shutdown()
+
+
 def test_reused_buffers_alternate_two_cpu_buffers_and_grow():
     made = []
 

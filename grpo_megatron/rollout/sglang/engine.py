@@ -62,6 +62,7 @@ class SGLangEngine(RolloutEngine):
         self.generate_pool = generate_pool or pool
         self.routed_shape, self.probe, self.gpu_servers = routed_shape, probe, gpu_servers
         self.last_sync: dict[str, float] = {}
+        self._unverified: tuple[int, bool] | None = None  # (version, complete) of a push the probe has not checked
         self._open = threading.Event()  # partial rollouts: cleared while a push pauses generation
         self._open.set()
         self._running = 0  # partial-rollout requests posted and not yet answered
@@ -169,8 +170,10 @@ class SGLangEngine(RolloutEngine):
         """Push full tensors held in this process (packed into buckets here); see push_buckets."""
         self.push_buckets(pack(named_tensors, self.sync.bucket_bytes, self.sync.alloc), version)
 
-    def push_buckets(self, buckets: Iterable[Bucket], version: int, complete: bool = True) -> None:
-        """Push streamed buckets to every server in the configured mode; then the probe check when configured.
+    def push_buckets(self, buckets: Iterable[Bucket], version: int, complete: bool = True,
+                     verify: bool = True) -> None:
+        """Push streamed buckets to every server in the configured mode; then the probe check when configured
+        (`verify=False`: later, by verify_push, so that a background rollout need not wait for it).
 
         With partial rollouts generation is aborted and paused on every server around the push: generations in
         flight come back with their tokens and are resumed under the new weights (see the module docstring).
@@ -193,8 +196,17 @@ class SGLangEngine(RolloutEngine):
                           "full": float(complete)}
         logger.info("weight sync v%d: %.1f MB in %.2f s (%.0f MB/s per server)%s", version, moved / 2**20, seconds,
                     self.last_sync["mb_per_s"], "" if complete else ", changed tensors only")
-        if self.probe is not None:
-            self.last_sync["probe_max_abs_diff"] = self.probe.check(self.pool, version, complete)
+        self._unverified = (version, complete)
+        if verify:
+            self.verify_push()
+
+    def verify_push(self) -> None:
+        """The post-sync probe of the last push (once; nothing without a probe). Call it before the next push:
+        it compares the servers with the tensors that push sent, and runs beside any generation."""
+        if self.probe is None or self._unverified is None:
+            return
+        (version, complete), self._unverified = self._unverified, None
+        self.last_sync["probe_max_abs_diff"] = self.probe.check(self.pool, version, complete)
 
     def serves_last_push(self) -> bool:
         """Whether every server reports the weight version of this engine's last push (/model_info): false before
