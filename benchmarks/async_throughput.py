@@ -12,8 +12,10 @@ tests/sglang_live/install_sglang.sh) pinned to --server-cores with one OMP threa
 --trainer-cores with one torch thread: the issue's set-up, with the same cores and threads in every mode. The
 columns gen s / train s / sync s are the step's mean time/generation (sync: generating the batch; the background
 modes: waiting for it), time/old_logprobs + time/train, and time/weight_sync (the push, which in one_step_off
-and async without partial rollouts first waits for the batch being generated): comparable gen and train in sync
-is where overlapping them can approach 2x.
+and async without partial rollouts first waits for the batch being generated), and rollout s, the rollout side's
+time generating and scoring per step (time/rollout_busy; sync: gen s): comparable gen and train in sync is where
+overlapping them can approach 2x. The machine's speed drifts between runs, so --repeats N runs the modes in N
+interleaved rounds and prints each figure's median.
 
     python benchmarks/async_throughput.py --steps 40 --eval-interval 5 --target 0.5
     python benchmarks/async_throughput.py --engine sglang --partial --steps 40 --eval-interval 5 --target 0.9
@@ -120,6 +122,7 @@ def run_mode(mode: str, args, work: Path, round_index: int) -> dict:
             "gen_s": sum(r.get("time/generation", 0.0) for r in steps) / len(steps),
             "train_s": sum(r.get("time/old_logprobs", 0.0) + r.get("time/train", 0.0) for r in steps) / len(steps),
             "sync_s": sum(r.get("time/weight_sync", 0.0) for r in steps) / len(steps),
+            "rollout_s": sum(r.get("time/rollout_busy", r.get("time/generation", 0.0)) for r in steps) / len(steps),
             "multi_version_tokens": sum(r.get("async/multi_version_tokens", 0) for r in steps)}
 
 
@@ -169,7 +172,7 @@ def median_result(results: list[dict]) -> dict:
 
 def print_table(results: dict[str, dict]) -> None:
     base = results.get("sync", {}).get("tokens_per_s")
-    print(f"{'mode':<15}{'tokens/s':>10}{'vs sync':>9}{'step s':>8}{'gen s':>8}{'train s':>9}{'sync s':>8}"
+    print(f"{'mode':<15}{'tokens/s':>10}{'vs sync':>9}{'step s':>8}{'gen s':>8}{'train s':>9}{'sync s':>8}{'rollout s':>10}"
           f"{'to target s':>18}{'final acc':>11}{'staleness':>11}{'trainer idle s':>16}{'multi-ver tok':>15}")
     for mode, r in results.items():
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
@@ -177,7 +180,7 @@ def print_table(results: dict[str, dict]) -> None:
         if "reached" in r:
             target += f" ({r['reached']})"
         print(f"{mode:<15}{r['tokens_per_s']:>10.0f}{ratio:>9}{r['step_s']:>8.3f}{r['gen_s']:>8.3f}"
-              f"{r['train_s']:>9.3f}{r['sync_s']:>8.3f}{target:>18}{r['final_accuracy']:>11.3f}"
+              f"{r['train_s']:>9.3f}{r['sync_s']:>8.3f}{r['rollout_s']:>10.3f}{target:>18}{r['final_accuracy']:>11.3f}"
               f"{r['staleness_mean']:>11.2f}{r['trainer_idle_s']:>16.3f}{r['multi_version_tokens']:>15.0f}", flush=True)
 
 

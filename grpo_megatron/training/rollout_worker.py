@@ -63,6 +63,7 @@ class RolloutWorker:
         self._stop = False
         self._error: BaseException | None = None
         self._rollout_idle = 0.0
+        self._rollout_busy = 0.0  # seconds generating and scoring batches since the trainer's last take
 
     # ------------------------------------------------------------------------------------ one batch
     def rollout(self, batch_index: int) -> tuple[list[Sample], dict]:
@@ -150,13 +151,16 @@ class RolloutWorker:
                     if self._stop:
                         return
                     index, self._busy = self._chunks, True
+                start = time.perf_counter()
                 with self._engine_or_nothing():
                     samples, metrics = self.rollout(index)
+                busy = time.perf_counter() - start
                 G = self.cfg.rollout.group_size
                 groups = [Group(samples[i:i + G], metrics) for i in range(0, len(samples), G)]
                 with self._state:
                     self.buffer.put(groups)
                     self._in_flight, self._chunks, self._busy = [], self._chunks + 1, False
+                    self._rollout_busy += busy
                     self._state.notify_all()
         except BaseException as error:  # handed to the trainer, which re-raises it in next_batch
             with self._state:
@@ -194,6 +198,7 @@ class RolloutWorker:
         trainer_idle = time.perf_counter() - start
         with self._state:
             depth, rollout_idle, self._rollout_idle = len(self.buffer), self._rollout_idle, 0.0
+            rollout_busy, self._rollout_busy = self._rollout_busy, 0.0
         samples = []
         for number, group in enumerate(groups):
             for s in group.samples:
@@ -202,7 +207,7 @@ class RolloutWorker:
         metrics = _weighted_mean([g.chunk_metrics for g in groups])
         metrics.update(staleness_metrics(groups, version, depth))
         metrics.update({"async/stale_groups": stale, "time/trainer_idle": trainer_idle,
-                        "time/rollout_idle": rollout_idle})
+                        "time/rollout_idle": rollout_idle, "time/rollout_busy": rollout_busy})
         return samples, metrics
 
     @contextlib.contextmanager

@@ -131,7 +131,9 @@ def test_async_partial_rollouts_train_within_max_staleness(mock, tiny_hf_dir, tm
     """rollout.mode async + partial_rollouts on the servers: each push pauses them, generations in flight go on
     under the new weights, and the trainer trains the multi-version samples with R3 and the rollout correction.
     A push lands a train step after the next batch started (the rollout thread starts it as soon as the trainer
-    takes a batch), so the mock decodes at a pace that lets a few tokens come out before it and many after."""
+    takes a batch), so the mock decodes at a pace that lets a few tokens come out before it and many after:
+    16 tokens at 0.1 s each, so a push lands inside batch 1 or 2 unless a train step takes over 3 s (at 0.05 s
+    per token a step slowed past 1.6 s by a loaded machine once let every batch finish first)."""
     from grpo_megatron.rollout.tasks import make_task_dataset
 
     cfg = load_config(None, {
@@ -147,7 +149,7 @@ def test_async_partial_rollouts_train_within_max_staleness(mock, tiny_hf_dir, tm
         "logging": {"progress_bar": False, "tensorboard": False},
     })
     for url in mock:
-        set_token_delay(url, 0.05)
+        set_token_delay(url, 0.1)
     trainer = Trainer(cfg)
     history = trainer.train()
     trainer.close()

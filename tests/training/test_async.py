@@ -36,6 +36,8 @@ def test_one_step_off_trains_batch_t_generated_with_weights_t_minus_1(make_confi
     assert [m["async/staleness_max"] for m in history] == [0.0, 1.0, 1.0]
     for m in history:
         assert m["time/trainer_idle"] >= 0 and m["time/rollout_idle"] >= 0 and m["async/buffer_groups"] >= 0
+        assert m["time/rollout_busy"] >= 0
+    assert sum(m["time/rollout_busy"] for m in history) > 0  # the three batches' generation, however it split
 
 
 def test_one_step_off_is_reproducible(make_config, tmp_path, dist_world1):

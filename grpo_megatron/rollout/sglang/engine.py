@@ -12,6 +12,12 @@ so a row comes from the segment that sampled that token, never from a later segm
 tokens (which ran under newer weights than the token's): a resumed request asks for routed_experts_start_len =
 len(prompt) + kept - 1 and returns exactly the rows of the tokens it samples. Prompt rows come from the first
 segment that sampled a token, so they carry the version of the first response token, as with the embedded engine.
+
+Why not SGLang 0.5.23's own pause modes, which keep requests on the server and report per-token
+`meta_info.weight_versions`: "in_place" keeps running requests' KV cache from the old weights and makes the
+update's cache flush fail while they run (so cached prefixes would serve new requests stale KV); "retract"
+re-prefills the kept tokens under the new weights and collects `routed_experts` from that re-prefill
+(Req.reset_for_retract drops the rows), which breaks the replay rule above.
 """
 from __future__ import annotations
 
