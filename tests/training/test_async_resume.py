@@ -52,13 +52,16 @@ def trained_steps(run_dir) -> int:
 
 
 @pytest.mark.slow  # 2-3 runs of a trainer process per mode, ~2-6 min each on 2 shared cores
-@pytest.mark.parametrize("mode", ["sync", "one_step_off", "async"])
+@pytest.mark.parametrize("mode", ["sync", "one_step_off", "async", "async+partial"])
 def test_sigkill_and_resume_train_every_draw_exactly_once(mode, make_config, tmp_path):
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
+    partial = mode == "async+partial"  # pushes land mid-generation: a kill can cut a multi-version sample
+    mode = "async" if partial else mode
     overrides = dict(train={"steps": STEPS, "num_minibatches": 1}, checkpoint={"save_interval": 1, "keep_last": 2},
-                     rollout={"prompts_per_step": PROMPTS, "mode": mode, "max_staleness": 2},
+                     rollout={"prompts_per_step": PROMPTS, "mode": mode, "max_staleness": 2,
+                              "partial_rollouts": partial},
                      reward={"functions": [{"name": "tests.training.test_loop:varied_reward"}]},
                      algorithm={"rollout_correction": {"mode": "tis"}}, eval={"num_prompts": 2})
     cfg = make_config(run_dir=str(tmp_path / "run"), **overrides)
