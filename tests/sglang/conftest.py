@@ -54,7 +54,12 @@ def mock_servers(model_dir, count: int, tp_size: int = 1) -> Iterator[tuple[list
     finally:
         for proc in procs:
             proc.terminate()
-            proc.wait(10)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:  # a loaded machine once kept one past 10 s at the session's end
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture(scope="session")
