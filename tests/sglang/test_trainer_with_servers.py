@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from grpo_megatron.config import load_config
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.loop import Trainer
-from tests.sglang.conftest import request_log, set_token_delay
+from tests.sglang.conftest import request_log, running_requests, set_token_delay
 from tests.sglang.test_weight_sync import new_weights
 
 
@@ -130,10 +131,9 @@ def test_colocated_gpu_servers_free_their_memory_while_the_trainer_trains(mock, 
 def test_async_partial_rollouts_train_within_max_staleness(mock, tiny_hf_dir, tmp_path, dist_world1):
     """rollout.mode async + partial_rollouts on the servers: each push pauses them, generations in flight go on
     under the new weights, and the trainer trains the multi-version samples with R3 and the rollout correction.
-    A push lands a train step after the next batch started (the rollout thread starts it as soon as the trainer
-    takes a batch), so the mock decodes at a pace that lets a few tokens come out before it and many after:
-    16 tokens at 0.1 s each, so a push lands inside batch 1 or 2 unless a train step takes over 3 s (at 0.05 s
-    per token a step slowed past 1.6 s by a loaded machine once let every batch finish first)."""
+    The mock decodes 16 tokens at 0.1 s each, and each push waits until requests run on a server and have had
+    time for a few tokens, so that it lands mid-generation whatever the speed of the train step (left to timing,
+    a fast step pushed before the first token and a slow one after the last)."""
     from grpo_megatron.rollout.tasks import make_task_dataset
 
     cfg = load_config(None, {
@@ -148,9 +148,20 @@ def test_async_partial_rollouts_train_within_max_staleness(mock, tiny_hf_dir, tm
         "train": {"steps": 3, "num_minibatches": 1, "micro_batch_size": 8, "lr": 1e-3, "num_threads": 1},
         "logging": {"progress_bar": False, "tensorboard": False},
     })
+    delay = 0.1
     for url in mock:
-        set_token_delay(url, 0.1)
+        set_token_delay(url, delay)
     trainer = Trainer(cfg)
+    push = trainer.sync_weights
+
+    def push_mid_generation(verify: bool = True):
+        deadline = time.monotonic() + 10
+        while not any(running_requests(url) for url in mock) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(3 * delay)  # a few tokens out, most of the 16 still to come
+        push(verify)
+
+    trainer.sync_weights = push_mid_generation
     history = trainer.train()
     trainer.close()
     assert len(history) == 3 and all(math.isfinite(m["train/pg_loss"]) for m in history)
