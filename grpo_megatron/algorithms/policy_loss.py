@@ -1,24 +1,31 @@
-"""Clipped policy-gradient losses: GRPO (token ratio), GSPO (sequence ratio), GSPO-token.
+"""Policy losses: the registry protocol, `compute_policy_loss`, and the PPO-clipped family (GRPO token
+ratio, GSPO sequence ratio, GSPO-token).
 
-All variants share one PPO clipped surrogate and return a per-token loss `[B, T]`; `loss_agg`
-(see aggregation.py) then reduces it. Sequence-level variants repeat their per-sequence loss on
-every response token, so `seq_mean_token_mean` gives GSPO's `1/G sum_i` exactly.
+Every variant returns a per-token loss `[B, T]`; `loss_agg` (see aggregation.py) then reduces it.
+Sequence-level variants repeat their per-sequence loss on every response token, so
+`seq_mean_token_mean` gives GSPO's `1/G sum_i` exactly. The other families register in
+is_weighted.py (CISPO, SAPO, DPPO), gmpo.py and covariance.py (Clip-Cov, KL-Cov).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Callable
 
 import torch
 
 from grpo_megatron.algorithms.aggregation import aggregate_loss
 from grpo_megatron.algorithms.kl import MAX_LOG_RATIO, estimate_kl
+from grpo_megatron.algorithms.loss_params import LossParams
 from grpo_megatron.algorithms.registry import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from grpo_megatron.algorithms.token_selection import select_tokens
 
 DAPO_CLIP = (0.2, 0.28)
 """DAPO clip-higher (eps_low, eps_high) for token ratios: [0.8, 1.28]."""
 GSPO_PAPER_CLIP = (3e-4, 4e-4)
 """GSPO paper's (eps_low, eps_high): sequence ratios are geometric means, so far tighter bounds."""
+PPO_CLIP = (0.2, 0.2)
+"""PPO / GRPO paper's symmetric clip."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,51 @@ class Surrogate:
     clipped_dual: torch.Tensor
     ratio: torch.Tensor
     ratio_mask: torch.Tensor
+    extra_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A registered loss: `surrogate(logprobs, old_logprobs, advantages, mask, clip, params, selection)`.
+
+    default_clip: the (low, high) its paper uses where the config leaves them unset; None for losses
+    without a clip range. dual_clip: whether dual_clip_c applies. needs_selection: the loss singles out
+    tokens over the whole global batch (`select_tokens` in covariance.py), computed once per mini-batch.
+    """
+
+    surrogate: Callable[..., Surrogate]
+    default_clip: tuple[float, float] | None
+    dual_clip: bool = False
+    needs_selection: bool = False
+
+
+def register_policy_loss(name: str, default_clip: tuple[float, float] | None, **flags: bool) -> Callable:
+    """Decorator: register a surrogate under `name` in POLICY_LOSSES; the function itself is returned."""
+    def add(surrogate: Callable[..., Surrogate]) -> Callable[..., Surrogate]:
+        POLICY_LOSSES.add(name, PolicyLoss(surrogate, default_clip, **flags))
+        return surrogate
+    return add
+
+
+def resolve_clip(variant: str, clip_low: float | None, clip_high: float | None,
+                 dual_clip_c: float | None) -> ClipRange | None:
+    """The clip range of `variant`: the given bounds, the paper's where unset, None without a clip range."""
+    loss = POLICY_LOSSES.get(variant)
+    if dual_clip_c is not None and not loss.dual_clip:
+        raise ValueError(f"dual_clip_c acts only with the PPO-clipped losses "
+                         f"({', '.join(n for n in POLICY_LOSSES.names() if POLICY_LOSSES.get(n).dual_clip)}), "
+                         f"not {variant!r}; remove it")
+    if loss.default_clip is None:
+        if clip_low is not None or clip_high is not None:
+            raise ValueError(f"policy loss {variant!r} has no clip range; remove clip_low / clip_high")
+        return None
+    low = loss.default_clip[0] if clip_low is None else clip_low
+    high = loss.default_clip[1] if clip_high is None else clip_high
+    if low < 0 or high < 0:
+        raise ValueError(f"clip_low and clip_high must be >= 0, got {low} and {high}")
+    if dual_clip_c is not None and dual_clip_c <= 1:
+        raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+    return ClipRange(low, high, dual_clip_c)
 
 
 def clipped_surrogate(
@@ -88,9 +140,15 @@ def _bounded_exp(log_ratio: torch.Tensor) -> torch.Tensor:
     return log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
 
 
-@POLICY_LOSSES.register("grpo")
+def token_advantages(advantages: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` advantages as they are, `[B]` ones as a `[B, 1]` column that broadcasts over tokens."""
+    return advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)
+
+
+@register_policy_loss("grpo", PPO_CLIP, dual_clip=True)
 def grpo_surrogate(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, clip: ClipRange
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, clip: ClipRange,
+    params: LossParams, selection: torch.Tensor | None,
 ) -> Surrogate:
     """GRPO / DAPO: per-token ratio, clipped per token.
 
@@ -102,9 +160,10 @@ def grpo_surrogate(
     return Surrogate(loss, low, high, dual, ratio.detach(), response_mask)
 
 
-@POLICY_LOSSES.register("gspo")
+@register_policy_loss("gspo", GSPO_PAPER_CLIP, dual_clip=True)
 def gspo_surrogate(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, clip: ClipRange
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, clip: ClipRange,
+    params: LossParams, selection: torch.Tensor | None,
 ) -> Surrogate:
     """GSPO: one ratio per sequence, clipped per sequence; needs per-sequence advantages `[B]`.
 
@@ -121,9 +180,10 @@ def gspo_surrogate(
     return Surrogate(*per_token, ratio.detach(), response_mask.any(-1))
 
 
-@POLICY_LOSSES.register("gspo_token")
+@register_policy_loss("gspo_token", GSPO_PAPER_CLIP, dual_clip=True)
 def gspo_token_surrogate(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, clip: ClipRange
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, clip: ClipRange,
+    params: LossParams, selection: torch.Tensor | None,
 ) -> Surrogate:
     """GSPO-token: per-token advantages A_it, sequence-level ratio and clipping.
 
@@ -147,21 +207,18 @@ def _check_inputs(
     response_mask: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
     entropy: torch.Tensor | None,
-    clip: ClipRange,
+    selection: torch.Tensor | None,
     kl_coef: float,
 ) -> None:
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
-    named = {"old_logprobs": old_logprobs, "response_mask": response_mask, "ref_logprobs": ref_logprobs, "entropy": entropy}
+    named = {"old_logprobs": old_logprobs, "response_mask": response_mask, "ref_logprobs": ref_logprobs, "entropy": entropy,
+             "token_selection": selection}
     for name, tensor in named.items():
         if tensor is not None and tensor.shape != logprobs.shape:
             raise ValueError(f"{name} must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(tensor.shape)}")
     if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
         raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}")
-    if clip.low < 0 or clip.high < 0:
-        raise ValueError(f"clip_low and clip_high must be >= 0, got {clip.low} and {clip.high}")
-    if clip.dual_c is not None and clip.dual_c <= 1:
-        raise ValueError(f"dual_clip_c must be > 1, got {clip.dual_c}")
     if kl_coef != 0 and ref_logprobs is None:
         raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs")
 
@@ -211,9 +268,9 @@ def compute_policy_loss(
     response_mask: torch.Tensor,
     *,
     variant: str,
-    clip_low: float,
-    clip_high: float,
     loss_agg: str,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
@@ -222,13 +279,19 @@ def compute_policy_loss(
     normalizer: float | torch.Tensor | None = None,
     max_response_length: int | None = None,
     is_weights: torch.Tensor | None = None,
+    params: LossParams | None = None,
+    token_selection: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy loss `pg_loss + kl_coef * kl_loss` and detached metrics.
 
     logprobs, old_logprobs, ref_logprobs, response_mask, entropy: `[B, T]` (log-probs of the sampled
     tokens; mask 1 on response tokens; padding values are ignored, whatever they are).
-    advantages: `[B]` per sequence or `[B, T]` per token (grpo, gspo_token).
-    variant: a name in POLICY_LOSSES (grpo, gspo, gspo_token).
+    advantages: `[B]` per sequence or `[B, T]` per token (not gspo, gmpo).
+    variant: a name in POLICY_LOSSES; clip_low / clip_high default to its paper's (None: unset), and a
+    loss without a clip range (sapo, kl_cov) refuses them. params: the hyperparameters of single losses
+    (LossParams: the papers' defaults when None).
+    token_selection: `[B, T]` tokens singled out by a covariance loss (clip_cov, kl_cov) over the global
+    batch (`select_tokens`); without it they are selected from this batch alone, with its own log-probs.
     loss_agg: a name in LOSS_AGGREGATIONS; `normalizer` replaces the batch's own count (total
     response tokens / number of sequences / number of sequences * max_response_length), so that
     micro-batches of a global batch add up to the global loss (see `loss_normalizer`).
@@ -243,18 +306,24 @@ def compute_policy_loss(
     KL(pi_old || pi)), pg_loss, kl_loss (unscaled), kl_ref (when ref_logprobs given), entropy
     (when given).
     """
-    surrogate_fn = POLICY_LOSSES.get(variant)
+    loss_spec = POLICY_LOSSES.get(variant)
     LOSS_AGGREGATIONS.get(loss_agg)  # unknown names fail here, even where they would go unused
     KL_ESTIMATORS.get(kl_estimator)
-    clip = ClipRange(clip_low, clip_high, dual_clip_c)
-    _check_inputs(logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, clip, kl_coef)
+    clip = resolve_clip(variant, clip_low, clip_high, dual_clip_c)
+    params = LossParams() if params is None else params
+    params.check()
+    _check_inputs(logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, token_selection, kl_coef)
 
     # Zero every input on padding, so that whatever sits there (even NaN) reaches neither loss nor gradient.
     mask = response_mask.bool()
     logprobs = logprobs.masked_fill(~mask, 0.0)
     old_logprobs = old_logprobs.masked_fill(~mask, 0.0)
     advantages = advantages.masked_fill(~(mask if advantages.dim() == 2 else mask.any(-1)), 0.0)
-    surrogate = surrogate_fn(logprobs, old_logprobs, advantages, mask, clip)
+    if token_selection is not None:
+        token_selection = token_selection.bool() & mask
+    elif loss_spec.needs_selection:
+        token_selection = select_tokens(variant, logprobs.detach(), advantages, mask, params)
+    surrogate = loss_spec.surrogate(logprobs, old_logprobs, advantages, mask, clip, params, token_selection)
     aggregate = partial(aggregate_loss, response_mask=mask, loss_agg=loss_agg, normalizer=normalizer,
                         max_response_length=max_response_length)
     token_loss = surrogate.token_loss
@@ -266,6 +335,7 @@ def compute_policy_loss(
     pg_loss = aggregate(token_loss)
 
     metrics = _metrics(surrogate, logprobs, old_logprobs, mask, entropy)
+    metrics.update(surrogate.extra_metrics)
     metrics["pg_loss"] = pg_loss.detach()
     loss = pg_loss
     kl_loss = torch.zeros_like(pg_loss)
