@@ -67,8 +67,10 @@ def sapo_surrogate(
 
 def _binary_kl(old_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
     """KL(Bern(q) || Bern(p)) with q = pi_old(y), p = pi(y): the KL of the two policies with every token
-    but the sampled one lumped together (0 log 0 = 0; p = 1 > q gives inf)."""
-    q, p = old_logprobs.exp(), logprobs.exp()
+    but the sampled one lumped together (0 log 0 = 0; p = 1 > q gives inf). Log-probs are clamped to
+    <= 0 first: rounding can put one a hair above 0, where 1 - p < 0 has no logarithm."""
+    old_logprobs, logprobs = old_logprobs.clamp(max=0.0), logprobs.clamp(max=0.0)
+    q = old_logprobs.exp()
     rest_q, rest_p = -torch.expm1(old_logprobs), -torch.expm1(logprobs)
     return q * (old_logprobs - logprobs) + torch.xlogy(rest_q, rest_q) - torch.xlogy(rest_q, rest_p)
 

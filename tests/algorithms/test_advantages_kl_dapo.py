@@ -89,7 +89,8 @@ def test_overlong_filter_masks_truncated_rows():
 
 
 def test_registries_list_builtins():
-    assert POLICY_LOSSES.names() == ("grpo", "gspo", "gspo_token")
+    assert POLICY_LOSSES.names() == ("cispo", "clip_cov", "dppo_kl", "dppo_tv", "gmpo", "grpo", "gspo", "gspo_token",
+                                     "kl_cov", "sapo")
     assert ADVANTAGE_ESTIMATORS.names() == ("dr_grpo", "grpo")
     assert KL_ESTIMATORS.names() == ("k1", "k2", "k3")
     assert LOSS_AGGREGATIONS.names() == ("seq_mean_token_mean", "seq_mean_token_sum_norm", "token_mean")

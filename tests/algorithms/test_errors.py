@@ -8,6 +8,7 @@ import torch
 
 from grpo_megatron.algorithms import (
     POLICY_LOSSES,
+    LossParams,
     aggregate_loss,
     compute_group_advantages,
     compute_policy_loss,
@@ -16,6 +17,7 @@ from grpo_megatron.algorithms import (
     loss_normalizer,
     overlong_filter_mask,
     overlong_reward_penalty,
+    select_tokens,
     token_logprobs_and_entropy,
 )
 from grpo_megatron.algorithms.advantages import grpo_advantages
@@ -34,7 +36,7 @@ def policy_loss(**overrides):
 
 
 CASES = {
-    "unknown policy loss": (policy_loss(variant="gpso"), "unknown policy loss 'gpso'; known: grpo, gspo, gspo_token"),
+    "unknown policy loss": (policy_loss(variant="gpso"), "unknown policy loss 'gpso'; known: cispo, clip_cov, dppo_kl, dppo_tv, gmpo, grpo, gspo, gspo_token, kl_cov, sapo"),
     "unknown loss aggregation": (
         policy_loss(loss_agg="mean"),
         "unknown loss aggregation 'mean'; known: seq_mean_token_mean, seq_mean_token_sum_norm, token_mean",
@@ -63,6 +65,32 @@ CASES = {
     "negative clip": (policy_loss(clip_low=-0.1), "clip_low and clip_high must be >= 0, got -0.1 and 0.2"),
     "dual clip <= 1": (policy_loss(dual_clip_c=1.0), "dual_clip_c must be > 1, got 1.0"),
     "kl without reference": (policy_loss(kl_coef=0.1), "kl_coef=0.1 needs ref_logprobs"),
+    "clip for a loss without clip range": (
+        policy_loss(variant="sapo"), "policy loss 'sapo' has no clip range; remove clip_low / clip_high"),
+    "clip_high alone for kl_cov": (
+        policy_loss(variant="kl_cov", clip_low=None), "policy loss 'kl_cov' has no clip range; remove clip_low / clip_high"),
+    "dual clip with a non-PPO loss": (
+        policy_loss(variant="cispo", dual_clip_c=3.0),
+        "dual_clip_c acts only with the PPO-clipped losses (clip_cov, grpo, gspo, gspo_token), not 'cispo'; remove it"),
+    "negative default-completed clip": (
+        policy_loss(variant="gmpo", clip_low=None, clip_high=-1.0), "clip_low and clip_high must be >= 0, got 0.4 and -1.0"),
+    "gmpo with per-token advantages": (
+        policy_loss(variant="gmpo", clip_low=None, clip_high=None, advantages=torch.zeros(B, T)),
+        "policy loss 'gmpo' needs per-sequence advantages [B], got shape (2, 3)"),
+    "token selection shape": (
+        policy_loss(variant="kl_cov", clip_low=None, clip_high=None, token_selection=torch.zeros(B)),
+        "token_selection must have the shape of logprobs (2, 3), got (2,)"),
+    "sapo tau": (policy_loss(variant="sapo", clip_low=None, clip_high=None, params=LossParams(sapo_tau_neg=0.0)),
+                 "sapo_tau_pos and sapo_tau_neg must be > 0 (paper: 1.0 and 1.05), got 1.0 and 0.0"),
+    "cov ratio": (lambda: LossParams(kl_cov_ratio=1.5).check(),
+                  "kl_cov_ratio must be in (0, 1] (a fraction of the batch's tokens, e.g. 2e-4), got 1.5"),
+    "clip_cov ratio zero": (lambda: LossParams(clip_cov_ratio=0.0).check(),
+                            "clip_cov_ratio must be in (0, 1] (a fraction of the batch's tokens, e.g. 2e-4), got 0.0"),
+    "clip_cov band": (lambda: LossParams(clip_cov_lb=5.0).check(),
+                      "clip_cov_lb must be below clip_cov_ub (paper: 1 and 5), got 5.0 and 5.0"),
+    "kl_cov coef": (lambda: LossParams(kl_cov_coef=-0.1).check(), "kl_cov_coef must be >= 0 (paper: 1), got -0.1"),
+    "selection for another loss": (lambda: select_tokens("grpo", LOGP, ADV, MASK, LossParams()),
+                                   "policy loss 'grpo' selects no tokens; use clip_cov or kl_cov"),
     "gspo with per-token advantages": (
         policy_loss(variant="gspo", advantages=torch.zeros(B, T)),
         "policy loss 'gspo' needs per-sequence advantages [B], got shape (2, 3); use 'gspo_token' for per-token advantages",

@@ -5,7 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpo_megatron.algorithms import compute_group_advantages, compute_policy_loss, loss_normalizer
+from grpo_megatron.algorithms import (
+    POLICY_LOSSES,
+    LossParams,
+    compute_group_advantages,
+    compute_policy_loss,
+    loss_normalizer,
+    select_tokens,
+)
 
 LOSS_AGGS = st.sampled_from(["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
 MAX_LEN = 16
@@ -81,6 +88,44 @@ def test_micro_batches_with_global_normalizer_add_up(batch, loss_agg, variant, n
         grads.append(grad)
     torch.testing.assert_close(sum(losses), full_loss)
     torch.testing.assert_close(torch.cat(grads), full_grad)
+
+
+SPLIT_PARAMS = LossParams(clip_cov_ratio=0.3, clip_cov_lb=0.0, kl_cov_ratio=0.3)
+"""Selections of several tokens per batch, so that a split that changed them would show."""
+
+
+@given(batches(), LOSS_AGGS, st.sampled_from(POLICY_LOSSES.names()), st.integers(1, 3), st.integers(1, 3),
+       st.integers(0, 2**31 - 1), st.booleans())
+def test_any_split_over_ranks_and_micro_batches_gives_the_global_gradient(
+        batch, loss_agg, variant, ranks, micro_per_rank, seed, with_kl):
+    """The trainer's recipe for every loss: the normaliser and (clip_cov, kl_cov) the token selection are
+    computed once over the global batch, from the old log-probs, and handed to every micro-batch; rows are
+    then dealt to data-parallel ranks and micro-batches in any way. The summed losses and the gradients
+    (DP all-reduce: a sum) are those of the whole batch."""
+    logp, old, adv, mask = batch
+    logp, old = logp.clamp(max=0.0), old.clamp(max=0.0)  # log-probs, as DPPO reads them
+    ref = old.flip(-1)
+    common = dict(variant=variant, loss_agg=loss_agg, kl_coef=0.1 if with_kl else 0.0, params=SPLIT_PARAMS)
+    selection = None
+    if POLICY_LOSSES.get(variant).needs_selection:
+        selection = select_tokens(variant, old, adv, mask, SPLIT_PARAMS, torch.Generator().manual_seed(seed))
+    full_loss, full_grad = loss_and_grad(logp, old, adv, mask, ref_logprobs=ref, token_selection=selection, **common)
+    normalizer = loss_normalizer(mask, loss_agg, MAX_LEN)
+    if normalizer == 0:
+        return  # an all-padding global batch has no loss to split
+    groups = torch.randint(0, ranks * micro_per_rank, (logp.shape[0],), generator=torch.Generator().manual_seed(seed))
+    total, grad = torch.zeros(()), torch.zeros_like(logp)
+    for group in range(ranks * micro_per_rank):
+        rows = (groups == group).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            continue
+        part = None if selection is None else selection[rows]
+        loss, part_grad = loss_and_grad(logp[rows], old[rows], adv[rows], mask[rows], ref_logprobs=ref[rows],
+                                        token_selection=part, normalizer=normalizer, **common)
+        total = total + loss
+        grad[rows] = part_grad
+    torch.testing.assert_close(total, full_loss.to(total.dtype))
+    torch.testing.assert_close(grad, full_grad)
 
 
 @given(batches(), LOSS_AGGS, st.sampled_from(["grpo", "gspo", "gspo_token"]), st.integers(1, 3), st.integers(0, 2))
