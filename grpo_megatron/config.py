@@ -142,11 +142,26 @@ class RolloutCorrectionConfig:
 
 
 @dataclass
+class LossParamsConfig:
+    """Hyperparameters of single losses (algorithms/loss_params.py, the papers' defaults); each acts only
+    with its loss."""
+
+    sapo_tau_pos: float = 1.0  # sapo: gate temperature for A > 0
+    sapo_tau_neg: float = 1.05  # sapo: for A <= 0
+    clip_cov_ratio: float = 2e-4  # clip_cov: fraction of the batch's tokens detached
+    clip_cov_lb: float = 1.0  # clip_cov: drawn among tokens with lb < Cov < ub
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-4  # kl_cov: fraction of tokens (largest Cov) penalised
+    kl_cov_coef: float = 1.0  # kl_cov: beta of beta |log r|
+
+
+@dataclass
 class AlgorithmConfig:
-    loss: str = "gspo"  # grpo | gspo | gspo_token
-    clip_low: float = 3e-4  # GSPO paper defaults; use 0.2 / 0.28 for GRPO/DAPO
-    clip_high: float = 4e-4
+    loss: str = "gspo"  # grpo gspo gspo_token cispo sapo gmpo clip_cov kl_cov dppo_tv dppo_kl (README loss table)
+    clip_low: float | None = None  # None: the loss's paper default (gspo 3e-4 / 4e-4, grpo 0.2 / 0.2; DAPO 0.2 / 0.28)
+    clip_high: float | None = None
     dual_clip_c: float | None = None
+    loss_params: LossParamsConfig = field(default_factory=LossParamsConfig)
     loss_agg: str = "seq_mean_token_mean"
     advantage: str = "grpo"  # grpo | dr_grpo
     kl_coef: float = 0.0
@@ -231,6 +246,7 @@ class RunConfig:
             raise ConfigError(f"rollout.engine={self.rollout.engine!r}: use 'embedded' or 'sglang'")
         if self.algorithm.routing_replay not in ("none", "r2", "r3"):
             raise ConfigError(f"algorithm.routing_replay={self.algorithm.routing_replay!r}: use none, r2 or r3")
+        self._validate_loss()
         self._validate_rollout_correction()
         self._validate_rollout_mode()
         self._validate_rollout_function()
@@ -289,6 +305,19 @@ class RunConfig:
         if r.mode != "sync" and self.algorithm.rollout_correction.mode == "none" and not r.use_engine_logprobs:
             raise ConfigError(f"rollout.mode={r.mode} trains on samples of older weights: set algorithm."
                               "rollout_correction.mode (e.g. tis) or rollout.use_engine_logprobs true")
+
+    def _validate_loss(self) -> None:
+        from grpo_megatron.algorithms import POLICY_LOSSES, LossParams, resolve_clip
+
+        alg = self.algorithm
+        if alg.loss not in POLICY_LOSSES:
+            raise ConfigError(f"algorithm.loss={alg.loss!r}: use {', '.join(POLICY_LOSSES.names())}")
+        for where, check in (("algorithm", lambda: resolve_clip(alg.loss, alg.clip_low, alg.clip_high, alg.dual_clip_c)),
+                             ("algorithm.loss_params", lambda: LossParams(**dataclasses.asdict(alg.loss_params)).check())):
+            try:
+                check()
+            except ValueError as err:
+                raise ConfigError(f"{where}: {err}") from None
 
     def _validate_rollout_correction(self) -> None:
         from grpo_megatron.algorithms import ROLLOUT_CORRECTIONS, ROLLOUT_IS_LEVELS

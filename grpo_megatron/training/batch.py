@@ -35,6 +35,7 @@ class Sample:
     old_logprobs: torch.Tensor | None = None  # [R]
     ref_logprobs: torch.Tensor | None = None  # [R]
     rollout_weights: torch.Tensor | None = None  # [R] mismatch-correction weights, 0 = dropped from the loss
+    loss_selection: torch.Tensor | None = None  # [R] 1 where a covariance loss (clip_cov, kl_cov) singles out the token
 
     @property
     def length(self) -> int:
@@ -53,6 +54,7 @@ class MicroBatch:
     ref_logprobs: torch.Tensor | None = None  # [b, s]
     engine_logprobs: torch.Tensor | None = None  # [b, s]
     rollout_weights: torch.Tensor | None = None  # [b, s]
+    loss_selection: torch.Tensor | None = None  # [b, s]
     loss_mask: torch.Tensor | None = None  # [b, s]: 0 at inserted (tool) tokens; None when every sample is all 1
 
     @property
@@ -106,6 +108,7 @@ def make_micro_batch(samples: list[Sample], indices: list[int], pad_id: int, pad
         ref_logprobs=_aligned(chosen, [s.ref_logprobs for s in chosen], width),
         engine_logprobs=_aligned(chosen, [s.engine_logprobs for s in chosen], width),
         rollout_weights=_aligned(chosen, [s.rollout_weights for s in chosen], width),
+        loss_selection=_aligned(chosen, [s.loss_selection for s in chosen], width),
         loss_mask=None if all(s.loss_mask is None for s in chosen) else _aligned(
             chosen, [s.loss_mask if s.loss_mask is not None else [1] * len(s.response_ids) for s in chosen], width),
     )

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from grpo_megatron.algorithms import (
-    ADVANTAGE_ESTIMATORS, MAX_LOG_RATIO, adaptive_truncation_bound, compute_policy_loss, compute_rollout_correction,
-    loss_normalizer, overlong_reward_penalty, pass_at_k)
+    ADVANTAGE_ESTIMATORS, MAX_LOG_RATIO, POLICY_LOSSES, LossParams, adaptive_truncation_bound, compute_policy_loss,
+    compute_rollout_correction, loss_normalizer, overlong_reward_penalty, pass_at_k, select_tokens)
 from grpo_megatron.algorithms.rollout_correction import unit_values
 from grpo_megatron.config import RunConfig, save_config, to_dict
 from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, model_dims
@@ -268,7 +268,8 @@ class Trainer:
                 clip_low=alg.clip_low, clip_high=alg.clip_high, loss_agg=alg.loss_agg,
                 ref_logprobs=mb.ref_logprobs, kl_coef=alg.kl_coef, kl_estimator=alg.kl_estimator,
                 dual_clip_c=alg.dual_clip_c, entropy=entropy, normalizer=normalizer, max_response_length=max_len,
-                is_weights=mb.rollout_weights)
+                is_weights=mb.rollout_weights, params=LossParams(**dataclasses.asdict(alg.loss_params)),
+                token_selection=mb.loss_selection)
             if first_minibatch and mb.engine_logprobs is not None:
                 metrics.update(train_rollout_mismatch(logprobs.detach(), mb.engine_logprobs, mb.response_mask))
             return loss, metrics
@@ -309,6 +310,8 @@ class Trainer:
             for m, indices in enumerate(self._minibatches(len(samples))):
                 whole = make_micro_batch(samples, indices, self.pad_id)
                 normalizer = loss_normalizer(self._loss_mask(samples, whole), alg.loss_agg, cfg.rollout.max_new_tokens)
+                if POLICY_LOSSES.get(alg.loss).needs_selection:
+                    self._select_tokens(samples, whole, m)
                 micro = self._micro_batches(samples, indices)
                 for mb in micro:
                     mb.response_mask = self._loss_mask(samples, mb)
@@ -320,6 +323,17 @@ class Trainer:
         if self.routing:
             metrics.update(self.routing.end_step())
         return {("train/" + k if "/" not in k else k): v for k, v in metrics.items()}
+
+    def _select_tokens(self, samples: list[Sample], whole, minibatch: int) -> None:
+        """clip_cov / kl_cov: the tokens their loss singles out, over the whole mini-batch (its covariance
+        spans every micro-batch and data-parallel rank), from the old log-probs, with a draw seeded by (seed,
+        step, mini-batch) so that every rank selects the same; each sample keeps its share."""
+        alg = self.cfg.algorithm
+        seed = (self.cfg.train.seed * 1_000_003 + self.step) * 1009 + minibatch
+        selected = select_tokens(alg.loss, whole.old_logprobs, whole.advantages, self._loss_mask(samples, whole),
+                                 LossParams(**dataclasses.asdict(alg.loss_params)), torch.Generator().manual_seed(seed))
+        for row, i in enumerate(whole.indices):
+            samples[i].loss_selection = selected[row, response_span(samples[i])].float()
 
     def _minibatches(self, count: int) -> list[list[int]]:
         """The sample indices of each optimizer step of a rollout batch of `count` samples."""
@@ -350,9 +364,11 @@ class Trainer:
 
         With one optimizer step per rollout batch, the training pass runs the not-yet-updated policy on the
         same micro-batches, so its detached log-probs equal the old ones exactly; only routing replay needs
-        the separate pass (r2 records its routes there, r3 measures rollout-vs-train agreement there).
+        the separate pass (r2 records its routes there, r3 measures rollout-vs-train agreement there), and the
+        covariance losses, which select their tokens from the old log-probs before the first micro-batch.
         """
-        return self.cfg.train.num_minibatches == 1 and self.cfg.algorithm.routing_replay == "none"
+        return (self.cfg.train.num_minibatches == 1 and self.cfg.algorithm.routing_replay == "none"
+                and not POLICY_LOSSES.get(self.cfg.algorithm.loss).needs_selection)
 
     @staticmethod
     def _loss_mask(samples: list[Sample], mb) -> torch.Tensor:
