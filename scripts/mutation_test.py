@@ -54,8 +54,12 @@ SURVIVORS_DOC = "docs/mutation_survivors.md"
 
 ALG_TESTS = ("tests/algorithms/test_policy_loss.py", "tests/algorithms/test_properties.py",
              "tests/algorithms/test_advantages_kl_dapo.py", "tests/algorithms/test_errors.py",
-             "tests/algorithms/test_boundaries.py")
-LOSS_TESTS = ("tests/training/test_loss_path.py", "tests/training/test_batch.py", "tests/training/test_actor.py")
+             "tests/algorithms/test_boundaries.py", "tests/algorithms/test_more_losses.py")
+NEW_LOSS_TESTS = ("tests/algorithms/test_more_losses.py", "tests/algorithms/test_errors.py",
+                  "tests/algorithms/test_properties.py", "tests/training/test_covariance_loss_path.py")
+"""The newer losses' own tests first: they kill most of their mutants within a second."""
+LOSS_TESTS = ("tests/training/test_loss_path.py", "tests/training/test_batch.py", "tests/training/test_actor.py",
+              "tests/training/test_covariance_loss_path.py")
 """Fast tests only: the trainer-level ones (test_trainer_math.py, test_loop.py) take minutes per mutant here."""
 
 
@@ -81,6 +85,8 @@ TARGETS = (
     _alg("kl.py"),
     _alg("policy_loss.py", "tests/algorithms/test_rollout_correction.py"),
     _alg("registry.py"),
+    *(Target(f"grpo_megatron/algorithms/{name}", "algorithms", NEW_LOSS_TESTS)
+      for name in ("is_weighted.py", "gmpo.py", "covariance.py", "token_selection.py", "loss_params.py")),
     Target("grpo_megatron/algorithms/evaluation.py", "algorithms",
            ("tests/algorithms/test_rollout_correction_edges.py", "tests/algorithms/test_rollout_correction.py")),
     Target("grpo_megatron/algorithms/rollout_correction.py", "algorithms",
@@ -97,7 +103,9 @@ TARGETS = (
            ("tests/training/test_loss_path.py", "tests/algorithms/test_rollout_correction.py", *LOSS_TESTS[1:])),
     Target("grpo_megatron/training/actor.py", "loss_path", LOSS_TESTS, ("Actor.train_step",)),
     Target("grpo_megatron/training/loop.py", "loss_path", LOSS_TESTS,
-           ("Trainer._advantages", "Trainer._loss_fn", "Trainer.train_on", "Trainer._loss_mask")),
+           ("Trainer._advantages", "Trainer._loss_fn", "Trainer.train_on", "Trainer._loss_mask",
+            "Trainer._select_tokens", "Trainer._old_logprobs_are_current")),
+    Target("grpo_megatron/config.py", "loss_path", ("tests/training/test_loss_config.py",), ("RunConfig._validate_loss",)),
 )
 
 # ---------------------------------------------------------------------------------------------- mutations
