@@ -54,8 +54,10 @@ SURVIVORS_DOC = "docs/mutation_survivors.md"
 
 ALG_TESTS = ("tests/algorithms/test_policy_loss.py", "tests/algorithms/test_properties.py",
              "tests/algorithms/test_advantages_kl_dapo.py", "tests/algorithms/test_errors.py",
-             "tests/algorithms/test_boundaries.py", "tests/algorithms/test_more_losses.py")
-NEW_LOSS_TESTS = ("tests/algorithms/test_more_losses.py", "tests/algorithms/test_errors.py",
+             "tests/algorithms/test_boundaries.py", "tests/algorithms/test_more_losses.py",
+             "tests/algorithms/test_more_losses_edges.py")
+NEW_LOSS_TESTS = ("tests/algorithms/test_more_losses_edges.py", "tests/algorithms/test_more_losses.py",
+                  "tests/algorithms/test_errors.py",
                   "tests/algorithms/test_properties.py", "tests/training/test_covariance_loss_path.py")
 """The newer losses' own tests first: they kill most of their mutants within a second."""
 LOSS_TESTS = ("tests/training/test_loss_path.py", "tests/training/test_batch.py", "tests/training/test_actor.py",
