@@ -61,7 +61,7 @@ class PolicyLoss:
 
     default_clip: the (low, high) its paper uses where the config leaves them unset; None for losses
     without a clip range. dual_clip: whether dual_clip_c applies. needs_selection: the loss singles out
-    tokens over the whole global batch (`select_tokens` in covariance.py), computed once per mini-batch.
+    tokens over the whole global batch (`select_tokens` in token_selection.py), once per mini-batch.
     """
 
     surrogate: Callable[..., Surrogate]

@@ -103,3 +103,16 @@ def test_loss_params_accept_their_boundary_values():
     LossParams(clip_cov_ratio=1.0, kl_cov_ratio=1.0, kl_cov_coef=0.0).check()
     with pytest.raises(ValueError, match="sapo_tau_pos and sapo_tau_neg must be > 0"):
         LossParams(sapo_tau_pos=0.0).check()
+
+
+def test_cispo_flags_count_the_truncated_weights_on_each_side():
+    """clip_frac_low / high: tokens whose weight r was truncated at 1 - eps_low / 1 + eps_high, whatever A."""
+    gen = torch.Generator().manual_seed(3)
+    logp = -torch.rand(4, 6, generator=gen, dtype=torch.float64)
+    old = logp + 0.3 * torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
+    _, _, metrics = loss_grad_metrics(logp, old, adv, "cispo", mask=torch.ones(4, 6), clip_low=0.1, clip_high=0.15)
+    ratio = (logp - old).exp()
+    low, high = (ratio < 0.9).double().mean().item(), (ratio > 1.15).double().mean().item()
+    assert low > 0 and high > 0
+    assert metrics["clip_frac_low"].item() == pytest.approx(low) and metrics["clip_frac_high"].item() == pytest.approx(high)

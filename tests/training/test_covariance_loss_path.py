@@ -77,3 +77,18 @@ def test_micro_batch_size_and_dp_split_change_neither_selection_nor_loss(loss, m
     assert all(selection == whole_selection for _, selection, _ in rank_losses)
     summed = [a + b for a, b in zip(rank_losses[0][0], rank_losses[1][0])]
     assert summed == pytest.approx(whole_losses, rel=1e-6)
+
+
+def test_clip_cov_draws_anew_each_step_and_seed(monkeypatch):
+    """The draw is seeded by (train.seed, step, mini-batch): the same on every rank, not the same every step."""
+    def draw(step: int, seed: int) -> dict:
+        samples = make_samples()
+        algorithm = {"loss": "clip_cov", "loss_agg": "token_mean", "loss_params": LossParamsConfig(**PARAMS)}
+        trainer = make_trainer(monkeypatch, samples, algorithm, {"use_engine_logprobs": False}, 1, False)
+        trainer.cfg.train.seed, trainer.step = seed, step
+        trainer.train_on(samples, PhaseTimer())
+        return {i: s.loss_selection.tolist() for i, s in enumerate(samples)}
+
+    first = draw(3, 1234)
+    assert draw(3, 1234) == first
+    assert draw(4, 1234) != first and draw(3, 1235) != first
