@@ -4,6 +4,7 @@ do the tests fail to notice?
     OMP_NUM_THREADS=1 .venv/bin/python scripts/mutation_test.py                 # both areas
     OMP_NUM_THREADS=1 .venv/bin/python scripts/mutation_test.py --area algorithms --only kl.py
     OMP_NUM_THREADS=1 .venv/bin/python scripts/mutation_test.py --list          # the mutants, nothing run
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/mutation_test.py --only policy_loss.py --functions resolve_clip
 
 Prints every surviving mutant (file, line, function, diff) and the kill rate per file and per area:
 killed / (total - equivalent), where the equivalent mutants are the ones listed in
@@ -466,10 +467,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="JSON of earlier outcomes: mutants it records as killed are not "
                         "rerun (valid while tests were only added since; a changed file makes new mutants)")
     parser.add_argument("--timeout-factor", type=float, default=5.0, help="mutant timeout / baseline test time")
+    parser.add_argument("--functions", nargs="*", default=[], help="only mutants inside these functions (qualified "
+                        "names, e.g. resolve_clip Trainer._select_tokens): the changed code of a file already measured")
     args = parser.parse_args()
     targets = [replace(t, tests=tuple(args.tests) or t.tests) for t in TARGETS if (args.area in (None, t.area))
                and (not args.only or any(t.path.endswith(o) for o in args.only))]
-    mutants = {t.path: enumerate_mutants(t, (REPO / t.path).read_text()) for t in targets}
+    mutants = {t.path: [m for m in enumerate_mutants(t, (REPO / t.path).read_text())
+                        if not args.functions or m.scope in args.functions] for t in targets}
     if args.list:
         for m in (m for ms in mutants.values() for m in ms):
             print(f"{m.path}:{m.line} ({m.scope}) [{m.operator}] {m.before}  ->  {m.after}")
