@@ -30,15 +30,20 @@ def test_on_policy_with_zero_width_bounds_nothing_is_clipped(variant):
         torch.testing.assert_close(grad, -adv.unsqueeze(-1).expand(2, 2) / 4)
 
 
-def test_dppo_tokens_exactly_on_the_region_bound_stay_in():
-    old = torch.tensor([[-0.7, -1.2], [-2.5, -0.6]], dtype=torch.float64)  # every token's probability rises
-    adv = torch.tensor([1.0, 1.0], dtype=torch.float64)
-    for variant, divergence in (("dppo_tv", LOGP.exp() - old.exp()), ("dppo_kl", _binary_kl(old, LOGP))):
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_dppo_tokens_exactly_on_the_region_bound_stay_in(direction):
+    """Every token's probability moves the same way, with the advantage that asks for that move; the bound is
+    set to token (0, 0)'s own divergence: that token stays in, larger moves are masked."""
+    old = torch.tensor([[-0.7, -1.2], [-2.5, -0.6]], dtype=torch.float64)
+    logp, old = (LOGP, old) if direction == "up" else (old, LOGP)
+    adv = torch.tensor([1.0, 1.0] if direction == "up" else [-1.0, -1.0], dtype=torch.float64)
+    for variant, divergence in (("dppo_tv", (logp.exp() - old.exp()).abs()), ("dppo_kl", _binary_kl(old, logp))):
         bound = divergence[0, 0].item()
-        _, grad, _ = loss_grad_metrics(LOGP, old, adv, variant, clip_low=0.0, clip_high=bound)
+        clip = {"clip_low": 0.0, "clip_high": bound} if direction == "up" else {"clip_low": bound, "clip_high": 0.0}
+        _, grad, _ = loss_grad_metrics(logp, old, adv, variant, **clip)
         out = divergence > bound
         assert out.any() and not out.all()
-        torch.testing.assert_close(grad, torch.where(out, 0.0, -(LOGP - old).exp() / 4))  # the bound's token kept
+        torch.testing.assert_close(grad, torch.where(out, 0.0, -(logp - old).exp() * adv.unsqueeze(-1) / 4))
 
 
 def test_gmpo_log_ratio_exactly_on_the_bound_is_not_flagged():
