@@ -60,7 +60,7 @@ def test_gmpo_log_ratio_exactly_on_the_bound_is_not_flagged():
 def test_zero_advantages_are_never_flagged(variant):
     """A = 0 has no update to bound, however far the ratio is."""
     zero = torch.zeros(2, dtype=torch.float64)
-    for old in (LOGP - 1.5, LOGP + 0.2):  # probabilities far up, then down
+    for old in (LOGP - 1.5, LOGP + 0.6):  # probabilities far up, then down (log r = -0.5 .. -0.25)
         _, grad, metrics = loss_grad_metrics(LOGP, old.clamp(max=0.0), zero, variant)
         assert metrics["clip_frac_tokens"].item() == 0.0 and (grad == 0).all()
 
@@ -120,4 +120,18 @@ def test_cispo_flags_count_the_truncated_weights_on_each_side():
     ratio = (logp - old).exp()
     low, high = (ratio < 0.9).double().mean().item(), (ratio > 1.15).double().mean().item()
     assert low > 0 and high > 0
+    assert metrics["clip_frac_low"].item() == pytest.approx(low) and metrics["clip_frac_high"].item() == pytest.approx(high)
+
+
+def test_gmpo_flags_count_the_clipped_tokens_in_the_advantage_direction():
+    """clip_frac_low: A < 0 and log r < -eps_low; clip_frac_high: A > 0 and log r > eps_high (per token)."""
+    gen = torch.Generator().manual_seed(4)
+    logp = -torch.rand(4, 6, generator=gen, dtype=torch.float64)
+    old = logp + 0.5 * torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    _, _, metrics = loss_grad_metrics(logp, old, adv, "gmpo", mask=torch.ones(4, 6), clip_low=0.2, clip_high=0.3)
+    log_r, sign = logp - old, adv.unsqueeze(-1)
+    low = ((sign < 0) & (log_r < -0.2)).double().mean().item()
+    high = ((sign > 0) & (log_r > 0.3)).double().mean().item()
+    assert low > 0 and high > 0 and ((sign > 0) & (log_r < -0.2)).any() and ((sign < 0) & (log_r > 0.3)).any()
     assert metrics["clip_frac_low"].item() == pytest.approx(low) and metrics["clip_frac_high"].item() == pytest.approx(high)
