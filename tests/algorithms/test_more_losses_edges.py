@@ -135,3 +135,16 @@ def test_gmpo_flags_count_the_clipped_tokens_in_the_advantage_direction():
     high = ((sign > 0) & (log_r > 0.3)).double().mean().item()
     assert low > 0 and high > 0 and ((sign > 0) & (log_r < -0.2)).any() and ((sign < 0) & (log_r > 0.3)).any()
     assert metrics["clip_frac_low"].item() == pytest.approx(low) and metrics["clip_frac_high"].item() == pytest.approx(high)
+
+
+def test_gmpo_ratio_metrics_are_the_unclipped_geometric_means():
+    """ratio_mean / min / max of gmpo: (prod_t r_t)^(1/|y_i|) over non-empty sequences, of any length."""
+    gen = torch.Generator().manual_seed(5)
+    logp = -torch.rand(3, 4, generator=gen, dtype=torch.float64)
+    old = logp + 0.5 * torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    _, _, metrics = loss_grad_metrics(logp, old, torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64), "gmpo", mask=mask)
+    means = [float((logp[i, :n] - old[i, :n]).mean().exp()) for i, n in enumerate((3, 4, 1))]
+    assert metrics["ratio_mean"].item() == pytest.approx(sum(means) / 3)
+    assert metrics["ratio_min"].item() == pytest.approx(min(means))
+    assert metrics["ratio_max"].item() == pytest.approx(max(means))
