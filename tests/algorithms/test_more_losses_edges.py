@@ -148,3 +148,13 @@ def test_gmpo_ratio_metrics_are_the_unclipped_geometric_means():
     assert metrics["ratio_mean"].item() == pytest.approx(sum(means) / 3)
     assert metrics["ratio_min"].item() == pytest.approx(min(means))
     assert metrics["ratio_max"].item() == pytest.approx(max(means))
+
+
+@pytest.mark.parametrize("variant", ["clip_cov", "kl_cov"])
+def test_one_token_batch_selects_its_token(variant):
+    """max(int(r N), 1) = 1 of N = 1 (clip_cov: when it lies in the band): the whole batch, fraction 1."""
+    logp = torch.tensor([[-0.5, 0.0]], dtype=torch.float64)
+    params = LossParams(clip_cov_lb=-1.0)  # the lone token's covariance is 0
+    _, _, metrics = loss_grad_metrics(logp, logp - 0.1, torch.tensor([1.0], dtype=torch.float64), variant,
+                                      mask=torch.tensor([[1.0, 0.0]]), params=params)
+    assert metrics["cov_selected_frac"].item() == 1.0
