@@ -43,8 +43,7 @@ from grpo_megatron.training import checkpoint as ckpt
 from grpo_megatron.training.actor import (
     Actor, combine_minibatch_metrics, data_parallel_info, forward_logprobs)
 from grpo_megatron.training.batch import (
-    Sample, make_micro_batch, make_micro_batches, response_span, samples_of_rank, split_for_rank,
-    token_budget_count)
+    Sample, make_micro_batch, rank_micro_batches, response_span, samples_of_rank)
 from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.metrics import MetricsLogger, PhaseTimer
 from grpo_megatron.training.reference import ReferenceModel
@@ -97,6 +96,7 @@ class Trainer:
         self._check_replay_config()
         init_model_parallel(cfg.parallel, seed=cfg.train.seed, **model_dims(self.hf_config))
         self.tp_size = cfg.parallel.tensor_parallel
+        self._check_minibatch_split()
         self.policy = self._build(wrap_ddp=True)
         self._load_initial_weights(self.policy)
         self.actor = Actor(self.policy, cfg.train, total_steps=cfg.train.steps * cfg.train.num_minibatches)
@@ -140,6 +140,15 @@ class Trainer:
         if self.cfg.algorithm.routing_replay == "r2" and self.cfg.rollout.use_engine_logprobs:
             raise ConfigError("algorithm.routing_replay=r2 replays the routes of the old-log-prob pass, which "
                               "rollout.use_engine_logprobs=true skips: use r3, or set use_engine_logprobs: false")
+
+    def _check_minibatch_split(self) -> None:
+        from grpo_megatron.config import ConfigError
+
+        r, dp_size = self.cfg.rollout, data_parallel_info()[1]
+        per_minibatch = r.prompts_per_step * r.group_size // self.cfg.train.num_minibatches
+        if per_minibatch < dp_size:
+            raise ConfigError(f"a mini-batch of {per_minibatch} samples leaves some of the {dp_size} data-parallel "
+                              f"ranks without one: raise rollout.prompts_per_step or lower train.num_minibatches")
 
     def _build(self, wrap_ddp: bool):
         overrides = {}
@@ -227,12 +236,8 @@ class Trainer:
         """This data-parallel rank's micro-batches of `indices`: `train.micro_batch_size` rows each, or with
         `train.max_tokens_per_microbatch` that many padded tokens (every DP rank makes the same number)."""
         train = self.cfg.train
-        dp_rank, dp_size = data_parallel_info()
-        shares = [split_for_rank(indices, samples, rank, dp_size) for rank in range(dp_size)]
-        budget = train.max_tokens_per_microbatch
-        count = token_budget_count(samples, shares, budget) if budget else None
-        return make_micro_batches(samples, shares[dp_rank], train.micro_batch_size, self.pad_id, self._pad_multiple(),
-                                  max_tokens=budget, count=count)
+        return rank_micro_batches(samples, indices, *data_parallel_info(), train.micro_batch_size, self.pad_id,
+                                  self._pad_multiple(), train.max_tokens_per_microbatch)
 
     def _logprob_pass(self, model, samples: list[Sample]) -> dict[int, torch.Tensor]:
         """Per-sample response log-probs under `model` (CPU tensors), available on every last-stage rank.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from grpo_megatron.training.actor import data_parallel_info
-from grpo_megatron.training.batch import Sample, make_micro_batch, make_micro_batches, split_for_rank
+from grpo_megatron.training.batch import Sample, make_micro_batch, rank_micro_batches
 
 
 def sft_samples(trainer, items) -> list[Sample]:
@@ -74,8 +74,8 @@ def _sft_steps(trainer, actor) -> list[float]:
         picks = torch.randint(len(trainer.train_data), (batch_size,), generator=generator).tolist()
         samples = sft_samples(trainer, [trainer.train_data[i] for i in picks])
         normalizer = float(make_micro_batch(samples, list(range(len(samples))), trainer.pad_id).num_response_tokens)
-        mine = split_for_rank(list(range(len(samples))), samples, dp_rank, dp_size)
-        micro = make_micro_batches(samples, mine, cfg.train.micro_batch_size, trainer.pad_id, trainer._pad_multiple())
+        micro = rank_micro_batches(samples, list(range(len(samples))), dp_rank, dp_size, cfg.train.micro_batch_size,
+                                   trainer.pad_id, trainer._pad_multiple())
 
         def nll(mb, logprobs, entropy):
             loss = -(logprobs * mb.response_mask).sum() / normalizer

@@ -1,0 +1,78 @@
+"""Trainer memory around generation with colocated GPU servers (training/offload.py), on CPU in bf16 with
+megatron's mixed-precision and distributed optimizers: after offload the device storage of grad buffers,
+optimizer state, fp32 masters (and params, when asked) is released; after onload everything is bit-identical
+and training goes on exactly as without the round trip."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo_megatron.config import TrainConfig
+from grpo_megatron.models import build_model, model_dims
+from grpo_megatron.models.tiny import tiny_hf_config
+from grpo_megatron.parallel import ParallelLayout, init_model_parallel
+from grpo_megatron.platform import setup_platform
+from grpo_megatron.training.actor import Actor
+from grpo_megatron.training.batch import make_micro_batches
+from grpo_megatron.training.offload import TrainStateOffload, _optimizer_tensors
+from tests.training.test_actor import gspo, rollout
+
+
+def _actor(distributed: bool) -> Actor:
+    setup_platform()
+    config = tiny_hf_config("qwen3_moe")
+    init_model_parallel(ParallelLayout(), seed=0, **model_dims(config))
+    torch.manual_seed(0)
+    policy = build_model(config, ParallelLayout(), torch.bfloat16, wrap_ddp=True,
+                         ddp_overrides={"use_distributed_optimizer": distributed})
+    return Actor(policy, TrainConfig(steps=10, num_minibatches=1, lr=1e-2, clip_grad=1.0), total_steps=10)
+
+
+def _step(actor: Actor) -> None:
+    batch = rollout()
+    actor.train_step(make_micro_batches(batch, list(range(len(batch))), 4, 0), gspo(len(batch)), 1.0)
+
+
+def _params(actor: Actor) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in actor.model.chunks[0].named_parameters()}
+
+
+def _grad_buffers(actor: Actor) -> list[torch.Tensor]:
+    chunk = actor.model.chunks[0]
+    return [b.grad_data for b in chunk.buffers + chunk.expert_parallel_buffers]
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["float16", "distributed"])
+def test_offload_releases_and_onload_restores_bit_identically(distributed, dist_world1):
+    plain = _actor(distributed)
+    for _ in range(3):
+        _step(plain)
+    expected = _params(plain)
+
+    actor = _actor(distributed)
+    _step(actor)
+    params = _params(actor)
+    state = [t.clone() for t in _optimizer_tensors(actor.optimizer)]
+    assert len(state) > len(params), "no Adam state yet"
+    offload = TrainStateOffload(actor.model.chunks, actor.optimizer, offload_params=True)
+    offload.offload()
+    offload.offload()  # a second call changes nothing
+    assert all(t.untyped_storage().nbytes() == 0 for t in _grad_buffers(actor))
+    assert all(t.untyped_storage().nbytes() == 0 for t in _optimizer_tensors(actor.optimizer))
+    assert all(p.untyped_storage().nbytes() == 0 for p in actor.model.chunks[0].parameters())
+    offload.onload()
+    for name, value in _params(actor).items():
+        torch.testing.assert_close(value, params[name], rtol=0, atol=0, msg=name)
+    for before, after in zip(state, _optimizer_tensors(actor.optimizer)):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert all(t.untyped_storage().nbytes() > 0 and not t.any() for t in _grad_buffers(actor))
+
+    _step(actor)
+    offload.offload_optimizer_and_grads()  # before a weight push: the params stay
+    assert all(p.untyped_storage().nbytes() > 0 for p in actor.model.chunks[0].parameters())
+    assert all(t.untyped_storage().nbytes() == 0 for t in _grad_buffers(actor))
+    offload.onload()
+    _step(actor)
+    for name, value in _params(actor).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
