@@ -176,6 +176,8 @@ class TrainConfig:
     sft_lr: float = 1e-3
     num_threads: int | None = None
     distributed_optimizer: bool | None = None  # shard optimizer state over DP ranks; None: on GPU when DP > 1
+    offload_params: bool = False  # colocated GPU servers: model params to host memory while they generate, too (grad
+    # buffers and optimizer state always go; training/offload.py)
     rollout_wait_minutes: float = 720.0  # how long ranks 1..N wait (gloo) while rank 0 generates a step's rollout
     freeze: list[str] = field(default_factory=list)  # fnmatch globs over global megatron parameter names (e.g.
     # embedding.*, output_layer.*, decoder.layers.*.self_attention.*): those parameters are not trained
@@ -286,6 +288,10 @@ class RunConfig:
             raise ConfigError(f"rollout.max_staleness={r.max_staleness}: must be >= 1 (0 is rollout.mode sync)")
         if r.partial_rollouts and r.mode != "async":
             raise ConfigError("rollout.partial_rollouts needs rollout.mode async (weights change mid-generation)")
+        if r.mode != "sync" and r.engine == "sglang" and r.sglang.colocated and r.sglang.gpu_servers:
+            raise ConfigError(f"rollout.mode={r.mode} generates while the trainer trains, and colocated GPU servers then "
+                              f"hold their memory beside the trainer's: use rollout.mode sync, or servers on GPUs of "
+                              f"their own (rollout.sglang.colocated false)")
         if r.mode != "sync" and self.algorithm.rollout_correction.mode == "none" and not r.use_engine_logprobs:
             raise ConfigError(f"rollout.mode={r.mode} trains on samples of older weights: set algorithm."
                               "rollout_correction.mode (e.g. tis) or rollout.use_engine_logprobs true")

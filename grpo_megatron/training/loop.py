@@ -48,6 +48,7 @@ from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.metrics import MetricsLogger, PhaseTimer
 from grpo_megatron.training.reference import ReferenceModel
 from grpo_megatron.training.mismatch import rollout_correction_metrics, train_rollout_mismatch
+from grpo_megatron.training.offload import GenerationMemory
 from grpo_megatron.training.prompt_log import PromptLog
 from grpo_megatron.training.reward_runner import RewardRunner
 from grpo_megatron.training.weight_push import release_rollout_memory
@@ -100,6 +101,9 @@ class Trainer:
         self.policy = self._build(wrap_ddp=True)
         self._load_initial_weights(self.policy)
         self.actor = Actor(self.policy, cfg.train, total_steps=cfg.train.steps * cfg.train.num_minibatches)
+        sglang = cfg.rollout.sglang  # colocated GPU servers share the trainer's GPUs while they generate
+        self.memory = GenerationMemory(self.policy.chunks, self.actor.optimizer, offload_params=cfg.train.offload_params,
+                                       active=cfg.rollout.engine == "sglang" and sglang.colocated and sglang.gpu_servers)
         self.routing = attach_routing_replay(self.policy, cfg.algorithm.routing_replay) if self.policy.is_moe else None
         self.reference = None
         if cfg.algorithm.kl_coef > 0:
@@ -183,6 +187,7 @@ class Trainer:
             logger.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path:
+        self.memory.onload()  # the optimizer state is read; the next generation gives it back again
         rollout = self.worker.state_dict()  # buffer, draws to re-issue and the cursor, at one moment
         state = {"scheduler": self.actor.scheduler.state_dict(), "loader": rollout.pop("loader"), "rollout": rollout}
         return ckpt.save_run_checkpoint(self.run_dir, self.step, self.policy, self.actor.optimizer, state,
@@ -483,6 +488,7 @@ class Trainer:
         timer = PhaseTimer()
         start = time.perf_counter()
         with timer.phase("generation"):
+            self.memory.before_generation()
             if _rank0():
                 batch, rollout_metrics = self.worker.next_batch(self.step) if self._background() else self.rollout()
                 if not self._background():
@@ -493,8 +499,10 @@ class Trainer:
             routes = self._take_engine_routes(batch) if _rank0() and self.routing else None
             # the routes go separately, each rank its own share (replay/delivery.py)
             batch, rollout_metrics, header = _broadcast((batch, rollout_metrics, route_header(routes)))
+            self.memory.after_generation()
         train_metrics = self.train_on(batch, timer, routes if _rank0() else header)
         self.step += 1
+        self.memory.before_weight_sync()
         with timer.phase("weight_sync"):
             background = _rank0() and self._background()
             with self.worker.weight_update(self.step) if background else nullcontext():
@@ -503,7 +511,8 @@ class Trainer:
                 self.engine.verify_push()
         elapsed = time.perf_counter() - start
         sync_metrics = self.engine.sync_metrics() if _rank0() else {}
-        metrics = {**rollout_metrics, **train_metrics, **sync_metrics, **timer.times, "time/step": elapsed,
+        metrics = {**rollout_metrics, **train_metrics, **sync_metrics, **self.memory.take_metrics(), **timer.times,
+                   "time/step": elapsed,
                    "throughput/tokens_per_s": rollout_metrics["rollout/tokens"] / elapsed}
         return metrics
 

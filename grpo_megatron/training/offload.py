@@ -124,3 +124,41 @@ class TrainStateOffload:
 def _empty_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the caching allocator's freed blocks back to the device, for the servers
+
+
+class GenerationMemory:
+    """The trainer's side of a step's memory hand-over, and `memory/<boundary>/<allocated|reserved>_gib` metrics at
+    every boundary (on CUDA). Active (offloading) only with colocated GPU servers, where the memory is shared."""
+
+    def __init__(self, model_chunks: list, optimizer, *, active: bool, offload_params: bool = False):
+        self.offload = TrainStateOffload(model_chunks, optimizer, offload_params=offload_params) if active else None
+        self.metrics: dict[str, float] = {}
+
+    def _record(self, boundary: str) -> None:
+        for key, value in device_memory_report().items():
+            self.metrics[f"memory/{boundary}/{key}"] = value
+
+    def before_generation(self) -> None:
+        if self.offload is not None:
+            self.offload.offload()
+        self._record("generation_start")
+
+    def after_generation(self) -> None:
+        self._record("generation_end")
+        self.onload()
+        self._record("train_start")
+
+    def before_weight_sync(self) -> None:
+        self._record("train_end")
+        if self.offload is not None:
+            self.offload.offload_optimizer_and_grads()
+        self._record("weight_sync_start")
+
+    def onload(self) -> None:
+        """Everything back on the device (also before a checkpoint reads the optimizer state)."""
+        if self.offload is not None:
+            self.offload.onload()
+
+    def take_metrics(self) -> dict[str, float]:
+        metrics, self.metrics = self.metrics, {}
+        return metrics

@@ -76,3 +76,41 @@ def test_offload_releases_and_onload_restores_bit_identically(distributed, dist_
     for name, value in _params(actor).items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
 
+
+
+def test_trainer_steps_with_offload_around_generation_match_steps_without(make_config, dist_world1):
+    """The trainer's boundaries (training/loop.py): state off before generation, back before the update, optimizer
+    state and grads off before the weight push, all back for a checkpoint. Colocated GPU servers turn it on; here
+    the embedded engine stands in for them, and the steps must equal a run that never offloads."""
+    from grpo_megatron.training.loop import Trainer
+    from grpo_megatron.training.offload import GenerationMemory
+    from tests.training.test_loop import VARIED
+
+    def run(offloading: bool) -> tuple[dict, Trainer]:
+        trainer = Trainer(make_config(model={"dtype": "bfloat16"}, reward=VARIED, train={"steps": 2, "lr": 1e-2}))
+        assert trainer.memory.offload is None  # embedded engine: nothing shares the device
+        if offloading:
+            trainer.memory = GenerationMemory(trainer.policy.chunks, trainer.actor.optimizer, active=True,
+                                              offload_params=True)
+        for _ in range(2):
+            trainer.train_step()
+        if offloading:
+            assert all(t.untyped_storage().nbytes() == 0 for t in _optimizer_tensors(trainer.actor.optimizer))
+        trainer.save_checkpoint()
+        trainer.close()
+        return {n: p.detach().clone() for n, p in trainer.policy.chunks[0].named_parameters()}, trainer
+
+    expected, _ = run(offloading=False)
+    got, trainer = run(offloading=True)
+    for name, value in got.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    assert all(t.untyped_storage().nbytes() > 0 for t in _optimizer_tensors(trainer.actor.optimizer))
+
+
+def test_background_rollouts_with_colocated_gpu_servers_are_refused(make_config):
+    from grpo_megatron.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.mode=async generates while the trainer trains"):
+        make_config(rollout={"engine": "sglang", "mode": "async", "sglang": {
+            "urls": ["http://127.0.0.1:1"], "colocated": True, "gpu_servers": True}},
+            algorithm={"loss": "gspo", "rollout_correction": {"mode": "tis"}})
