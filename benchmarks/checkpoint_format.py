@@ -25,11 +25,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from grpo_megatron.models import mcore_checkpoint  # noqa: E402
+
 FORMATS = {  # name -> the metadata megatron's sharded_state_dict takes
-    "fully_reshardable": {"distrib_optim_sharding_type": "fully_reshardable"},
+    **mcore_checkpoint.OPTIMIZER_FORMATS,
     "fully_reshardable_mem_efficient": {"distrib_optim_sharding_type": "fully_reshardable",
                                         "distrib_optim_fully_reshardable_mem_efficient": True},
-    "dp_reshardable": {"distrib_optim_sharding_type": "dp_reshardable"},
 }
 SHAPE = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=512, num_hidden_layers=4, num_experts=8,
              num_attention_heads=8, num_key_value_heads=4)
@@ -95,7 +96,6 @@ def _state_sum(actor) -> float:
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from grpo_megatron.models import mcore_checkpoint
     from grpo_megatron.parallel import init_distributed
 
     init_distributed()
@@ -106,8 +106,8 @@ def worker(args) -> None:
         _adam_step(actor)
         results["state_sum"] = _state_sum(actor)
         results["parameters"] = sum(p.numel() for p in actor.model.chunks[0].parameters())
-    for name, metadata in FORMATS.items():
-        mcore_checkpoint.OPTIMIZER_FORMAT = metadata
+    mcore_checkpoint.OPTIMIZER_FORMATS.update(FORMATS)  # the variant too, under its own name
+    for name in FORMATS:
         path = Path(args.dir) / name
         try:
             if args.load_dp1:
@@ -115,7 +115,8 @@ def worker(args) -> None:
                                                                                            optimizer=actor.optimizer))
                 results[name] = {"load_dp1_mib": memory, "load_dp1_s": seconds, "state_sum_dp1": _state_sum(actor)}
                 continue
-            save = _measured(lambda: mcore_checkpoint.save_mcore_checkpoint(actor.model, path, optimizer=actor.optimizer))
+            save = _measured(lambda: mcore_checkpoint.save_mcore_checkpoint(actor.model, path, optimizer=actor.optimizer,
+                                                                            optimizer_format=name))
             load = _measured(lambda: mcore_checkpoint.load_mcore_checkpoint(actor.model, path, optimizer=actor.optimizer))
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
             results[name] = {"save_mib": save[0], "save_s": save[1], "load_mib": load[0], "load_s": load[1],

@@ -188,6 +188,8 @@ class CheckpointConfig:
     save_interval: int = 0  # 0: only at the end
     keep_last: int = 2
     resume: bool = False  # continue from the latest checkpoint in the run directory
+    optimizer_format: str = "dp_reshardable"  # distributed optimizer's state: dp_reshardable (each rank its shard;
+    # a resume may change DP only) | fully_reshardable (gathered to host on every rank; any layout), see README
 
 
 @dataclass
@@ -264,6 +266,9 @@ class RunConfig:
                               f"distributed (got engine {self.rollout.engine}, weight_sync {s.weight_sync}): "
                               f"update_weights_from_disk reloads the whole directory, so disk mode always writes "
                               f"the full checkpoint; set sync_changed_only false")
+        if self.checkpoint.optimizer_format not in ("dp_reshardable", "fully_reshardable"):
+            raise ConfigError(f"checkpoint.optimizer_format={self.checkpoint.optimizer_format!r}: use dp_reshardable "
+                              f"or fully_reshardable")
         if any(not pattern.strip() for pattern in self.train.freeze):
             raise ConfigError("train.freeze has an empty pattern; give fnmatch globs such as embedding.*")
 

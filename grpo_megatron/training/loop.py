@@ -191,7 +191,8 @@ class Trainer:
         rollout = self.worker.state_dict()  # buffer, draws to re-issue and the cursor, at one moment
         state = {"scheduler": self.actor.scheduler.state_dict(), "loader": rollout.pop("loader"), "rollout": rollout}
         return ckpt.save_run_checkpoint(self.run_dir, self.step, self.policy, self.actor.optimizer, state,
-                                        self.cfg.model.hf_path, self.cfg.checkpoint.keep_last)
+                                        self.cfg.model.hf_path, self.cfg.checkpoint.keep_last,
+                                        self.cfg.checkpoint.optimizer_format)
 
     # ------------------------------------------------------------------------------------ rollout
     def sampling_params(self, seed_offset: int, greedy: bool = False, n: int | None = None,
