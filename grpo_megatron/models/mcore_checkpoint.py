@@ -145,6 +145,7 @@ def load_mcore_checkpoint(model: PolicyModel, path: str | Path, optimizer=None) 
             f"{meta.get('source_hf_path', 'an unrecorded HF model')}): check model.hf_path is the model the "
             f"checkpoint came from, or reconvert it with tools/convert_hf_to_megatron.py")
     if optimizer is not None:
+        _check_optimizer_reshard(model, path, meta)
         state["optimizer"] = _optimizer_state_to_load(optimizer, state, saved, path, meta)
     loaded = dist_checkpointing.load(state, str(path / MODEL_SUBDIR))
     for i, chunk in enumerate(model.unwrapped()):
@@ -203,6 +204,23 @@ def _optimizer_state_to_load(optimizer, state: dict, saved: set[str], path: Path
 
 
 _RESHARDS = {"dp_reshardable": "the data-parallel size only", "fully_reshardable": "any layout"}
+_MODEL_PARALLEL = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel", "expert_parallel",
+                   "expert_tensor_parallel", "context_parallel")
+
+
+def _check_optimizer_reshard(model: PolicyModel, path: Path, meta: dict) -> None:
+    """A dp_reshardable optimizer state follows the saving run's DP buckets, which every model-parallel size
+    shapes: refused by name before megatron meets shards of other shapes under the same keys."""
+    if meta.get("optimizer_format", _UNRECORDED_OPTIMIZER_FORMAT) != "dp_reshardable":
+        return
+    saved, now = meta.get("saved_layout") or {}, model.layout.to_dict()
+    changed = [f"{key} {saved.get(key)} -> {now.get(key)}" for key in _MODEL_PARALLEL if saved.get(key) != now.get(key)]
+    if changed:
+        raise CheckpointMismatchError(
+            f"{path} holds optimizer state in the dp_reshardable format, which reshards the data-parallel size only "
+            f"({', '.join(changed)}): resume at the saved layout, or start a new run from these weights with "
+            f"model.megatron_path={path} (the optimizer state then starts afresh); runs that must change layout "
+            f"on resume save with checkpoint.optimizer_format: fully_reshardable")
 
 
 def _init_adam_state(optimizer) -> None:

@@ -62,3 +62,21 @@ def test_a_reloaded_distributed_optimizer_continues_exactly(optimizer_format, di
     assert set(_adam_steps(resumed)) == {4.0}
     for name, p in resumed.model.chunks[0].named_parameters():
         torch.testing.assert_close(p.detach(), expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_dp_reshardable_state_refuses_another_model_parallel_layout(dist_world1, tmp_path):
+    """The checkpoint's metadata says it was saved at TP2 (as a 2-GPU run would write it); loading its
+    optimizer state at TP1 is refused by name (the weights alone still load at any layout)."""
+    from grpo_megatron.models.mcore_checkpoint import CheckpointMismatchError
+
+    actor = _actor()
+    _steps(actor, 1)
+    save_mcore_checkpoint(actor.model, tmp_path / "ckpt", optimizer=actor.optimizer)
+    meta_file = tmp_path / "ckpt" / METADATA_FILE
+    meta = json.loads(meta_file.read_text())
+    assert meta["optimizer_format"] == "dp_reshardable"
+    meta["saved_layout"]["tensor_parallel"] = 2
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointMismatchError, match="dp_reshardable format.*tensor_parallel 2 -> 1"):
+        load_mcore_checkpoint(actor.model, tmp_path / "ckpt", optimizer=actor.optimizer)
+    load_mcore_checkpoint(actor.model, tmp_path / "ckpt")
