@@ -18,12 +18,12 @@ from grpo_megatron.training.offload import TrainStateOffload, _optimizer_tensors
 from tests.training.test_actor import gspo, rollout
 
 
-def _actor(distributed: bool) -> Actor:
+def _actor(distributed: bool, dtype=torch.bfloat16) -> Actor:
     setup_platform()
     config = tiny_hf_config("qwen3_moe")
     init_model_parallel(ParallelLayout(), seed=0, **model_dims(config))
     torch.manual_seed(0)
-    policy = build_model(config, ParallelLayout(), torch.bfloat16, wrap_ddp=True,
+    policy = build_model(config, ParallelLayout(), dtype, wrap_ddp=True,
                          ddp_overrides={"use_distributed_optimizer": distributed})
     return Actor(policy, TrainConfig(steps=10, num_minibatches=1, lr=1e-2, clip_grad=1.0), total_steps=10)
 
@@ -42,14 +42,17 @@ def _grad_buffers(actor: Actor) -> list[torch.Tensor]:
     return [b.grad_data for b in chunk.buffers + chunk.expert_parallel_buffers]
 
 
-@pytest.mark.parametrize("distributed", [False, True], ids=["float16", "distributed"])
-def test_offload_releases_and_onload_restores_bit_identically(distributed, dist_world1):
-    plain = _actor(distributed)
+@pytest.mark.parametrize("distributed, dtype", [(False, torch.bfloat16), (True, torch.bfloat16), (True, torch.float32)],
+                         ids=["float16", "distributed", "distributed-fp32"])
+def test_offload_releases_and_onload_restores_bit_identically(distributed, dtype, dist_world1):
+    """fp32: the distributed optimizer's main params are views of the model's param buffer, which stays for the
+    weight push when only optimizer state and grads go."""
+    plain = _actor(distributed, dtype)
     for _ in range(3):
         _step(plain)
     expected = _params(plain)
 
-    actor = _actor(distributed)
+    actor = _actor(distributed, dtype)
     _step(actor)
     params = _params(actor)
     state = [t.clone() for t in _optimizer_tensors(actor.optimizer)]
