@@ -1,6 +1,7 @@
 """Host memory of a distributed-optimizer checkpoint per megatron-core format, saved at DP2 and loaded at DP2 and DP1.
 
-    python benchmarks/checkpoint_format.py              # torchrun, 2 gloo processes, ~35M-parameter Qwen3-MoE, bf16
+    python benchmarks/checkpoint_format.py              # torchrun, 2 gloo processes, ~30M-parameter Qwen3-MoE, bf16
+    python benchmarks/checkpoint_format.py --nproc 1    # one process: save and load at DP1 only
 
 Each rank builds the same policy (bf16 params, fp32 masters, megatron's distributed optimizer), takes one Adam
 step, then saves run checkpoints in each format of `DistributedOptimizer.sharded_state_dict` that 0.16.1 can save
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--load-dp1", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--nproc", type=int, choices=(1, 2), default=2, help="ranks that save (DP size)")
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -142,18 +144,20 @@ def main() -> None:
     from grpo_megatron.parallel import free_port
 
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    launches = [(2, []), (1, ["--load-dp1"])] if args.nproc == 2 else [(1, [])]
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
-        for nproc, extra in ((2, []), (1, ["--load-dp1"])):
-            out = Path(tmp) / f"dp{nproc}.json"
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                            f"--master-port={free_port()}", __file__, "--worker", "--dir", tmp, "--out", str(out),
-                            *extra], env=env, check=True, cwd=REPO)
+        for nproc, extra in launches:
+            out = Path(tmp) / f"dp{nproc}{''.join(extra)}.json"
+            launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
+            subprocess.run([sys.executable, *(launcher if nproc > 1 else []), __file__, "--worker", "--dir", tmp,
+                            "--out", str(out), *extra], env=env, check=True, cwd=REPO)
             runs[nproc] = json.loads(out.read_text())
-    dp2, dp1 = runs[2], runs[1][0]
+    dp2 = runs[args.nproc]
+    dp1 = runs[1][0] if args.nproc == 2 else {name: {"error": "not run (--nproc 1)"} for name in FORMATS}
     print(f"{dp2[0]['parameters'] / 1e6:.1f}M parameters, bf16 with fp32 masters; Adam state sum {dp2[0]['state_sum']:.6e}")
-    print("| format | save: extra peak RSS per rank (MiB) | save s | load at DP2: extra MiB per rank | "
-          "load at DP1: extra MiB | on disk MiB | state after DP2 / DP1 load |")
+    print(f"| format | save at DP{args.nproc}: extra peak RSS per rank (MiB) | save s | load at DP{args.nproc}: extra MiB "
+          f"per rank | load at DP1: extra MiB | on disk MiB | state after DP{args.nproc} / DP1 load |")
     print("|---|---|---|---|---|---|---|")
     for name in FORMATS:
         ranks = [r[name] for r in dp2]
