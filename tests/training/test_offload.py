@@ -97,9 +97,9 @@ def test_trainer_steps_with_offload_around_generation_match_steps_without(make_c
                                               offload_params=True)
         for _ in range(2):
             trainer.train_step()
-        if offloading:
+        if offloading:  # a checkpoint reads the optimizer state: back first
             assert all(t.untyped_storage().nbytes() == 0 for t in _optimizer_tensors(trainer.actor.optimizer))
-        trainer.save_checkpoint()
+            trainer.save_checkpoint()
         trainer.close()
         return {n: p.detach().clone() for n, p in trainer.policy.chunks[0].named_parameters()}, trainer
 
