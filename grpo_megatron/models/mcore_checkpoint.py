@@ -211,13 +211,14 @@ _MODEL_PARALLEL = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline_par
 def _check_optimizer_reshard(model: PolicyModel, path: Path, meta: dict) -> None:
     """A dp_reshardable optimizer state follows the saving run's DP buckets, which every model-parallel size
     shapes: refused by name before megatron meets shards of other shapes under the same keys."""
-    if meta.get("optimizer_format", _UNRECORDED_OPTIMIZER_FORMAT) != "dp_reshardable":
-        return
+    if not meta.get("distributed_optimizer") or meta.get("optimizer_format") != "dp_reshardable":
+        return  # a plain optimizer's state is keyed by parameter whatever the format
     saved, now = meta.get("saved_layout") or {}, model.layout.to_dict()
     changed = [f"{key} {saved.get(key)} -> {now.get(key)}" for key in _MODEL_PARALLEL if saved.get(key) != now.get(key)]
     if changed:
         raise CheckpointMismatchError(
-            f"{path} holds optimizer state in the dp_reshardable format, which reshards the data-parallel size only "
+            f"{path} holds optimizer state this run cannot use: the distributed optimizer's, in the dp_reshardable "
+            f"format, which reshards the data-parallel size only "
             f"({', '.join(changed)}): resume at the saved layout, or start a new run from these weights with "
             f"model.megatron_path={path} (the optimizer state then starts afresh); runs that must change layout "
             f"on resume save with checkpoint.optimizer_format: fully_reshardable")

@@ -77,6 +77,6 @@ def test_a_dp_reshardable_state_refuses_another_model_parallel_layout(dist_world
     assert meta["optimizer_format"] == "dp_reshardable"
     meta["saved_layout"]["tensor_parallel"] = 2
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointMismatchError, match="dp_reshardable format.*tensor_parallel 2 -> 1"):
+    with pytest.raises(CheckpointMismatchError, match="dp_reshardable format, which reshards the data-parallel size only .tensor_parallel 2 -> 1"):
         load_mcore_checkpoint(actor.model, tmp_path / "ckpt", optimizer=actor.optimizer)
     load_mcore_checkpoint(actor.model, tmp_path / "ckpt")
