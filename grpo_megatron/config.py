@@ -191,6 +191,8 @@ class TrainConfig:
     sft_lr: float = 1e-3
     num_threads: int | None = None
     distributed_optimizer: bool | None = None  # shard optimizer state over DP ranks; None: on GPU when DP > 1
+    offload_params: bool = False  # colocated GPU servers: model params to host memory while they generate, too (grad
+    # buffers and optimizer state always go; training/offload.py)
     rollout_wait_minutes: float = 720.0  # how long ranks 1..N wait (gloo) while rank 0 generates a step's rollout
     freeze: list[str] = field(default_factory=list)  # fnmatch globs over global megatron parameter names (e.g.
     # embedding.*, output_layer.*, decoder.layers.*.self_attention.*): those parameters are not trained
@@ -201,6 +203,8 @@ class CheckpointConfig:
     save_interval: int = 0  # 0: only at the end
     keep_last: int = 2
     resume: bool = False  # continue from the latest checkpoint in the run directory
+    optimizer_format: str = "dp_reshardable"  # distributed optimizer's state: dp_reshardable (each rank its shard;
+    # a resume may change DP only) | fully_reshardable (gathered to host on every rank; any layout), see README
 
 
 @dataclass
@@ -278,6 +282,9 @@ class RunConfig:
                               f"distributed (got engine {self.rollout.engine}, weight_sync {s.weight_sync}): "
                               f"update_weights_from_disk reloads the whole directory, so disk mode always writes "
                               f"the full checkpoint; set sync_changed_only false")
+        if self.checkpoint.optimizer_format not in ("dp_reshardable", "fully_reshardable"):
+            raise ConfigError(f"checkpoint.optimizer_format={self.checkpoint.optimizer_format!r}: use dp_reshardable "
+                              f"or fully_reshardable")
         if any(not pattern.strip() for pattern in self.train.freeze):
             raise ConfigError("train.freeze has an empty pattern; give fnmatch globs such as embedding.*")
 
@@ -302,6 +309,10 @@ class RunConfig:
             raise ConfigError(f"rollout.max_staleness={r.max_staleness}: must be >= 1 (0 is rollout.mode sync)")
         if r.partial_rollouts and r.mode != "async":
             raise ConfigError("rollout.partial_rollouts needs rollout.mode async (weights change mid-generation)")
+        if r.mode != "sync" and r.engine == "sglang" and r.sglang.colocated and r.sglang.gpu_servers:
+            raise ConfigError(f"rollout.mode={r.mode} generates while the trainer trains, and colocated GPU servers then "
+                              f"hold their memory beside the trainer's: use rollout.mode sync, or servers on GPUs of "
+                              f"their own (rollout.sglang.colocated false)")
         if r.mode != "sync" and self.algorithm.rollout_correction.mode == "none" and not r.use_engine_logprobs:
             raise ConfigError(f"rollout.mode={r.mode} trains on samples of older weights: set algorithm."
                               "rollout_correction.mode (e.g. tis) or rollout.use_engine_logprobs true")

@@ -139,9 +139,10 @@ def control_group():
     """A gloo group over all ranks for CPU-side control values: the step's samples, which ranks 1..N wait
     for while rank 0 generates (longer than NCCL's watchdog allows), and the stop flag.
 
-    None (the default group) when it was not created and the default group is gloo; an NCCL default
-    group cannot carry CPU tensors, so that is an error."""
-    if _CONTROL_GROUP is None and dist.get_backend() != "gloo":
+    None (the default group) when it was not created and the default group is gloo, or holds one process (one
+    GPU: every collective is local); an NCCL default group of several ranks cannot carry CPU tensors, so that
+    is an error."""
+    if _CONTROL_GROUP is None and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
         raise RuntimeError("no control group: initialise torch.distributed with parallel.init_distributed")
     return _CONTROL_GROUP
 

@@ -153,7 +153,9 @@ def _patch_distributed_optimizer_load() -> None:
     megatron-core 0.16.1 copies every per-parameter entry of the optimizer state from the checkpoint
     (`_set_main_param_and_optimizer_states`, distrib_optimizer.py ~936), including torch Adam's `step`, which
     the fully reshardable format keeps in the common state instead: KeyError. Entries the checkpoint lacks
-    keep their current value (the step, already set from the common state).
+    keep their current value (the step, already set from the common state). The dp_reshardable format hands
+    over the step of the optimizer being loaded (a non-persistent entry, 0 in a fresh one), which would
+    overwrite the checkpoint's: skipped, as megatron's own model-space loader does.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -163,7 +165,8 @@ def _patch_distributed_optimizer_load() -> None:
 
     def set_states(self, model_param, tensors):
         current = self._get_main_param_and_optimizer_states(model_param)
-        return original(self, model_param, {**{k: v for k, v in current.items() if k not in tensors}, **tensors})
+        loaded = {k: v for k, v in tensors.items() if k != "step"}
+        return original(self, model_param, {**{k: v for k, v in current.items() if k not in loaded}, **loaded})
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 

@@ -51,22 +51,33 @@ def sharded_model_state(model: PolicyModel) -> dict:
     return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model.unwrapped())}
 
 
-OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
-"""How megatron lays out a distributed optimizer's state in a checkpoint: one tensor per parameter and state,
-gathered from the DP shards (megatron-core 0.16.1's default format for it, `fully_sharded_model_space`, fails
-to save: "ShardedTensor.flattened_range is not supported"). The plain optimizer ignores it."""
+OPTIMIZER_FORMATS = {
+    "dp_reshardable": {"distrib_optim_sharding_type": "dp_reshardable"},
+    "fully_reshardable": {"distrib_optim_sharding_type": "fully_reshardable"},
+}
+"""How megatron lays out a distributed optimizer's state in a checkpoint (the plain optimizer ignores it).
+`dp_reshardable`: each rank writes its own shards, no gather and no host copy of the whole state; a resume may
+change the data-parallel size only. `fully_reshardable`: one tensor per parameter and state, gathered from the
+DP shards into host buffers of the whole model-parallel shard's fp32 state on every rank (at save and at load);
+a resume may change any of TP, PP, EP and DP (distrib_optimizer.py, `sharded_param_state_*`; benchmarks/README.md
+has the host memory of each). megatron-core 0.16.1's default, `fully_sharded_model_space`, fails to save
+("ShardedTensor.flattened_range is not supported")."""
+DEFAULT_OPTIMIZER_FORMAT = "dp_reshardable"
+_UNRECORDED_OPTIMIZER_FORMAT = "fully_reshardable"  # what checkpoints written before the choice was recorded hold
 
 
-def _full_state(model: PolicyModel, optimizer) -> dict:
+def _full_state(model: PolicyModel, optimizer, optimizer_format: str) -> dict:
     state = sharded_model_state(model)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=OPTIMIZER_FORMAT)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False,
+                                                          metadata=OPTIMIZER_FORMATS[optimizer_format])
     return state
 
 
 def save_mcore_checkpoint(
     model: PolicyModel, output: str | Path, *, tokenizer_path: str | Path | None = None,
     metadata: dict | None = None, optimizer=None, extra_files: dict[str, str] | None = None,
+    optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT,
 ) -> Path:
     """Save the model (and optionally its megatron optimizer) at `output` atomically.
 
@@ -81,7 +92,7 @@ def save_mcore_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         (staging / MODEL_SUBDIR).mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(_full_state(model, optimizer), str(staging / MODEL_SUBDIR))
+    dist_checkpointing.save(_full_state(model, optimizer, optimizer_format), str(staging / MODEL_SUBDIR))
     _barrier()
     if _is_rank0():
         _forget_save_path(staging / MODEL_SUBDIR)
@@ -96,7 +107,7 @@ def save_mcore_checkpoint(
                 "layer_spec": "transformer_engine" if getattr(model.bridge, "_use_te", False) else "local",
                 "distributed_optimizer": bool(getattr(getattr(model.chunks[0], "ddp_config", None),
                                                       "use_distributed_optimizer", False)),
-                "format": "grpo_megatron/torch_dist", **(metadata or {})}
+                "format": "grpo_megatron/torch_dist", "optimizer_format": optimizer_format, **(metadata or {})}
         (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2))
         if output.exists():
             shutil.rmtree(output)
@@ -134,13 +145,15 @@ def load_mcore_checkpoint(model: PolicyModel, path: str | Path, optimizer=None) 
             f"{meta.get('source_hf_path', 'an unrecorded HF model')}): check model.hf_path is the model the "
             f"checkpoint came from, or reconvert it with tools/convert_hf_to_megatron.py")
     if optimizer is not None:
+        _check_optimizer_reshard(model, path, meta)
         state["optimizer"] = _optimizer_state_to_load(optimizer, state, saved, path, meta)
     loaded = dist_checkpointing.load(state, str(path / MODEL_SUBDIR))
     for i, chunk in enumerate(model.unwrapped()):
         result = chunk.load_state_dict(loaded[f"chunk{i}"], strict=False)
         _check_only_extra_state_missing(result, path)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # dp_reshardable copies into fp32 runs' main params, views of the (leaf) model params
+            optimizer.load_state_dict(loaded["optimizer"])
 
 
 def _match_checkpoint_keys(state: dict, saved: set[str]) -> list[str]:
@@ -174,16 +187,41 @@ def _optimizer_state_to_load(optimizer, state: dict, saved: set[str], path: Path
     a distributed optimizer keeps fp32 main parameters a plain one does not.
     """
     _init_adam_state(optimizer)
-    optimizer_state = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_FORMAT)
+    optimizer_format = meta.get("optimizer_format", _UNRECORDED_OPTIMIZER_FORMAT)
+    optimizer_state = optimizer.sharded_state_dict(state, is_loading=True,
+                                                   metadata=OPTIMIZER_FORMATS[optimizer_format])
     missing = sorted(k for k in _sharded_tensor_keys(optimizer_state) if k not in saved)
     if missing:
+        layout = meta.get("saved_layout") or {}
         raise CheckpointMismatchError(
             f"{path} holds optimizer state this run cannot use (saved with train.distributed_optimizer="
-            f"{meta.get('distributed_optimizer', False)}, expert_parallel="
-            f"{(meta.get('saved_layout') or {}).get('expert_parallel')}; this run needs e.g. {missing[0]}): resume "
+            f"{meta.get('distributed_optimizer', False)}, expert_parallel={layout.get('expert_parallel')}, "
+            f"optimizer format {optimizer_format}, which reshards {_RESHARDS[optimizer_format]}; "
+            f"this run needs e.g. {missing[0]}): resume "
             f"with those settings, or start a new run from these weights with model.megatron_path={path} (the "
             f"optimizer state then starts afresh)")
     return optimizer_state
+
+
+_RESHARDS = {"dp_reshardable": "the data-parallel size only", "fully_reshardable": "any layout"}
+_MODEL_PARALLEL = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel", "expert_parallel",
+                   "expert_tensor_parallel", "context_parallel")
+
+
+def _check_optimizer_reshard(model: PolicyModel, path: Path, meta: dict) -> None:
+    """A dp_reshardable optimizer state follows the saving run's DP buckets, which every model-parallel size
+    shapes: refused by name before megatron meets shards of other shapes under the same keys."""
+    if not meta.get("distributed_optimizer") or meta.get("optimizer_format") != "dp_reshardable":
+        return  # a plain optimizer's state is keyed by parameter whatever the format
+    saved, now = meta.get("saved_layout") or {}, model.layout.to_dict()
+    changed = [f"{key} {saved.get(key)} -> {now.get(key)}" for key in _MODEL_PARALLEL if saved.get(key) != now.get(key)]
+    if changed:
+        raise CheckpointMismatchError(
+            f"{path} holds optimizer state this run cannot use: the distributed optimizer's, in the dp_reshardable "
+            f"format, which reshards the data-parallel size only "
+            f"({', '.join(changed)}): resume at the saved layout, or start a new run from these weights with "
+            f"model.megatron_path={path} (the optimizer state then starts afresh); runs that must change layout "
+            f"on resume save with checkpoint.optimizer_format: fully_reshardable")
 
 
 def _init_adam_state(optimizer) -> None:

@@ -131,10 +131,15 @@ def make_micro_batches(
 ) -> list[MicroBatch]:
     """Length-bucketed micro-batches: at most `micro_batch_size` sequences, or with `max_tokens` at most
     that many padded tokens (rows x longest row; a longer sequence gets a micro-batch of its own).
-    `count` asks for exactly that many token-budget micro-batches (see `token_budget_count`)."""
+    `count` asks for exactly that many micro-batches (see `token_budget_count` and `micro_batch_count`)."""
     ordered = sorted(indices, key=lambda i: (samples[i].length, i))
     if max_tokens:
         groups = _token_budget_groups([samples[i].length for i in ordered], max_tokens, count)
+    elif count is not None:
+        if not 1 <= count <= len(ordered):
+            raise ValueError(f"{len(ordered)} samples cannot make {count} micro-batches")
+        bounds = [len(ordered) * k // count for k in range(count + 1)]
+        groups = list(zip(bounds[:-1], bounds[1:]))
     else:
         groups = [(start, min(start + micro_batch_size, len(ordered))) for start in range(0, len(ordered), micro_batch_size)]
     return [make_micro_batch(samples, ordered[a:b], pad_id, pad_multiple) for a, b in groups]
@@ -171,3 +176,26 @@ def token_budget_count(samples: list[Sample], shares: list[list[int]], max_token
     needed = [len(_token_budget_groups(sorted(samples[i].length for i in share), max_tokens, None)) for share in shares]
     return min(max(needed), min(len(share) for share in shares))
 
+
+
+def micro_batch_count(share_sizes: list[int], micro_batch_size: int) -> int:
+    """The number of row-count micro-batches every data-parallel rank makes from shares of these sizes, so that
+    collectives inside the forward pass (expert all-to-all, DDP's gradient reduction) line up: enough for the
+    largest share at `micro_batch_size` rows, at most the smallest share's size (with micro_batch_size 1 and
+    shares of n and n + 1 rows, one micro-batch of the larger share gets 2 rows)."""
+    if min(share_sizes) < 1:
+        raise ValueError(f"{sum(share_sizes)} samples leave a data-parallel rank of {len(share_sizes)} without one: "
+                         f"every mini-batch needs at least as many samples as data-parallel ranks")
+    return min(max(-(-size // micro_batch_size) for size in share_sizes), min(share_sizes))
+
+
+def rank_micro_batches(samples: list[Sample], indices: list[int], dp_rank: int, dp_size: int, micro_batch_size: int,
+                       pad_id: int, pad_multiple: int = 1, max_tokens: int | None = None) -> list[MicroBatch]:
+    """Data-parallel rank `dp_rank`'s micro-batches of `indices`, as many as every other rank makes."""
+    shares = [split_for_rank(indices, samples, rank, dp_size) for rank in range(dp_size)]
+    if max_tokens:
+        count = token_budget_count(samples, shares, max_tokens)
+    else:
+        count = micro_batch_count([len(share) for share in shares], micro_batch_size)
+    return make_micro_batches(samples, shares[dp_rank], micro_batch_size, pad_id, pad_multiple,
+                              max_tokens=max_tokens, count=count)

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from grpo_megatron.models.mcore_checkpoint import METADATA_FILE, load_mcore_checkpoint, save_mcore_checkpoint
+from grpo_megatron.models.mcore_checkpoint import (
+    DEFAULT_OPTIMIZER_FORMAT, METADATA_FILE, load_mcore_checkpoint, save_mcore_checkpoint)
 
 TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -59,10 +60,11 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def save_run_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dict, tokenizer_path, keep_last: int) -> Path:
+def save_run_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dict, tokenizer_path, keep_last: int,
+                        optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT) -> Path:
     path = checkpoint_root(run_dir) / f"step_{step:06d}"
     state = {"step": step, "rng": rng_state(), **trainer_state}
-    save_mcore_checkpoint(model, path, tokenizer_path=tokenizer_path, optimizer=optimizer,
+    save_mcore_checkpoint(model, path, tokenizer_path=tokenizer_path, optimizer=optimizer, optimizer_format=optimizer_format,
                           metadata={"step": step}, extra_files={TRAINER_STATE: json.dumps(state, default=_np_default)})
     if not dist.is_initialized() or dist.get_rank() == 0:
         for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:

@@ -43,12 +43,12 @@ from grpo_megatron.training import checkpoint as ckpt
 from grpo_megatron.training.actor import (
     Actor, combine_minibatch_metrics, data_parallel_info, forward_logprobs)
 from grpo_megatron.training.batch import (
-    Sample, make_micro_batch, make_micro_batches, response_span, samples_of_rank, split_for_rank,
-    token_budget_count)
+    Sample, make_micro_batch, rank_micro_batches, response_span, samples_of_rank)
 from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.metrics import MetricsLogger, PhaseTimer
 from grpo_megatron.training.reference import ReferenceModel
 from grpo_megatron.training.mismatch import rollout_correction_metrics, train_rollout_mismatch
+from grpo_megatron.training.offload import GenerationMemory
 from grpo_megatron.training.prompt_log import PromptLog
 from grpo_megatron.training.reward_runner import RewardRunner
 from grpo_megatron.training.weight_push import release_rollout_memory
@@ -97,9 +97,13 @@ class Trainer:
         self._check_replay_config()
         init_model_parallel(cfg.parallel, seed=cfg.train.seed, **model_dims(self.hf_config))
         self.tp_size = cfg.parallel.tensor_parallel
+        self._check_minibatch_split()
         self.policy = self._build(wrap_ddp=True)
         self._load_initial_weights(self.policy)
         self.actor = Actor(self.policy, cfg.train, total_steps=cfg.train.steps * cfg.train.num_minibatches)
+        sglang = cfg.rollout.sglang  # colocated GPU servers share the trainer's GPUs while they generate
+        self.memory = GenerationMemory(self.policy.chunks, self.actor.optimizer, offload_params=cfg.train.offload_params,
+                                       active=cfg.rollout.engine == "sglang" and sglang.colocated and sglang.gpu_servers)
         self.routing = attach_routing_replay(self.policy, cfg.algorithm.routing_replay) if self.policy.is_moe else None
         self.reference = None
         if cfg.algorithm.kl_coef > 0:
@@ -141,6 +145,15 @@ class Trainer:
             raise ConfigError("algorithm.routing_replay=r2 replays the routes of the old-log-prob pass, which "
                               "rollout.use_engine_logprobs=true skips: use r3, or set use_engine_logprobs: false")
 
+    def _check_minibatch_split(self) -> None:
+        from grpo_megatron.config import ConfigError
+
+        r, dp_size = self.cfg.rollout, data_parallel_info()[1]
+        per_minibatch = r.prompts_per_step * r.group_size // self.cfg.train.num_minibatches
+        if per_minibatch < dp_size:
+            raise ConfigError(f"a mini-batch of {per_minibatch} samples leaves some of the {dp_size} data-parallel "
+                              f"ranks without one: raise rollout.prompts_per_step or lower train.num_minibatches")
+
     def _build(self, wrap_ddp: bool):
         overrides = {}
         if self.cfg.model.recompute_activations:
@@ -174,10 +187,12 @@ class Trainer:
             logger.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path:
+        self.memory.onload()  # the optimizer state is read; the next generation gives it back again
         rollout = self.worker.state_dict()  # buffer, draws to re-issue and the cursor, at one moment
         state = {"scheduler": self.actor.scheduler.state_dict(), "loader": rollout.pop("loader"), "rollout": rollout}
         return ckpt.save_run_checkpoint(self.run_dir, self.step, self.policy, self.actor.optimizer, state,
-                                        self.cfg.model.hf_path, self.cfg.checkpoint.keep_last)
+                                        self.cfg.model.hf_path, self.cfg.checkpoint.keep_last,
+                                        self.cfg.checkpoint.optimizer_format)
 
     # ------------------------------------------------------------------------------------ rollout
     def sampling_params(self, seed_offset: int, greedy: bool = False, n: int | None = None,
@@ -227,12 +242,8 @@ class Trainer:
         """This data-parallel rank's micro-batches of `indices`: `train.micro_batch_size` rows each, or with
         `train.max_tokens_per_microbatch` that many padded tokens (every DP rank makes the same number)."""
         train = self.cfg.train
-        dp_rank, dp_size = data_parallel_info()
-        shares = [split_for_rank(indices, samples, rank, dp_size) for rank in range(dp_size)]
-        budget = train.max_tokens_per_microbatch
-        count = token_budget_count(samples, shares, budget) if budget else None
-        return make_micro_batches(samples, shares[dp_rank], train.micro_batch_size, self.pad_id, self._pad_multiple(),
-                                  max_tokens=budget, count=count)
+        return rank_micro_batches(samples, indices, *data_parallel_info(), train.micro_batch_size, self.pad_id,
+                                  self._pad_multiple(), train.max_tokens_per_microbatch)
 
     def _logprob_pass(self, model, samples: list[Sample]) -> dict[int, torch.Tensor]:
         """Per-sample response log-probs under `model` (CPU tensors), available on every last-stage rank.
@@ -494,6 +505,7 @@ class Trainer:
         timer = PhaseTimer()
         start = time.perf_counter()
         with timer.phase("generation"):
+            self.memory.before_generation()
             if _rank0():
                 batch, rollout_metrics = self.worker.next_batch(self.step) if self._background() else self.rollout()
                 if not self._background():
@@ -504,8 +516,10 @@ class Trainer:
             routes = self._take_engine_routes(batch) if _rank0() and self.routing else None
             # the routes go separately, each rank its own share (replay/delivery.py)
             batch, rollout_metrics, header = _broadcast((batch, rollout_metrics, route_header(routes)))
+            self.memory.after_generation()
         train_metrics = self.train_on(batch, timer, routes if _rank0() else header)
         self.step += 1
+        self.memory.before_weight_sync()
         with timer.phase("weight_sync"):
             background = _rank0() and self._background()
             with self.worker.weight_update(self.step) if background else nullcontext():
@@ -514,7 +528,8 @@ class Trainer:
                 self.engine.verify_push()
         elapsed = time.perf_counter() - start
         sync_metrics = self.engine.sync_metrics() if _rank0() else {}
-        metrics = {**rollout_metrics, **train_metrics, **sync_metrics, **timer.times, "time/step": elapsed,
+        metrics = {**rollout_metrics, **train_metrics, **sync_metrics, **self.memory.take_metrics(), **timer.times,
+                   "time/step": elapsed,
                    "throughput/tokens_per_s": rollout_metrics["rollout/tokens"] / elapsed}
         return metrics
 

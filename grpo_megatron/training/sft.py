@@ -2,15 +2,18 @@
 
 RL from a random or weak model learns nothing while every sample of a group scores the same; a short
 SFT on the training set's reference answers moves the policy to where groups disagree.
+
+The steps go through the RL actor's own optimizer. A second optimizer would leave the RL optimizer's fp32
+master copies (bf16/fp16 runs: megatron-core's `Float16OptimizerWithFloat16Params` clones them at construction,
+the distributed optimizer likewise) at the pre-SFT weights, and its first step would copy them back into the
+model, undoing the warm start; with the distributed optimizer it would also hold a second fp32 state.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from grpo_megatron.training.actor import Actor, data_parallel_info
-from grpo_megatron.training.batch import Sample, make_micro_batch, make_micro_batches, split_for_rank
+from grpo_megatron.training.actor import data_parallel_info
+from grpo_megatron.training.batch import Sample, make_micro_batch, rank_micro_batches
 
 
 def sft_samples(trainer, items) -> list[Sample]:
@@ -25,9 +28,44 @@ def sft_samples(trainer, items) -> list[Sample]:
 
 
 def sft_warmup(trainer) -> list[float]:
+    """`train.sft_warmup_steps` steps at the constant `train.sft_lr`; RL then starts with the actor's LR schedule
+    where it was and fresh Adam moments, as with an optimizer of its own, but from masters that hold the SFT result."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    cfg, actor = trainer.cfg, trainer.actor
+    rl_scheduler = actor.scheduler
+    groups = actor.optimizer.param_groups
+    rl_bounds = [{key: group.pop(key) for key in ("max_lr", "min_lr") if key in group} for group in groups]
+    for group in groups:  # megatron's param groups carry their own LR bounds, which a scheduler prefers
+        group["max_lr"], group["min_lr"] = cfg.train.sft_lr, 0.0
+    wd = cfg.train.weight_decay
+    actor.scheduler = OptimizerParamScheduler(
+        actor.optimizer, init_lr=cfg.train.sft_lr, max_lr=cfg.train.sft_lr, min_lr=0.0, lr_warmup_steps=0,
+        lr_decay_steps=max(cfg.train.sft_warmup_steps, 1), lr_decay_style="constant", start_wd=wd, end_wd=wd,
+        wd_incr_steps=max(cfg.train.sft_warmup_steps, 1), wd_incr_style="constant")
+    try:
+        losses = _sft_steps(trainer, actor)
+    finally:
+        actor.scheduler = rl_scheduler
+        for group, bounds in zip(groups, rl_bounds):
+            del group["max_lr"], group["min_lr"]
+            group.update(bounds)
+        rl_scheduler.step(increment=0)  # the RL schedule's LR and weight decay back on every param group
+        forget_optimizer_state(actor.optimizer)
+    return losses
+
+
+def forget_optimizer_state(optimizer) -> None:
+    """Drop Adam's moments and step counts (they are created again, zero, at the next step); the fp32 masters,
+    which are parameters of the inner optimizer, not state, keep their values."""
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(wrapper, "optimizer", None)
+        if inner is not None:
+            inner.state.clear()
+
+
+def _sft_steps(trainer, actor) -> list[float]:
     cfg = trainer.cfg
-    sft_cfg = dataclasses.replace(cfg.train, lr=cfg.train.sft_lr, lr_warmup_steps=0, lr_decay_style="constant")
-    actor = Actor(trainer.policy, sft_cfg, total_steps=cfg.train.sft_warmup_steps)
     batch_size = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     generator = torch.Generator().manual_seed(cfg.train.seed)
     losses = []
@@ -36,13 +74,12 @@ def sft_warmup(trainer) -> list[float]:
         picks = torch.randint(len(trainer.train_data), (batch_size,), generator=generator).tolist()
         samples = sft_samples(trainer, [trainer.train_data[i] for i in picks])
         normalizer = float(make_micro_batch(samples, list(range(len(samples))), trainer.pad_id).num_response_tokens)
-        mine = split_for_rank(list(range(len(samples))), samples, dp_rank, dp_size)
-        micro = make_micro_batches(samples, mine, cfg.train.micro_batch_size, trainer.pad_id, trainer._pad_multiple())
+        micro = rank_micro_batches(samples, list(range(len(samples))), dp_rank, dp_size, cfg.train.micro_batch_size,
+                                   trainer.pad_id, trainer._pad_multiple())
 
         def nll(mb, logprobs, entropy):
             loss = -(logprobs * mb.response_mask).sum() / normalizer
             return loss, {"sft_loss": loss.detach() * normalizer / max(mb.num_response_tokens, 1)}
 
         losses.append(actor.train_step(micro, nll, temperature=1.0)["sft_loss"])
-    trainer.actor.install_schedule_hooks()
     return losses

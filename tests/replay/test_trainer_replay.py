@@ -32,3 +32,15 @@ def test_r2_refuses_engine_logprobs(make_config, dist_world1):
     cfg = make_config(algorithm={"routing_replay": "r2"}, rollout={"use_engine_logprobs": True})
     with pytest.raises(ConfigError, match="use_engine_logprobs"):
         Trainer(cfg)
+
+
+def test_r3_step_on_one_nccl_process(make_config, dist_world1, monkeypatch):
+    """One GPU: torch.distributed with one NCCL rank, so no gloo control group is made (parallel.init_control_group
+    needs a second rank); the step must not ask for one. The backend name is what control_group() checks."""
+    import torch.distributed as dist
+
+    trainer = Trainer(make_config(algorithm={"routing_replay": "r3"}, train={"steps": 1}, reward=VARIED))
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    metrics = trainer.train_step()
+    trainer.close()
+    assert metrics["routing/agree_rollout_train"] == 1.0

@@ -59,3 +59,55 @@ def test_micro_batch_layout_follows_the_convention():
                                                          [0, 0, -1.0, -2.0, 0, 0, 0, 0]]))
     assert mb.ref_logprobs is None and mb.advantages.tolist() == [-0.5, 1.5] and mb.num_response_tokens == 6
     assert mb.tokens.dtype == torch.long and mb.response_mask.dtype == torch.float32
+
+
+@pytest.mark.parametrize("num_samples, dp_size, micro_batch_size",
+                         [(9, 2, 4), (9, 2, 1), (10, 4, 2), (7, 3, 2), (12, 3, 4), (5, 5, 8)])
+def test_uneven_data_parallel_shares_make_the_same_micro_batch_count(num_samples, dp_size, micro_batch_size):
+    """Ranks with different micro-batch counts run different numbers of expert all-to-alls: the last one
+    waits for a partner that never comes (until NCCL's timeout). Shares differ by at most one sample."""
+    from grpo_megatron.training.batch import micro_batch_count
+
+    batch = samples((LENGTHS * 2)[:num_samples])
+    shares = [split_for_rank(list(range(num_samples)), batch, rank, dp_size) for rank in range(dp_size)]
+    count = micro_batch_count([len(share) for share in shares], micro_batch_size)
+    made = [make_micro_batches(batch, share, micro_batch_size, 0, count=count) for share in shares]
+    assert {len(micro) for micro in made} == {count}
+    assert sorted(i for micro in made for mb in micro for i in mb.indices) == list(range(num_samples))
+    largest = max(mb.tokens.shape[0] for micro in made for mb in micro)
+    assert largest <= micro_batch_size or (micro_batch_size == 1 and largest == 2)
+    even = [len(s) for s in shares] == [len(shares[0])] * dp_size and len(shares[0]) % micro_batch_size == 0
+    if even:  # the split the ranks made before: micro_batch_size rows each
+        assert all(mb.tokens.shape[0] == micro_batch_size for micro in made for mb in micro)
+
+
+def test_a_rank_without_samples_is_refused_with_the_numbers():
+    from grpo_megatron.training.batch import micro_batch_count
+
+    with pytest.raises(ValueError, match="3 samples leave a data-parallel rank of 4 without one"):
+        micro_batch_count([1, 1, 1, 0], 2)
+
+
+def test_the_trainers_ranks_make_equal_micro_batch_counts(make_config, dist_world1, monkeypatch):
+    """The trainer's own split (log-prob and training passes), as each of 2 data-parallel ranks computes it
+    for a mini-batch of 9 samples at micro_batch_size 4: shares of 5 and 4 rows."""
+    from grpo_megatron.training import loop
+    from grpo_megatron.training.loop import Trainer
+
+    trainer = Trainer(make_config(train={"micro_batch_size": 4}))
+    batch = samples((LENGTHS * 2)[:9])
+    counts = []
+    for rank in range(2):
+        monkeypatch.setattr(loop, "data_parallel_info", lambda rank=rank: (rank, 2))
+        counts.append(len(trainer._micro_batches(batch, list(range(9)))))
+    trainer.close()
+    assert counts == [2, 2]
+
+
+def test_a_minibatch_smaller_than_the_data_parallel_size_is_refused(make_config, dist_world1, monkeypatch):
+    from grpo_megatron.config import ConfigError
+    from grpo_megatron.training import loop
+
+    monkeypatch.setattr(loop, "data_parallel_info", lambda: (0, 16))
+    with pytest.raises(ConfigError, match="mini-batch of 8 samples leaves some of the 16 data-parallel ranks"):
+        loop.Trainer(make_config())
