@@ -7,7 +7,8 @@ Generation, log-probs and routed experts come from EmbeddedEngine, so they are r
 weights were pushed into. It stands in for SGLang's scheduler and its TP workers (`--tp-size`, one weight copy per
 rank, rank 0's copy serves generation); it does not batch. `/_mock/*` routes (not SGLang's) inject faults, pace
 the decoding and expose request logs and the ranks' weights to the tests.
-Run: python -m tests.sglang.mock_server MODEL_DIR PORT [--tp-size N]
+Run: python -m tests.sglang.mock_server MODEL_DIR PORT [--tp-size N] [--enable-deterministic-inference]
+[--enable-memory-saver] [--enable-weights-cpu-backup] (SGLang's flags, with SGLang's semantics)
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from torch.distributed import PrefixStore, ProcessGroupGloo
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.embedded import EmbeddedEngine
 from grpo_megatron.rollout.hf_layout import CheckpointLayout
+from tests.sglang.seeded_sampler import seeded_sample
 
 PAUSE_MODES = ("abort", "retract", "in_place")  # io_struct.PauseGenerationReqInput.mode, default "abort"
 # schedule_batch.FINISH_ABORT().to_json(): what a running request aborted by abort_all returns.
@@ -72,9 +74,12 @@ class MockState:
     lock: threading.Lock = field(default_factory=threading.Lock)  # the model copies
     sched: threading.Condition = field(default_factory=threading.Condition)  # pause_mode and running
     released: set[str] = field(default_factory=set)  # memory regions released (weights, kv_cache)
+    deterministic: bool = False  # --enable-deterministic-inference: SGLang's seeded sampler (seeded_sampler.py)
+    memory_saver: bool = False  # --enable-memory-saver: a release frees the tagged memory
+    weights_cpu_backup: bool = False  # --enable-weights-cpu-backup: released weights come back intact
 
     def __post_init__(self):
-        self.engine = EmbeddedEngine(self.model_dir)
+        self.engine = EmbeddedEngine(self.model_dir, sampler=seeded_sample if self.deterministic else None)
         self.model = transformers.AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         self.layout = CheckpointLayout(self.model)  # a second copy, for prompt log-probs
         checkpoint = {}
@@ -322,16 +327,34 @@ def _load(state: MockState, route: str, received: list) -> list[str]:
 
 
 def memory_occupation(state: MockState, path: str, req: dict) -> tuple[int, dict]:
-    """scheduler memory_saver: release/resume the tagged regions (None = all). Not modelled: SGLang frees
-    anything only with --enable-memory-saver; loading weights into released memory is refused here (SGLang
-    would write to unmapped memory)."""
-    tags = set(req.get("tags") or ["weights", "kv_cache"])
+    """Release/resume the tagged regions (None = all), as SGLang 0.5.23 does:
+    - without --enable-memory-saver nothing is freed (the noop memory-saver adapter), so weights survive;
+    - with it, a release of `weights` drops their memory unless --enable-weights-cpu-backup
+      (model_runner_components/load_model_utils.py ~307-325: the weights region's enable_cpu_backup), and resume
+      maps back memory that holds no weights, restoring only the model's buffers
+      (managers/scheduler_components/weight_updater.py ~368-403, _export/_import_static_state). The weight
+      version (/model_info) is the tokenizer manager's and survives. Garbage here is random values.
+    Loading weights into released memory is refused here (SGLang would write to unmapped memory)."""
+    tags = set(req.get("tags") or ["weights", "kv_cache", "cuda_graph"])
     if path == "/release_memory_occupation":
         state.released |= tags
     else:
+        if "weights" in tags & state.released and state.memory_saver and not state.weights_cpu_backup:
+            _lose_weights(state)
         state.released -= tags
     state.log.append(f"({path.strip('/')} {','.join(sorted(tags))})")
     return 200, {"success": True, "message": ""}
+
+
+def _lose_weights(state: MockState) -> None:
+    generator = torch.Generator().manual_seed(len(state.log))
+    for rank in state.ranks:
+        for name, tensor in rank.items():
+            rank[name] = torch.randn(tensor.shape, generator=generator).to(tensor.dtype)
+    with state.lock:
+        current = list(state.ranks[0].items())
+        state.engine.update_weights(current, 0)
+        state.layout.load(current)
 
 
 def init_group(state: MockState, req: dict) -> tuple[int, dict]:
@@ -507,9 +530,14 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("port", type=int)
     parser.add_argument("--tp-size", type=int, default=1)
+    parser.add_argument("--enable-deterministic-inference", action="store_true")
+    parser.add_argument("--enable-memory-saver", action="store_true")
+    parser.add_argument("--enable-weights-cpu-backup", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    Handler.state = MockState(args.model_dir, args.tp_size)
+    Handler.state = MockState(args.model_dir, args.tp_size, deterministic=args.enable_deterministic_inference,
+                              memory_saver=args.enable_memory_saver,
+                              weights_cpu_backup=args.enable_weights_cpu_backup)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     server.serve_forever()

@@ -3,7 +3,7 @@
 Partial rollouts (rollout.partial_rollouts): a weight push from another thread while generate runs aborts the
 running requests on every server and pauses them (/pause_generation, mode "abort"), so running requests answer
 at once with the tokens they have (their ids, log-probs and routed-experts rows, under the old version) and new
-ones wait; the push goes on, generation continues, and each unfinished sample is resubmitted on its own (n=1)
+ones wait; the push goes on, generation continues, and each unfinished sample is resubmitted (its own seed)
 with input_ids = prompt + the tokens kept and max_new_tokens = what is left, under the new version. The
 completion is the segments back to back, with `token_versions`.
 
@@ -34,6 +34,7 @@ import torch
 
 from grpo_megatron.models.weight_stream import Bucket, pack
 from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
+from grpo_megatron.rollout.seeds import sample_seeds
 from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
 from grpo_megatron.rollout.sglang.probe import ProbeCheck
 from grpo_megatron.rollout.sglang.protocol import ABORTED, finish_type, generate_payload, outputs_of, parse_completion
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 class SGLangEngine(RolloutEngine):
-    """One /generate request per prompt (with `n` samples), at most max_in_flight at a time over all servers.
+    """One /generate request per sample (n=1, its own seed), at most max_in_flight prompts' samples at a time.
 
     routed_shape is (MoE layers, top-k) of the model, used to check and shape `routed_experts`. A generation the
     server aborted (/abort_request, pause in abort mode) is resubmitted like a failed one, so every prompt gets
@@ -93,52 +94,51 @@ class SGLangEngine(RolloutEngine):
 
     async def _generate(self, prompts: list[list[int]], params: SamplingParams,
                         routed: bool) -> list[list[Completion]]:
-        window = asyncio.Semaphore(self.max_in_flight)
+        """One request per sample (n=1) with the sample's own seed (rollout/seeds.py): SGLang copies an n > 1
+        request with one seed, which deterministic inference turns into n identical responses."""
+        window = asyncio.Semaphore(self.max_in_flight * params.n)  # max_in_flight prompts' worth of samples
         shape = self.routed_shape if routed else None
         pool = self.pool if routed else self.generate_pool
+        one = replace(params, n=1)
 
-        def handle(prompt: list[int]):
-            def parse(url: str, body) -> list[Completion]:
-                outputs = outputs_of(body, params.n, url)
-                if any(finish_type(o, url) == ABORTED for o in outputs):
-                    raise Retryable("the server aborted the generation")
-                return [parse_completion(o, prompt, url, self._version, shape) for o in outputs]
-            return parse
-
-        async def one(i: int, prompt: list[int]) -> list[Completion]:
-            seed = None if params.seed is None else params.seed + i
+        async def sample(prompt: list[int], seed: int) -> Completion:
             if self.partial_rollouts:
-                return await self._resumable(pool, client, window, prompt, params, routed, seed)
-            async with window:
-                return await pool.post(client, "/generate", generate_payload(prompt, params, routed, seed),
-                                       handle(prompt))
+                return await self._resumable(pool, client, window, prompt, one, routed, seed)
 
-        async with pool.client(self.max_in_flight) as client:
-            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+            def parse(url: str, body) -> Completion:
+                [output] = outputs_of(body, 1, url)
+                if finish_type(output, url) == ABORTED:
+                    raise Retryable("the server aborted the generation")
+                return parse_completion(output, prompt, url, self._version, shape)
+
+            async with window:
+                return await pool.post(client, "/generate", generate_payload(prompt, one, routed, seed), parse)
+
+        async def group(i: int, prompt: list[int]) -> list[Completion]:
+            return list(await asyncio.gather(*(sample(prompt, s) for s in sample_seeds(params.seed, i, params.n))))
+
+        async with pool.client(self.max_in_flight * params.n) as client:
+            return list(await asyncio.gather(*(group(i, p) for i, p in enumerate(prompts))))
 
     async def _resumable(self, pool: ServerPool, client: httpx.AsyncClient, window: asyncio.Semaphore,
-                         prompt: list[int], params: SamplingParams, routed: bool,
-                         seed: int | None) -> list[Completion]:
-        """params.n completions of one prompt; samples aborted by a pause are resumed one by one (n=1)."""
+                         prompt: list[int], params: SamplingParams, routed: bool, seed: int) -> Completion:
+        """One sample (params.n == 1); when a pause aborts it, it is resumed from its kept tokens, same seed."""
 
-        async def segments(sample: _Resumed | None) -> list[tuple[Completion, bool]]:
-            """One request: the prompt's n samples, or the rest of `sample`; (segment, aborted) per output."""
-            kept = list(sample.response_ids) if sample else []
-            sp = replace(params, max_new_tokens=params.max_new_tokens - len(kept), n=1) if sample else params
+        async def segment(kept: list[int]) -> tuple[Completion, bool]:
+            """One request for the rest of the sample after `kept`: (segment, aborted)."""
+            sp = replace(params, max_new_tokens=params.max_new_tokens - len(kept))
             payload = generate_payload(prompt + kept, sp, routed, seed)
             start = len(prompt) + len(kept) - 1 if routed and kept else 0  # rows of the new tokens only
             if start:
                 payload["routed_experts_start_len"] = start
             version = self._version  # for a server that reports no weight_version (never updated)
 
-            def parse(url: str, body) -> list[tuple[Completion, bool]]:
-                out = []
-                for o in outputs_of(body, sp.n, url):
-                    aborted = finish_type(o, url) == ABORTED
-                    # An abort before the first token (still queued) may come without routed_experts.
-                    shape = self.routed_shape if routed and (o.get("output_ids") or not aborted) else None
-                    out.append((parse_completion(o, prompt + kept, url, version, shape, start), aborted))
-                return out
+            def parse(url: str, body) -> tuple[Completion, bool]:
+                [o] = outputs_of(body, 1, url)
+                aborted = finish_type(o, url) == ABORTED
+                # An abort before the first token (still queued) may come without routed_experts.
+                shape = self.routed_shape if routed and (o.get("output_ids") or not aborted) else None
+                return parse_completion(o, prompt + kept, url, version, shape, start), aborted
 
             async with window:
                 if not self._open.is_set():  # a push is pausing the servers: this request waits for it
@@ -152,25 +152,19 @@ class SGLangEngine(RolloutEngine):
                         self._running -= 1
                         self._answered.notify_all()
 
-        async def finish(sample: _Resumed, aborted: bool) -> Completion:
-            idle = 0  # aborts in a row that brought no token: a server that keeps aborting is an error
-            while aborted and len(sample.response_ids) < params.max_new_tokens:
-                logger.info("resuming a sample aborted by a pause after %d tokens", len(sample.response_ids))
-                [(segment, aborted)] = await segments(sample)
-                idle = 0 if segment.response_ids else idle + 1
-                if idle >= pool.retry.attempts:
-                    raise ServerUnavailableError(f"/generate was aborted {idle} times in a row without a new token "
-                                                 f"(prompt of {len(prompt)} tokens)")
-                sample.add(segment)
-            return sample.completion(params.max_new_tokens)
-
-        first = await segments(None)
-        samples = []
-        for segment, aborted in first:
-            sample = _Resumed(prompt)
-            sample.add(segment)
-            samples.append(finish(sample, aborted))
-        return list(await asyncio.gather(*samples))
+        sample = _Resumed(prompt)
+        part, aborted = await segment([])
+        sample.add(part)
+        idle = 0  # aborts in a row that brought no token: a server that keeps aborting is an error
+        while aborted and len(sample.response_ids) < params.max_new_tokens:
+            logger.info("resuming a sample aborted by a pause after %d tokens", len(sample.response_ids))
+            part, aborted = await segment(list(sample.response_ids))
+            idle = 0 if part.response_ids else idle + 1
+            if idle >= pool.retry.attempts:
+                raise ServerUnavailableError(f"/generate was aborted {idle} times in a row without a new token "
+                                             f"(prompt of {len(prompt)} tokens)")
+            sample.add(part)
+        return sample.completion(params.max_new_tokens)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Push full tensors held in this process (packed into buckets here); see push_buckets."""
