@@ -61,13 +61,16 @@ class SGLangEngine(RolloutEngine):
 
     def __init__(self, pool: ServerPool, sync: WeightSync, max_in_flight: int = 64,
                  routed_shape: tuple[int, int] | None = None, probe: ProbeCheck | None = None,
-                 gpu_servers: bool = False, generate_pool: ServerPool | None = None, partial_rollouts: bool = False):
+                 gpu_servers: bool = False, generate_pool: ServerPool | None = None, partial_rollouts: bool = False,
+                 weights_cpu_backup: bool = False):
         if max_in_flight < 1:
             raise ValueError(f"rollout.sglang.max_in_flight={max_in_flight}: must be >= 1")
         self.pool, self.sync, self.max_in_flight = pool, sync, max_in_flight
         self.partial_rollouts = partial_rollouts
         self.generate_pool = generate_pool or pool
         self.routed_shape, self.probe, self.gpu_servers = routed_shape, probe, gpu_servers
+        self.weights_cpu_backup = weights_cpu_backup
+        self._weights_lost = False  # released without CPU backup: the servers hold garbage until a full push
         self.last_sync: dict[str, float] = {}
         self._unverified: tuple[int, bool] | None = None  # (version, complete) of a push the probe has not checked
         self._open = threading.Event()  # partial rollouts: cleared while a push pauses generation
@@ -182,6 +185,9 @@ class SGLangEngine(RolloutEngine):
         `complete=False`: the buckets hold only the tensors that changed since the last push (sync_changed_only).
         """
         self._check_alive()
+        if self._weights_lost and not complete:
+            raise RuntimeError("a changed-only push onto weights the servers released without CPU backup would "
+                               "leave every unsent tensor as garbage; push everything (serves_last_push() is False)")
         with self._paused() if self.partial_rollouts else contextlib.nullcontext():
             if self._released:
                 self._memory("/resume_memory_occupation", ["weights"])
@@ -192,6 +198,7 @@ class SGLangEngine(RolloutEngine):
                 self._memory("/resume_memory_occupation", ["kv_cache"])
                 self._released = False
             self._version = version
+            self._weights_lost = False
         self.last_sync = {"bytes": float(moved), "seconds": seconds, "mb_per_s": moved / 2**20 / max(seconds, 1e-9),
                           "full": float(complete)}
         logger.info("weight sync v%d: %.1f MB in %.2f s (%.0f MB/s per server)%s", version, moved / 2**20, seconds,
@@ -210,9 +217,10 @@ class SGLangEngine(RolloutEngine):
 
     def serves_last_push(self) -> bool:
         """Whether every server reports the weight version of this engine's last push (/model_info): false before
-        the first push and for a server that restarted since (it reports its initial version), i.e. whenever a
-        changed-only sync could leave a server with other weights than the trainer's."""
-        if not self.last_sync:
+        the first push, for a server that restarted since (it reports its initial version) and after a release of
+        weights without CPU backup (SGLang maps back memory that holds no weights, but keeps the version), i.e.
+        whenever a changed-only sync could leave a server with other weights than the trainer's."""
+        if not self.last_sync or self._weights_lost:
             return False
         return all(str(self.pool.call(url, "GET", "/model_info").get("weight_version")) == str(self._version)
                    for url in self.pool.urls)
@@ -265,11 +273,13 @@ class SGLangEngine(RolloutEngine):
     def release_memory(self) -> None:
         """Free the colocated servers' GPU memory (weights and KV cache) for training; a no-op for CPU servers
         (SGLang calls torch.cuda there). Needs servers started with --enable-memory-saver, else SGLang frees
-        nothing. The next push_buckets resumes it."""
+        nothing. The next push_buckets resumes it; without --enable-weights-cpu-backup (weights_cpu_backup) it
+        must push every tensor, as the resumed weights are garbage."""
         if self._released or not self.gpu_servers:
             return
         self._memory("/release_memory_occupation", ["weights", "kv_cache"])
         self._released = True
+        self._weights_lost = not self.weights_cpu_backup
 
     def _memory(self, path: str, tags: list[str]) -> None:
         for url in self.pool.urls:
