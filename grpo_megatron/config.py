@@ -50,7 +50,9 @@ class SGLangConfig:
     urls: list[str] = field(default_factory=list)  # the servers themselves: weight sync, pause/abort, probe
     router_url: str = ""  # optional sglang-router in front of `urls`: /generate goes there instead
     api_key: str | None = None  # unset: $GRPO_SGLANG_API_KEY (the Slurm scripts set one per job)
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # per request; a /generate gets timeout_per_token_s more per token it may sample
+    timeout_per_token_s: float = 0.05  # a non-streaming /generate answers when done: 32K tokens -> 300 + 1638 s
+    disk_load_timeout_s: float = 1800.0  # /update_weights_from_disk reads the whole checkpoint (61 GB, shared FS)
     max_in_flight: int = 64
     weight_sync: str = "disk"  # tensor | distributed | disk | auto (tensor when colocated, else distributed)
     bucket_mb: float = 512.0  # weight-sync bucket (MiB): a sender holds at most two; fractions split tiny models

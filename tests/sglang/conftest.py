@@ -105,8 +105,11 @@ def mock_tp2(mock_tp2_urls):
     return _reset(mock_tp2_urls)
 
 
-def inject(url: str, route: str, kind: str, count: int = 1) -> None:
-    httpx.post(url + "/_mock/fault", json={"route": route, "kind": kind, "count": count}).raise_for_status()
+def inject(url: str, route: str, kind: str, count: int = 1, seconds: float = 30) -> None:
+    """A fault on the next `count` requests to `route`: 500, drop, malformed, routed_experts_size, or hang
+    (`seconds` before the request is handled)."""
+    httpx.post(url + "/_mock/fault", json={"route": route, "kind": kind, "count": count,
+                                           "seconds": seconds}).raise_for_status()
 
 
 def request_log(url: str) -> list[str]:

@@ -90,12 +90,12 @@ class MockState:
         self.ranks = [{n: t.to(torch.float32) for n, t in checkpoint.items() if n in shapes}
                       for _ in range(self.tp_size)]
 
-    def take_fault(self, route: str) -> str | None:
+    def take_fault(self, route: str) -> dict | None:
         with self.lock:
             for fault in self.faults:
                 if fault["route"] == route and fault["count"] > 0:
                     fault["count"] -= 1
-                    return fault["kind"]
+                    return dict(fault)
         return None
 
 
@@ -409,7 +409,8 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         state = self.state
         state.log.append(path)
-        fault = state.take_fault(path)
+        taken = state.take_fault(path)
+        fault = taken["kind"] if taken else None
         if fault == "500":
             return self._send(500, {"error": {"message": "injected internal error"}})
         if fault == "drop":
@@ -417,7 +418,7 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(2)
             return
         if fault == "hang":
-            time.sleep(30)
+            time.sleep(taken.get("seconds", 30))
         try:
             req = json.loads(raw) if raw else {}
         except json.JSONDecodeError as err:
@@ -487,7 +488,8 @@ class Handler(BaseHTTPRequestHandler):
     def _mock_route(self, method: str, path: str, query: str, req: dict) -> tuple[int, object]:
         state = self.state
         if path == "/_mock/fault" and method == "POST":
-            state.faults.append({"route": req["route"], "kind": req["kind"], "count": req.get("count", 1)})
+            state.faults.append({"route": req["route"], "kind": req["kind"], "count": req.get("count", 1),
+                                 "seconds": req.get("seconds", 30)})
             return 200, {"ok": True}
         if path == "/_mock/config" and method == "POST":
             state.token_delay_s = req.get("token_delay_s", state.token_delay_s)

@@ -62,7 +62,7 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, pool: ServerPool, sync: WeightSync, max_in_flight: int = 64,
                  routed_shape: tuple[int, int] | None = None, probe: ProbeCheck | None = None,
                  gpu_servers: bool = False, generate_pool: ServerPool | None = None, partial_rollouts: bool = False,
-                 weights_cpu_backup: bool = False):
+                 weights_cpu_backup: bool = False, timeout_per_token_s: float = 0.0):
         if max_in_flight < 1:
             raise ValueError(f"rollout.sglang.max_in_flight={max_in_flight}: must be >= 1")
         self.pool, self.sync, self.max_in_flight = pool, sync, max_in_flight
@@ -70,6 +70,7 @@ class SGLangEngine(RolloutEngine):
         self.generate_pool = generate_pool or pool
         self.routed_shape, self.probe, self.gpu_servers = routed_shape, probe, gpu_servers
         self.weights_cpu_backup = weights_cpu_backup
+        self.timeout_per_token_s = timeout_per_token_s
         self._weights_lost = False  # released without CPU backup: the servers hold garbage until a full push
         self.last_sync: dict[str, float] = {}
         self._unverified: tuple[int, bool] | None = None  # (version, complete) of a push the probe has not checked
@@ -115,7 +116,8 @@ class SGLangEngine(RolloutEngine):
                 return parse_completion(output, prompt, url, self._version, shape)
 
             async with window:
-                return await pool.post(client, "/generate", generate_payload(prompt, one, routed, seed), parse)
+                return await pool.post(client, "/generate", generate_payload(prompt, one, routed, seed), parse,
+                                       self._generate_timeout(pool, one.max_new_tokens), retry_timeouts=True)
 
         async def group(i: int, prompt: list[int]) -> list[Completion]:
             return list(await asyncio.gather(*(sample(prompt, s) for s in sample_seeds(params.seed, i, params.n))))
@@ -149,7 +151,8 @@ class SGLangEngine(RolloutEngine):
                 with self._answered:
                     self._running += 1
                 try:
-                    return await pool.post(client, "/generate", payload, parse)
+                    return await pool.post(client, "/generate", payload, parse,
+                                           self._generate_timeout(pool, sp.max_new_tokens), retry_timeouts=True)
                 finally:
                     with self._answered:
                         self._running -= 1
@@ -168,6 +171,10 @@ class SGLangEngine(RolloutEngine):
                                              f"(prompt of {len(prompt)} tokens)")
             sample.add(part)
         return sample.completion(params.max_new_tokens)
+
+    def _generate_timeout(self, pool: ServerPool, max_new_tokens: int) -> float:
+        """A non-streaming /generate answers only when done: its bound grows with the tokens it may sample."""
+        return pool.timeout_s + max_new_tokens * self.timeout_per_token_s
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Push full tensors held in this process (packed into buckets here); see push_buckets."""

@@ -36,7 +36,7 @@ def make_weight_sync(s: SGLangConfig, hf_path: str, pool: ServerPool | None = No
             return DistributedSync(pool, s.bucket_mb, s.server_tp_size, s.update_master_address,
                                    s.update_master_port or free_port(), backend)
         if mode == "disk":
-            return DiskSync(pool, s.bucket_mb, hf_path, s.disk_dir or None)
+            return DiskSync(pool, s.bucket_mb, hf_path, s.disk_dir or None, s.disk_load_timeout_s)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     raise ConfigError(f"rollout.sglang.weight_sync={s.weight_sync!r}: use tensor, distributed, disk or auto")
