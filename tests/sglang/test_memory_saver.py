@@ -1,6 +1,6 @@
 """Colocated GPU servers release their weights for training; without CPU backup what comes back is garbage.
 
-The mock follows SGLang 0.5.23 (tests/sglang/mock_server.py memory_occupation cites the lines): with
+The mock follows SGLang 0.5.23 (tests/sglang/mock_memory.py memory_occupation cites the lines): with
 --enable-memory-saver a release of `weights` drops them unless --enable-weights-cpu-backup, resume maps back memory
 that holds no weights and restores only the model's buffers, and /model_info's weight version survives; without
 --enable-memory-saver nothing is freed. So after a release the next push must carry every tensor, even with
