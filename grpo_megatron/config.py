@@ -50,9 +50,11 @@ class SGLangConfig:
     urls: list[str] = field(default_factory=list)  # the servers themselves: weight sync, pause/abort, probe
     router_url: str = ""  # optional sglang-router in front of `urls`: /generate goes there instead
     api_key: str | None = None  # unset: $GRPO_SGLANG_API_KEY (the Slurm scripts set one per job)
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # per request; a /generate gets timeout_per_token_s more per token it may sample
+    timeout_per_token_s: float = 0.05  # a non-streaming /generate answers when done: 32K tokens -> 300 + 1638 s
+    disk_load_timeout_s: float = 1800.0  # /update_weights_from_disk reads the whole checkpoint (61 GB, shared FS)
     max_in_flight: int = 64
-    weight_sync: str = "disk"  # tensor | distributed | disk
+    weight_sync: str = "disk"  # tensor | distributed | disk | auto (tensor when colocated, else distributed)
     bucket_mb: float = 512.0  # weight-sync bucket (MiB): a sender holds at most two; fractions split tiny models
     retries: int = 4  # tries per request (connection errors, 5xx), across servers
     server_tp_size: int = 1  # TP ranks per server: copies of each tensor bucket / ranks in the update group
@@ -66,8 +68,20 @@ class SGLangConfig:
     probe_tolerance: float = 0.0  # max |dlogprob| of the probe (0 = log only)
     gpu_servers: bool = False  # GPU servers: colocated ones release their memory for training (memory saver)
     probe_on_gpu_servers: bool = False  # the probe holds an fp32 model copy on rank 0's CPU: off for GPU servers
+    weights_cpu_backup: bool = False  # servers run --enable-weights-cpu-backup: released weights survive, so a
+    # changed-only sync after a release needs no full push (off: the push after a release is full, as SGLang
+    # resumes released weights as garbage)
     sync_changed_only: bool = False  # after a full first sync, send only tensors whose parameters changed (64-bit
     # fingerprints); tensor and distributed modes (disk reloads the whole directory, so it always writes it all)
+
+
+    @property
+    def sync_mode(self) -> str:
+        """weight_sync with `auto` resolved for this placement: CUDA IPC on the GPU a colocated server shares,
+        a broadcast from trainer rank 0 to dedicated servers (never the disk: a full checkpoint per step)."""
+        if self.weight_sync != "auto":
+            return self.weight_sync
+        return "tensor" if self.colocated else "distributed"
 
 
 @dataclass
@@ -103,6 +117,7 @@ class RolloutConfig:
     max_staleness: int = 1  # async: versions a trained token may be behind the trainer
     stale_groups: str = "regenerate"  # async: a group staler than max_staleness is regenerated or dropped
     partial_rollouts: bool = False  # async: push weights mid-generation; responses go on under the new ones
+    identical_groups_warn: float = 0.5  # warn when this fraction of a step's groups are G copies of one response
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     function: str = ""  # "" single turn | tool_loop | package.module:function (grpo_megatron/rollout/functions.py)
     function_options: dict = field(default_factory=dict)  # passed to the function as context.options
@@ -277,7 +292,7 @@ class RunConfig:
 
     def _validate_weight_sync(self) -> None:
         s = self.rollout.sglang
-        if s.sync_changed_only and (self.rollout.engine != "sglang" or s.weight_sync == "disk"):
+        if s.sync_changed_only and (self.rollout.engine != "sglang" or s.sync_mode == "disk"):
             raise ConfigError(f"rollout.sglang.sync_changed_only needs rollout.engine sglang with weight_sync tensor or "
                               f"distributed (got engine {self.rollout.engine}, weight_sync {s.weight_sync}): "
                               f"update_weights_from_disk reloads the whole directory, so disk mode always writes "

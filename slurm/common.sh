@@ -26,11 +26,23 @@
 #                     trainer as GRPO_SGLANG_API_KEY in the environment (never in config.yaml or the logs)
 #   SGLANG_ROUTER     auto | 0: put sglang-router in front of the servers when installed (default auto)
 #   PYTHON            interpreter with grpo_megatron installed (default: python3 on PATH)
+#   SGLANG_PYTHON     interpreter of SGLang's own environment, for the servers and sglang-router (default:
+#                     PYTHON). SGLang 0.5.23 pins torch 2.14.1 and transformers 5.19.0, not the trainer's
+#                     tested pins; installed into the trainer's environment it replaces the torch that
+#                     TransformerEngine and apex were built against. On GPU give it its own venv.
+#   GLOO_SOCKET_IFNAME  network interface of the trainer's gloo control group across nodes (e.g. ib0, eth0);
+#                     needed where a node's hostname resolves to a loopback address (127.0.1.1 in Debian's
+#                     /etc/hosts), which gloo would bind to: checked before a multi-node job starts
+#   CUDA_DEVICE_MAX_CONNECTIONS  set to 1 on GPU (megatron orders tensor/sequence-parallel communication
+#                     against compute with one hardware queue; it warns or asserts without it)
 #   SITE_SETUP        a file sourced first on the batch host and every node (module load, venv, ...)
 #   MASTER_PORT       rendezvous port (default: derived from the job id)
 #   GRPO_RDZV_BACKEND static | c10d (default static: node rank = position in the node list)
 #   GRPO_MAX_REQUEUES stop requeueing after this many restarts (default 20)
 #   GRPO_RESUME       1 | 0: pass --resume (default 1: a requeued or resubmitted job continues)
+
+# shellcheck source=slurm/runtime_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/runtime_env.sh"
 
 _GRPO_PIDS=()          # background srun clients started by this job, stopped by _grpo_cleanup
 _GRPO_TRAIN_PID=""
@@ -167,13 +179,14 @@ _grpo_sglang_flags() {
 # and SGLANG_ROUTER_URL (for --rollout.sglang.router_url: generation only; empty without a router).
 _grpo_start_sglang() {
     local nodes=("$@") base=$(( ${SGLANG_PORT_BASE:-$((25000 + (SLURM_JOB_ID % 1000) * 16))} ))
+    SGLANG_PYTHON=${SGLANG_PYTHON:-$PYTHON}
     local nodelist
     nodelist=$(IFS=,; echo "${nodes[*]}")
     # One cheap srun before loading anything: a missing install is the most common rollout failure.
     if ! srun --overlap --nodes="${#nodes[@]}" --ntasks-per-node=1 --nodelist="$nodelist" \
-            bash -c "${SITE_SETUP:+source '$SITE_SETUP';} '$PYTHON' -c 'import sglang'" >/dev/null 2>&1; then
-        die "SGLang is not importable by $PYTHON on the rollout nodes ($nodelist): install it there " \
-            "(pip install 'sglang[all]') or point PYTHON/SITE_SETUP at an environment that has it"
+            bash -c "${SITE_SETUP:+source '$SITE_SETUP';} '$SGLANG_PYTHON' -c 'import sglang'" >/dev/null 2>&1; then
+        die "SGLang is not importable by $SGLANG_PYTHON on the rollout nodes ($nodelist): install it in its own" \
+            "venv (pip install 'sglang[all]==0.5.23') and set SGLANG_PYTHON to that venv's python"
     fi
     local urls=() i node port url logfile flags
     flags=$(_grpo_sglang_flags "$GRPO_DEVICE_KIND" "$ROUTING_REPLAY" "$(( ${ROLLOUT_NODES:-0} == 0 ))")
@@ -183,8 +196,11 @@ _grpo_start_sglang() {
         url="http://$(_grpo_node_addr "$node"):$port"
         logfile="$RUN_DIR/slurm/sglang-$SLURM_JOB_ID-$node.log"
         # --overlap: colocated servers share the trainer nodes' resources with the trainer step.
+        # CUDA_DEVICE_MAX_CONNECTIONS=1 is megatron's need (runtime_env.sh), not SGLang's: it would serialise
+        # SGLang's overlapped streams.
         srun --overlap --nodes=1 --ntasks=1 --nodelist="$node" --kill-on-bad-exit=1 \
-            bash -c "${SITE_SETUP:+source '$SITE_SETUP';} exec '$PYTHON' -m sglang.launch_server \
+            bash -c "${SITE_SETUP:+source '$SITE_SETUP';} unset CUDA_DEVICE_MAX_CONNECTIONS; \
+                exec '$SGLANG_PYTHON' -m sglang.launch_server \
                 --model-path '$MODEL_HF_PATH' --host 0.0.0.0 --port $port $flags" >"$logfile" 2>&1 &
         _GRPO_PIDS+=($!)
         log "SGLang server on $node: $url (log $logfile)"
@@ -195,11 +211,11 @@ _grpo_start_sglang() {
     done
     SGLANG_URLS=$(IFS=,; echo "${urls[*]}")
     SGLANG_ROUTER_URL=
-    if [[ "${SGLANG_ROUTER:-auto}" != 0 ]] && "$PYTHON" -c 'import sglang_router' 2>/dev/null; then
+    if [[ "${SGLANG_ROUTER:-auto}" != 0 ]] && "$SGLANG_PYTHON" -c 'import sglang_router' 2>/dev/null; then
         local rport=$((base + 15)) head=${nodes[0]} rlog="$RUN_DIR/slurm/sglang-router-$SLURM_JOB_ID.log"
         url="http://$(_grpo_node_addr "$head"):$rport"
         srun --overlap --nodes=1 --ntasks=1 --nodelist="$head" \
-            bash -c "${SITE_SETUP:+source '$SITE_SETUP';} exec '$PYTHON' -m sglang_router.launch_router \
+            bash -c "${SITE_SETUP:+source '$SITE_SETUP';} exec '$SGLANG_PYTHON' -m sglang_router.launch_router \
                 --worker-urls ${urls[*]} --host 0.0.0.0 --port $rport --api-key \"\$GRPO_SGLANG_API_KEY\"" \
             >"$rlog" 2>&1 &
         _GRPO_PIDS+=($!)
@@ -250,6 +266,7 @@ grpo_slurm_main() {
     local device=${GRPO_DEVICE:-auto}
     [[ "$device" == auto ]] && { (( gpus > 0 )) && device=gpu || device=cpu; }
     GRPO_DEVICE_KIND=$device
+    _grpo_sglang_python
     if [[ "$device" == cpu ]]; then
         export CUDA_VISIBLE_DEVICES=""
         NPROC_PER_NODE=${NPROC_PER_NODE:-1}
@@ -267,6 +284,7 @@ grpo_slurm_main() {
     TRAIN_NODES=("${all_nodes[@]:0:train_n}")
     ROLLOUT_NODE_LIST=("${all_nodes[@]:train_n}")
     local world=$((train_n * NPROC_PER_NODE))
+    _grpo_runtime_env "$device" "$train_n"
 
     # Overrides, in increasing precedence: env paths, TRAIN_ARGS, the script's own arguments.
     local overrides=()

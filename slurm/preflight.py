@@ -101,7 +101,7 @@ def weights_dir_marker(cfg, job_id: str) -> str | None:
     node-local temporary directory is invisible to servers on other nodes). A marker file is written there
     for common.sh to look for from every server node."""
     s = cfg.rollout.sglang
-    if cfg.rollout.engine != "sglang" or s.weight_sync != "disk":
+    if cfg.rollout.engine != "sglang" or s.sync_mode != "disk":
         return None
     s.disk_dir = str(Path(s.disk_dir or Path(cfg.run_dir) / "weights").resolve())
     try:

@@ -16,7 +16,7 @@ of the forward that sampled each token (and produced its routes).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -27,13 +27,18 @@ from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
 from grpo_megatron.rollout.hf_layout import CheckpointLayout
 from grpo_megatron.rollout.sampling import sample_next_tokens
 
+PositionalSampler = Callable[[torch.Tensor, SamplingParams, torch.Generator, torch.Tensor],
+                             tuple[torch.Tensor, torch.Tensor]]
+"""(logits [B, V], params, generator, positions [B]) -> (tokens [B], log-probs [B])."""
+
 
 class EmbeddedEngine(RolloutEngine):
     """Generate with a transformers AutoModelForCausalLM held in this process.
 
     hf_path_or_config: an HF checkpoint directory (config + safetensors), or a config to build with random
     weights (seeded by `seed`) that update_weights then replaces. `seed` also seeds the sampler used when
-    SamplingParams.seed is None. The logits are computed as the decoder's last hidden state through the
+    SamplingParams.seed is None. `sampler` replaces the sampling step (a server's own sampler, as a test's
+    stand-in server does for SGLang's seeded one); it also gets each row's position. The logits are computed as the decoder's last hidden state through the
     output embedding, which is what the CausalLM heads of llama/qwen2/qwen3/qwen3_moe/mixtral do.
     """
 
@@ -44,6 +49,7 @@ class EmbeddedEngine(RolloutEngine):
         max_batch_tokens: int = 16384,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        sampler: PositionalSampler | None = None,
     ):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens={max_batch_tokens}: must be >= 1")
@@ -56,6 +62,7 @@ class EmbeddedEngine(RolloutEngine):
         self._eos_ids = _eos_token_ids(self._model)
         self._moe_top_k = getattr(config, "num_experts_per_tok", None)
         self._max_batch_tokens = max_batch_tokens
+        self._sampler = sampler
         self._generator = torch.Generator(self._device).manual_seed(seed)
         self._version = 0
         self._alive = True
@@ -185,7 +192,10 @@ class EmbeddedEngine(RolloutEngine):
         stopped = [False] * batch_size
         decode_routes: list[list[torch.Tensor]] = [[] for _ in range(batch_size)]
         for step in range(params.max_new_tokens):
-            tokens, token_logprobs = sample_next_tokens(logits, params, generator)
+            if self._sampler is None:
+                tokens, token_logprobs = sample_next_tokens(logits, params, generator)
+            else:  # the position of the last token fed, as SGLang's sampler gets it
+                tokens, token_logprobs = self._sampler(logits, params, generator, next_position - 1)
             is_stop = torch.isin(tokens, stop_ids)
             for row, token, logprob, stop in zip(active.tolist(), tokens.tolist(), token_logprobs.tolist(),
                                                  is_stop.tolist()):

@@ -36,4 +36,5 @@ def _sglang_engine(cfg: RunConfig) -> RolloutEngine:
     probe = make_probe(s, cfg.model.hf_path)
     router = ServerPool([s.router_url], s.api_key, s.timeout_s, RetryPolicy(attempts=s.retries)) if s.router_url else None
     return SGLangEngine(pool, sync, s.max_in_flight, routed_shape, probe, s.gpu_servers, generate_pool=router,
-                        partial_rollouts=cfg.rollout.partial_rollouts)
+                        partial_rollouts=cfg.rollout.partial_rollouts, weights_cpu_backup=s.weights_cpu_backup,
+                        timeout_per_token_s=s.timeout_per_token_s)

@@ -34,6 +34,7 @@ from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.data import PromptItem, PromptLoader
 from grpo_megatron.training.batch import Sample
 from grpo_megatron.training.buffer import Group, RolloutBuffer, staleness_metrics
+from grpo_megatron.training.group_diversity import identical_group_fraction, warn_if_identical
 
 GenerateGroups = Callable[[list[PromptItem], SamplingParams, int], list[Sample]]
 
@@ -107,6 +108,7 @@ class RolloutWorker:
         self._end_step(failed, calls)
         metrics = rollout_metrics(self.cfg, first_round_groups, batch, drawn, shortfall)
         metrics["reward/error_frac"] = failed / max(calls, 1)
+        warn_if_identical(metrics["rollout/identical_groups"], cfg.identical_groups_warn, cfg.temperature)
         return batch, metrics
 
     def rollout_now(self, batch_index: int) -> tuple[list[Sample], dict]:
@@ -282,6 +284,7 @@ def rollout_metrics(cfg: RunConfig, first_round: list[Sample], batch: list[Sampl
         "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
         "response/truncation_rate": float(torch.tensor([s.truncated for s in batch]).float().mean()),
         "rollout/tokens": int(sum(s.length for s in batch)),
+        "rollout/identical_groups": identical_group_fraction(first_round, G),
     }
 
 

@@ -26,7 +26,7 @@ class WeightPush:
         self.engine = engine
         self.bucket_bytes = bucket_bytes(s.bucket_mb)
         self.sender = engine.sync if isinstance(engine, SGLangEngine) else None
-        if self.sender is None and cfg.rollout.engine == "sglang" and s.weight_sync == "tensor" and s.colocated:
+        if self.sender is None and cfg.rollout.engine == "sglang" and s.sync_mode == "tensor" and s.colocated:
             from grpo_megatron.rollout.sglang.sync_factory import make_weight_sync
 
             self.sender = make_weight_sync(s, cfg.model.hf_path)  # this rank's share of the colocated sends

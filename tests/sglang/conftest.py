@@ -18,10 +18,10 @@ from grpo_megatron.parallel import free_port
 from tests.conftest import REPO
 
 
-def _start(model_dir, port: int, tp_size: int = 1) -> subprocess.Popen:
+def _start(model_dir, port: int, tp_size: int = 1, flags: tuple[str, ...] = ()) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "tests.sglang.mock_server", str(model_dir), str(port),
-                             "--tp-size", str(tp_size)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             "--tp-size", str(tp_size), *flags], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
 
 
@@ -41,10 +41,12 @@ def wait_healthy(url: str, proc: subprocess.Popen, deadline: float) -> None:
 
 
 @contextmanager
-def mock_servers(model_dir, count: int, tp_size: int = 1) -> Iterator[tuple[list[str], list[subprocess.Popen]]]:
-    """`count` mock servers of `tp_size` TP ranks each: their URLs and processes, stopped on exit."""
+def mock_servers(model_dir, count: int, tp_size: int = 1,
+                 flags: tuple[str, ...] = ()) -> Iterator[tuple[list[str], list[subprocess.Popen]]]:
+    """`count` mock servers of `tp_size` TP ranks each, started with SGLang's `flags`: their URLs and processes,
+    stopped on exit."""
     ports = [free_port() for _ in range(count)]
-    procs = [_start(model_dir, p, tp_size) for p in ports]
+    procs = [_start(model_dir, p, tp_size, flags) for p in ports]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
         deadline = time.monotonic() + 300  # a loaded CI machine needs minutes
@@ -76,6 +78,15 @@ def mock_tp2_urls(tiny_hf_dir):
         yield urls
 
 
+@pytest.fixture(scope="session")
+def mock_gpu_config_url(tiny_hf_dir):
+    """One mock server started as the GPU scripts start SGLang: deterministic inference and the memory saver,
+    without weights CPU backup (slurm/common.sh)."""
+    flags = ("--enable-deterministic-inference", "--enable-memory-saver")
+    with mock_servers(tiny_hf_dir("qwen3_moe"), 1, flags=flags) as (urls, _):
+        yield urls[0]
+
+
 def _reset(urls: list[str]) -> list[str]:
     for url in urls:
         httpx.post(url + "/_mock/reset", json={})
@@ -94,8 +105,11 @@ def mock_tp2(mock_tp2_urls):
     return _reset(mock_tp2_urls)
 
 
-def inject(url: str, route: str, kind: str, count: int = 1) -> None:
-    httpx.post(url + "/_mock/fault", json={"route": route, "kind": kind, "count": count}).raise_for_status()
+def inject(url: str, route: str, kind: str, count: int = 1, seconds: float = 30) -> None:
+    """A fault on the next `count` requests to `route`: 500, drop, malformed, routed_experts_size, or hang
+    (`seconds` before the request is handled)."""
+    httpx.post(url + "/_mock/fault", json={"route": route, "kind": kind, "count": count,
+                                           "seconds": seconds}).raise_for_status()
 
 
 def request_log(url: str) -> list[str]:

@@ -7,7 +7,8 @@ Generation, log-probs and routed experts come from EmbeddedEngine, so they are r
 weights were pushed into. It stands in for SGLang's scheduler and its TP workers (`--tp-size`, one weight copy per
 rank, rank 0's copy serves generation); it does not batch. `/_mock/*` routes (not SGLang's) inject faults, pace
 the decoding and expose request logs and the ranks' weights to the tests.
-Run: python -m tests.sglang.mock_server MODEL_DIR PORT [--tp-size N]
+Run: python -m tests.sglang.mock_server MODEL_DIR PORT [--tp-size N] [--enable-deterministic-inference]
+[--enable-memory-saver] [--enable-weights-cpu-backup] (SGLang's flags, with SGLang's semantics)
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from torch.distributed import PrefixStore, ProcessGroupGloo
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.embedded import EmbeddedEngine
 from grpo_megatron.rollout.hf_layout import CheckpointLayout
+from tests.sglang.mock_memory import memory_occupation
+from tests.sglang.seeded_sampler import seeded_sample
 
 PAUSE_MODES = ("abort", "retract", "in_place")  # io_struct.PauseGenerationReqInput.mode, default "abort"
 # schedule_batch.FINISH_ABORT().to_json(): what a running request aborted by abort_all returns.
@@ -72,9 +75,12 @@ class MockState:
     lock: threading.Lock = field(default_factory=threading.Lock)  # the model copies
     sched: threading.Condition = field(default_factory=threading.Condition)  # pause_mode and running
     released: set[str] = field(default_factory=set)  # memory regions released (weights, kv_cache)
+    deterministic: bool = False  # --enable-deterministic-inference: SGLang's seeded sampler (seeded_sampler.py)
+    memory_saver: bool = False  # --enable-memory-saver: a release frees the tagged memory
+    weights_cpu_backup: bool = False  # --enable-weights-cpu-backup: released weights come back intact
 
     def __post_init__(self):
-        self.engine = EmbeddedEngine(self.model_dir)
+        self.engine = EmbeddedEngine(self.model_dir, sampler=seeded_sample if self.deterministic else None)
         self.model = transformers.AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         self.layout = CheckpointLayout(self.model)  # a second copy, for prompt log-probs
         checkpoint = {}
@@ -85,12 +91,12 @@ class MockState:
         self.ranks = [{n: t.to(torch.float32) for n, t in checkpoint.items() if n in shapes}
                       for _ in range(self.tp_size)]
 
-    def take_fault(self, route: str) -> str | None:
+    def take_fault(self, route: str) -> dict | None:
         with self.lock:
             for fault in self.faults:
                 if fault["route"] == route and fault["count"] > 0:
                     fault["count"] -= 1
-                    return fault["kind"]
+                    return dict(fault)
         return None
 
 
@@ -321,19 +327,6 @@ def _load(state: MockState, route: str, received: list) -> list[str]:
     return ignored
 
 
-def memory_occupation(state: MockState, path: str, req: dict) -> tuple[int, dict]:
-    """scheduler memory_saver: release/resume the tagged regions (None = all). Not modelled: SGLang frees
-    anything only with --enable-memory-saver; loading weights into released memory is refused here (SGLang
-    would write to unmapped memory)."""
-    tags = set(req.get("tags") or ["weights", "kv_cache"])
-    if path == "/release_memory_occupation":
-        state.released |= tags
-    else:
-        state.released -= tags
-    state.log.append(f"({path.strip('/')} {','.join(sorted(tags))})")
-    return 200, {"success": True, "message": ""}
-
-
 def init_group(state: MockState, req: dict) -> tuple[int, dict]:
     """model_runner weight_updater.init_weights_update_group: TP rank r joins as rank_offset + r.
 
@@ -386,7 +379,8 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         state = self.state
         state.log.append(path)
-        fault = state.take_fault(path)
+        taken = state.take_fault(path)
+        fault = taken["kind"] if taken else None
         if fault == "500":
             return self._send(500, {"error": {"message": "injected internal error"}})
         if fault == "drop":
@@ -394,7 +388,7 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(2)
             return
         if fault == "hang":
-            time.sleep(30)
+            time.sleep(taken.get("seconds", 30))
         try:
             req = json.loads(raw) if raw else {}
         except json.JSONDecodeError as err:
@@ -464,7 +458,8 @@ class Handler(BaseHTTPRequestHandler):
     def _mock_route(self, method: str, path: str, query: str, req: dict) -> tuple[int, object]:
         state = self.state
         if path == "/_mock/fault" and method == "POST":
-            state.faults.append({"route": req["route"], "kind": req["kind"], "count": req.get("count", 1)})
+            state.faults.append({"route": req["route"], "kind": req["kind"], "count": req.get("count", 1),
+                                 "seconds": req.get("seconds", 30)})
             return 200, {"ok": True}
         if path == "/_mock/config" and method == "POST":
             state.token_delay_s = req.get("token_delay_s", state.token_delay_s)
@@ -507,9 +502,14 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("port", type=int)
     parser.add_argument("--tp-size", type=int, default=1)
+    parser.add_argument("--enable-deterministic-inference", action="store_true")
+    parser.add_argument("--enable-memory-saver", action="store_true")
+    parser.add_argument("--enable-weights-cpu-backup", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    Handler.state = MockState(args.model_dir, args.tp_size)
+    Handler.state = MockState(args.model_dir, args.tp_size, deterministic=args.enable_deterministic_inference,
+                              memory_saver=args.enable_memory_saver,
+                              weights_cpu_backup=args.enable_weights_cpu_backup)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     server.serve_forever()

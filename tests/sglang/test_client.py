@@ -73,7 +73,7 @@ def test_5xx_and_dropped_connections_are_retried_without_duplicates(mock, tiny_h
     engine = make_engine(mock[:1], tiny_hf_dir)
     out = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, n=2))
     assert len(out) == 1 and len(out[0]) == 2
-    assert request_log(mock[0]).count("/generate") == 3
+    assert request_log(mock[0]).count("/generate") == 4  # one request per sample, each failed once
 
 
 def test_failed_server_fails_over_to_the_other(mock, tiny_hf_dir):
@@ -92,11 +92,17 @@ def test_server_that_stays_down_names_its_url(tiny_hf_dir):
         engine.pool.call(dead, "POST", "/flush_cache")
 
 
-def test_timeout_is_a_clear_error(mock, tiny_hf_dir):
-    inject(mock[0], "/generate", "hang")
+def test_a_generation_that_keeps_timing_out_is_a_clear_error(mock, tiny_hf_dir):
+    inject(mock[0], "/generate", "hang", count=FAST.attempts, seconds=3)
     engine = make_engine(mock[:1], tiny_hf_dir, timeout_s=1.0)
-    with pytest.raises(ServerTimeoutError, match=mock[0]):
+    with pytest.raises(ServerUnavailableError, match="no answer within 1.0s"):
         engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+
+
+def test_a_control_request_timeout_is_not_repeated(mock):
+    inject(mock[0], "/flush_cache", "hang", seconds=3)
+    with pytest.raises(ServerTimeoutError, match=mock[0]):
+        ServerPool(mock[:1], timeout_s=1.0, retry=FAST).call(mock[0], "POST", "/flush_cache")
 
 
 def test_malformed_json_is_a_clear_error(mock, tiny_hf_dir):
@@ -162,9 +168,9 @@ def _in_thread(fn) -> tuple[threading.Thread, list]:
     return thread, box
 
 
-def _wait_running(url: str) -> None:
+def _wait_running(url: str, count: int = 1) -> None:
     deadline = time.monotonic() + 30
-    while running_requests(url) == 0:
+    while running_requests(url) < count:
         assert time.monotonic() < deadline, "the generation never started"
         time.sleep(0.05)
 
@@ -195,7 +201,7 @@ def test_pause_in_abort_mode_aborts_running_requests_and_they_are_resubmitted(mo
     set_token_delay(mock[0], 0.2)
     params = SamplingParams(max_new_tokens=8, temperature=1.0, n=2)
     thread, box = _in_thread(lambda: engine.generate([[1, 2, 3]], params))
-    _wait_running(mock[0])
+    _wait_running(mock[0], count=2)  # one request per sample
     engine.pause_generation()
     assert running_requests(mock[0]) == 0
     thread.join(1.0)
@@ -205,7 +211,7 @@ def test_pause_in_abort_mode_aborts_running_requests_and_they_are_resubmitted(mo
     group = box[0][0]
     assert len(group) == 2 and all(c.finish_reason in ("stop", "length") for c in group)
     assert all(len(c.response_ids) == 8 or c.finish_reason == "stop" for c in group)
-    assert request_log(mock[0]).count("/generate") == 2 and "aborted" in caplog.text
+    assert request_log(mock[0]).count("/generate") == 4 and "aborted" in caplog.text
 
 
 @pytest.mark.parametrize("mode", ["retract", "in_place"])

@@ -89,3 +89,12 @@ def test_router_command_lists_every_worker():
     assert cmd[cmd.index("--policy") + 1] == "round_robin" and spec.url == "http://127.0.0.1:30100"
     with pytest.raises(ValueError, match="worker URL"):
         RouterSpec([], 1).command()
+
+
+def test_servers_and_routers_run_in_sglang_python_when_set(monkeypatch):
+    """SGLang's own environment (its torch pin is not the trainer's): $SGLANG_PYTHON, as for the Slurm scripts."""
+    monkeypatch.setenv("SGLANG_PYTHON", "/opt/sglang-venv/bin/python")
+    assert ServerSpec("/m", 1).command()[0] == "/opt/sglang-venv/bin/python"
+    assert RouterSpec(["http://a:1"], 2).command()[0] == "/opt/sglang-venv/bin/python"
+    monkeypatch.delenv("SGLANG_PYTHON")
+    assert ServerSpec("/m", 1).command()[0] == "python"

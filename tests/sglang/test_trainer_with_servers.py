@@ -89,11 +89,11 @@ def test_router_takes_generation_and_servers_take_weights(mock, tiny_hf_dir, tmp
     engine = make_engine(cfg, dtype=torch.float32)
     out = engine.generate([[1, 5, 6], [1, 7]], SamplingParams(max_new_tokens=2, n=2))
     assert [len(group) for group in out] == [2, 2]
-    assert request_log(router).count("/generate") == 2 and "/generate" not in request_log(server)
+    assert request_log(router).count("/generate") == 4 and "/generate" not in request_log(server)  # per sample
     # R3 generations bypass the router (sglang-router 0.3.2 drops return_routed_experts) and keep their experts.
     replay = engine.generate([[1, 5, 6]], SamplingParams(max_new_tokens=2), return_routed_experts=True)
     assert replay[0][0].routed_experts is not None
-    assert request_log(router).count("/generate") == 2 and request_log(server).count("/generate") == 1
+    assert request_log(router).count("/generate") == 4 and request_log(server).count("/generate") == 1
     engine.update_weights(new_weights(model, seed=5), version=1)
     engine.shutdown()
     assert "/update_weights_from_tensor" in request_log(server)

@@ -3,7 +3,7 @@
 Partial rollouts (rollout.partial_rollouts): a weight push from another thread while generate runs aborts the
 running requests on every server and pauses them (/pause_generation, mode "abort"), so running requests answer
 at once with the tokens they have (their ids, log-probs and routed-experts rows, under the old version) and new
-ones wait; the push goes on, generation continues, and each unfinished sample is resubmitted on its own (n=1)
+ones wait; the push goes on, generation continues, and each unfinished sample is resubmitted (its own seed)
 with input_ids = prompt + the tokens kept and max_new_tokens = what is left, under the new version. The
 completion is the segments back to back, with `token_versions`.
 
@@ -34,6 +34,7 @@ import torch
 
 from grpo_megatron.models.weight_stream import Bucket, pack
 from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
+from grpo_megatron.rollout.seeds import sample_seeds
 from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
 from grpo_megatron.rollout.sglang.probe import ProbeCheck
 from grpo_megatron.rollout.sglang.protocol import ABORTED, finish_type, generate_payload, outputs_of, parse_completion
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 class SGLangEngine(RolloutEngine):
-    """One /generate request per prompt (with `n` samples), at most max_in_flight at a time over all servers.
+    """One /generate request per sample (n=1, its own seed), at most max_in_flight prompts' samples at a time.
 
     routed_shape is (MoE layers, top-k) of the model, used to check and shape `routed_experts`. A generation the
     server aborted (/abort_request, pause in abort mode) is resubmitted like a failed one, so every prompt gets
@@ -60,13 +61,17 @@ class SGLangEngine(RolloutEngine):
 
     def __init__(self, pool: ServerPool, sync: WeightSync, max_in_flight: int = 64,
                  routed_shape: tuple[int, int] | None = None, probe: ProbeCheck | None = None,
-                 gpu_servers: bool = False, generate_pool: ServerPool | None = None, partial_rollouts: bool = False):
+                 gpu_servers: bool = False, generate_pool: ServerPool | None = None, partial_rollouts: bool = False,
+                 weights_cpu_backup: bool = False, timeout_per_token_s: float = 0.0):
         if max_in_flight < 1:
             raise ValueError(f"rollout.sglang.max_in_flight={max_in_flight}: must be >= 1")
         self.pool, self.sync, self.max_in_flight = pool, sync, max_in_flight
         self.partial_rollouts = partial_rollouts
         self.generate_pool = generate_pool or pool
         self.routed_shape, self.probe, self.gpu_servers = routed_shape, probe, gpu_servers
+        self.weights_cpu_backup = weights_cpu_backup
+        self.timeout_per_token_s = timeout_per_token_s
+        self._weights_lost = False  # released without CPU backup: the servers hold garbage until a full push
         self.last_sync: dict[str, float] = {}
         self._unverified: tuple[int, bool] | None = None  # (version, complete) of a push the probe has not checked
         self._open = threading.Event()  # partial rollouts: cleared while a push pauses generation
@@ -93,52 +98,52 @@ class SGLangEngine(RolloutEngine):
 
     async def _generate(self, prompts: list[list[int]], params: SamplingParams,
                         routed: bool) -> list[list[Completion]]:
-        window = asyncio.Semaphore(self.max_in_flight)
+        """One request per sample (n=1) with the sample's own seed (rollout/seeds.py): SGLang copies an n > 1
+        request with one seed, which deterministic inference turns into n identical responses."""
+        window = asyncio.Semaphore(self.max_in_flight * params.n)  # max_in_flight prompts' worth of samples
         shape = self.routed_shape if routed else None
         pool = self.pool if routed else self.generate_pool
+        one = replace(params, n=1)
 
-        def handle(prompt: list[int]):
-            def parse(url: str, body) -> list[Completion]:
-                outputs = outputs_of(body, params.n, url)
-                if any(finish_type(o, url) == ABORTED for o in outputs):
-                    raise Retryable("the server aborted the generation")
-                return [parse_completion(o, prompt, url, self._version, shape) for o in outputs]
-            return parse
-
-        async def one(i: int, prompt: list[int]) -> list[Completion]:
-            seed = None if params.seed is None else params.seed + i
+        async def sample(prompt: list[int], seed: int) -> Completion:
             if self.partial_rollouts:
-                return await self._resumable(pool, client, window, prompt, params, routed, seed)
-            async with window:
-                return await pool.post(client, "/generate", generate_payload(prompt, params, routed, seed),
-                                       handle(prompt))
+                return await self._resumable(pool, client, window, prompt, one, routed, seed)
 
-        async with pool.client(self.max_in_flight) as client:
-            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+            def parse(url: str, body) -> Completion:
+                [output] = outputs_of(body, 1, url)
+                if finish_type(output, url) == ABORTED:
+                    raise Retryable("the server aborted the generation")
+                return parse_completion(output, prompt, url, self._version, shape)
+
+            async with window:
+                return await pool.post(client, "/generate", generate_payload(prompt, one, routed, seed), parse,
+                                       self._generate_timeout(pool, one.max_new_tokens), retry_timeouts=True)
+
+        async def group(i: int, prompt: list[int]) -> list[Completion]:
+            return list(await asyncio.gather(*(sample(prompt, s) for s in sample_seeds(params.seed, i, params.n))))
+
+        async with pool.client(self.max_in_flight * params.n) as client:
+            return list(await asyncio.gather(*(group(i, p) for i, p in enumerate(prompts))))
 
     async def _resumable(self, pool: ServerPool, client: httpx.AsyncClient, window: asyncio.Semaphore,
-                         prompt: list[int], params: SamplingParams, routed: bool,
-                         seed: int | None) -> list[Completion]:
-        """params.n completions of one prompt; samples aborted by a pause are resumed one by one (n=1)."""
+                         prompt: list[int], params: SamplingParams, routed: bool, seed: int) -> Completion:
+        """One sample (params.n == 1); when a pause aborts it, it is resumed from its kept tokens, same seed."""
 
-        async def segments(sample: _Resumed | None) -> list[tuple[Completion, bool]]:
-            """One request: the prompt's n samples, or the rest of `sample`; (segment, aborted) per output."""
-            kept = list(sample.response_ids) if sample else []
-            sp = replace(params, max_new_tokens=params.max_new_tokens - len(kept), n=1) if sample else params
+        async def segment(kept: list[int]) -> tuple[Completion, bool]:
+            """One request for the rest of the sample after `kept`: (segment, aborted)."""
+            sp = replace(params, max_new_tokens=params.max_new_tokens - len(kept))
             payload = generate_payload(prompt + kept, sp, routed, seed)
             start = len(prompt) + len(kept) - 1 if routed and kept else 0  # rows of the new tokens only
             if start:
                 payload["routed_experts_start_len"] = start
             version = self._version  # for a server that reports no weight_version (never updated)
 
-            def parse(url: str, body) -> list[tuple[Completion, bool]]:
-                out = []
-                for o in outputs_of(body, sp.n, url):
-                    aborted = finish_type(o, url) == ABORTED
-                    # An abort before the first token (still queued) may come without routed_experts.
-                    shape = self.routed_shape if routed and (o.get("output_ids") or not aborted) else None
-                    out.append((parse_completion(o, prompt + kept, url, version, shape, start), aborted))
-                return out
+            def parse(url: str, body) -> tuple[Completion, bool]:
+                [o] = outputs_of(body, 1, url)
+                aborted = finish_type(o, url) == ABORTED
+                # An abort before the first token (still queued) may come without routed_experts.
+                shape = self.routed_shape if routed and (o.get("output_ids") or not aborted) else None
+                return parse_completion(o, prompt + kept, url, version, shape, start), aborted
 
             async with window:
                 if not self._open.is_set():  # a push is pausing the servers: this request waits for it
@@ -146,31 +151,30 @@ class SGLangEngine(RolloutEngine):
                 with self._answered:
                     self._running += 1
                 try:
-                    return await pool.post(client, "/generate", payload, parse)
+                    return await pool.post(client, "/generate", payload, parse,
+                                           self._generate_timeout(pool, sp.max_new_tokens), retry_timeouts=True)
                 finally:
                     with self._answered:
                         self._running -= 1
                         self._answered.notify_all()
 
-        async def finish(sample: _Resumed, aborted: bool) -> Completion:
-            idle = 0  # aborts in a row that brought no token: a server that keeps aborting is an error
-            while aborted and len(sample.response_ids) < params.max_new_tokens:
-                logger.info("resuming a sample aborted by a pause after %d tokens", len(sample.response_ids))
-                [(segment, aborted)] = await segments(sample)
-                idle = 0 if segment.response_ids else idle + 1
-                if idle >= pool.retry.attempts:
-                    raise ServerUnavailableError(f"/generate was aborted {idle} times in a row without a new token "
-                                                 f"(prompt of {len(prompt)} tokens)")
-                sample.add(segment)
-            return sample.completion(params.max_new_tokens)
+        sample = _Resumed(prompt)
+        part, aborted = await segment([])
+        sample.add(part)
+        idle = 0  # aborts in a row that brought no token: a server that keeps aborting is an error
+        while aborted and len(sample.response_ids) < params.max_new_tokens:
+            logger.info("resuming a sample aborted by a pause after %d tokens", len(sample.response_ids))
+            part, aborted = await segment(list(sample.response_ids))
+            idle = 0 if part.response_ids else idle + 1
+            if idle >= pool.retry.attempts:
+                raise ServerUnavailableError(f"/generate was aborted {idle} times in a row without a new token "
+                                             f"(prompt of {len(prompt)} tokens)")
+            sample.add(part)
+        return sample.completion(params.max_new_tokens)
 
-        first = await segments(None)
-        samples = []
-        for segment, aborted in first:
-            sample = _Resumed(prompt)
-            sample.add(segment)
-            samples.append(finish(sample, aborted))
-        return list(await asyncio.gather(*samples))
+    def _generate_timeout(self, pool: ServerPool, max_new_tokens: int) -> float:
+        """A non-streaming /generate answers only when done: its bound grows with the tokens it may sample."""
+        return pool.timeout_s + max_new_tokens * self.timeout_per_token_s
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Push full tensors held in this process (packed into buckets here); see push_buckets."""
@@ -188,6 +192,9 @@ class SGLangEngine(RolloutEngine):
         `complete=False`: the buckets hold only the tensors that changed since the last push (sync_changed_only).
         """
         self._check_alive()
+        if self._weights_lost and not complete:
+            raise RuntimeError("a changed-only push onto weights the servers released without CPU backup would "
+                               "leave every unsent tensor as garbage; push everything (serves_last_push() is False)")
         with self._paused() if self.partial_rollouts else contextlib.nullcontext():
             if self._released:
                 self._memory("/resume_memory_occupation", ["weights"])
@@ -198,6 +205,7 @@ class SGLangEngine(RolloutEngine):
                 self._memory("/resume_memory_occupation", ["kv_cache"])
                 self._released = False
             self._version = version
+            self._weights_lost = False
         self.last_sync = {"bytes": float(moved), "seconds": seconds, "mb_per_s": moved / 2**20 / max(seconds, 1e-9),
                           "full": float(complete)}
         logger.info("weight sync v%d: %.1f MB in %.2f s (%.0f MB/s per server)%s", version, moved / 2**20, seconds,
@@ -216,9 +224,10 @@ class SGLangEngine(RolloutEngine):
 
     def serves_last_push(self) -> bool:
         """Whether every server reports the weight version of this engine's last push (/model_info): false before
-        the first push and for a server that restarted since (it reports its initial version), i.e. whenever a
-        changed-only sync could leave a server with other weights than the trainer's."""
-        if not self.last_sync:
+        the first push, for a server that restarted since (it reports its initial version) and after a release of
+        weights without CPU backup (SGLang maps back memory that holds no weights, but keeps the version), i.e.
+        whenever a changed-only sync could leave a server with other weights than the trainer's."""
+        if not self.last_sync or self._weights_lost:
             return False
         return all(str(self.pool.call(url, "GET", "/model_info").get("weight_version")) == str(self._version)
                    for url in self.pool.urls)
@@ -271,11 +280,13 @@ class SGLangEngine(RolloutEngine):
     def release_memory(self) -> None:
         """Free the colocated servers' GPU memory (weights and KV cache) for training; a no-op for CPU servers
         (SGLang calls torch.cuda there). Needs servers started with --enable-memory-saver, else SGLang frees
-        nothing. The next push_buckets resumes it."""
+        nothing. The next push_buckets resumes it; without --enable-weights-cpu-backup (weights_cpu_backup) it
+        must push every tensor, as the resumed weights are garbage."""
         if self._released or not self.gpu_servers:
             return
         self._memory("/release_memory_occupation", ["weights", "kv_cache"])
         self._released = True
+        self._weights_lost = not self.weights_cpu_backup
 
     def _memory(self, path: str, tags: list[str]) -> None:
         for url in self.pool.urls:

@@ -1,7 +1,7 @@
 """Starting and stopping `python -m sglang.launch_server` processes for a model and parallel layout.
 
 SGLang lives in its own environment (its torch pin differs from the trainer's), so `python` is that
-environment's interpreter. Stopping is by the PID we started (the process group it leads), never by name.
+environment's interpreter: $SGLANG_PYTHON when set (as for the Slurm scripts), else `python`. Stopping is by the PID we started (the process group it leads), never by name.
 """
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--sampli
 # failed to start ("no memory for the KV cache") whenever other processes held memory. A generous fraction with a
 # fixed KV size (cpu_kv_tokens) starts reliably and uses a predictable amount.
 CPU_MEMORY_FRACTION = "0.6"
+
+
+def sglang_python() -> str:
+    """SGLang's interpreter: $SGLANG_PYTHON, else `python` on PATH."""
+    return os.environ.get("SGLANG_PYTHON") or "python"
 
 
 class _LaunchSpec:
@@ -57,7 +62,7 @@ class ServerSpec(_LaunchSpec):
     cpu: bool = False
     cpu_kv_tokens: int = 32768  # CPU only: --max-total-tokens, the KV cache size in tokens
     extra_args: list[str] = field(default_factory=list)
-    python: str = "python"
+    python: str = field(default_factory=sglang_python)
 
     def command(self) -> list[str]:
         cmd = [self.python, "-m", "sglang.launch_server", "--model-path", str(self.model_path),
@@ -83,7 +88,7 @@ class RouterSpec(_LaunchSpec):
     policy: str = "cache_aware"  # random | round_robin | cache_aware | power_of_two
     api_key: str | None = None
     extra_args: list[str] = field(default_factory=list)
-    python: str = "python"
+    python: str = field(default_factory=sglang_python)
 
     def command(self) -> list[str]:
         if not self.worker_urls:

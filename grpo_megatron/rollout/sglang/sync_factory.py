@@ -24,9 +24,10 @@ def make_weight_sync(s: SGLangConfig, hf_path: str, pool: ServerPool | None = No
     if s.server_tp_size < 1:
         raise ConfigError(f"rollout.sglang.server_tp_size={s.server_tp_size}: the servers' --tp-size, >= 1")
     try:
-        if s.weight_sync == "tensor":
+        mode = s.sync_mode
+        if mode == "tensor":
             return TensorSync(pool, s.bucket_mb, s.server_tp_size, s.colocated)
-        if s.weight_sync == "distributed":
+        if mode == "distributed":
             backend = s.update_backend or ("nccl" if torch.cuda.is_available() else "gloo")
             if s.colocated and backend == "nccl":
                 raise ConfigError("rollout.sglang.weight_sync=distributed with colocated servers puts trainer rank 0 "
@@ -34,11 +35,11 @@ def make_weight_sync(s: SGLangConfig, hf_path: str, pool: ServerPool | None = No
                                   "use weight_sync: tensor for colocated servers")
             return DistributedSync(pool, s.bucket_mb, s.server_tp_size, s.update_master_address,
                                    s.update_master_port or free_port(), backend)
-        if s.weight_sync == "disk":
-            return DiskSync(pool, s.bucket_mb, hf_path, s.disk_dir or None)
+        if mode == "disk":
+            return DiskSync(pool, s.bucket_mb, hf_path, s.disk_dir or None, s.disk_load_timeout_s)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    raise ConfigError(f"rollout.sglang.weight_sync={s.weight_sync!r}: use tensor, distributed or disk")
+    raise ConfigError(f"rollout.sglang.weight_sync={s.weight_sync!r}: use tensor, distributed, disk or auto")
 
 
 def make_probe(s: SGLangConfig, hf_path: str) -> ProbeCheck | None:

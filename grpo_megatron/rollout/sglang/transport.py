@@ -1,8 +1,9 @@
 """HTTP to one or several SGLang servers: retries with backoff, failover and least-loaded balancing.
 
 Connection errors and 5xx answers are retried (with exponential backoff, moving to another server when there
-is one); a timeout, a 4xx or a body that is not JSON fails at once with an error naming the server, because
-repeating those would only repeat the failure. A server that keeps failing raises ServerUnavailableError
+is one); a 4xx or a body that is not JSON fails at once with an error naming the server, because repeating those
+would only repeat the failure. A timeout fails at once too, except for requests that say they may be repeated
+(`post(..., retry_timeouts=True)`: a generation is aborted on its server by its rid, then sent again). A server that keeps failing raises ServerUnavailableError
 naming its URL instead of hanging the trainer.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 import json
 import logging
 import ssl
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -66,14 +68,27 @@ class ServerPool:
                                  verify=self._tls)
 
     async def post(self, client: httpx.AsyncClient, path: str, payload: dict[str, Any],
-                   handle: Callable[[str, Any], T]) -> T:
-        """POST to the best server and return handle(url, json body); handle may raise Retryable."""
+                   handle: Callable[[str, Any], T], timeout_s: float | None = None,
+                   retry_timeouts: bool = False) -> T:
+        """POST to the best server and return handle(url, json body); handle may raise Retryable.
+
+        timeout_s: this request's bound (default the pool's). retry_timeouts: a /generate that may be repeated
+        without duplicating a sample (it has its own seed): each attempt gets a fresh rid, and a timed-out one is
+        aborted on its server (/abort_request by rid) before the next attempt."""
         errors: dict[str, str] = {}
         for attempt in range(self.retry.attempts):
             url = min(self.urls, key=lambda u: (self._failures[u], self._in_flight[u]))
             self._in_flight[url] += 1
+            sent = dict(payload, rid=uuid.uuid4().hex) if retry_timeouts else payload
             try:
-                result = handle(url, await self._request(client, "POST", url, path, payload))
+                try:
+                    body = await self._request(client, "POST", url, path, sent, timeout_s)
+                except ServerTimeoutError as err:
+                    if not retry_timeouts:
+                        raise
+                    await self._abort(client, url, sent["rid"])
+                    raise Retryable(str(err)) from err
+                result = handle(url, body)
             except Retryable as err:
                 self._failures[url] += 1
                 errors[url] = str(err)
@@ -117,14 +132,22 @@ class ServerPool:
         raise ServerUnavailableError(f"SGLang server {url} is unavailable: {path} failed {attempts} time(s), "
                                      f"last: {last}")
 
-    async def _request(self, client: httpx.AsyncClient, method: str, url: str, path: str,
-                       payload: dict[str, Any] | None) -> Any:
-        """JSON body (or text for SGLang's plain-text routes) of one request; raises typed errors."""
+    async def _abort(self, client: httpx.AsyncClient, url: str, rid: str) -> None:
+        """Best effort: stop a request the client gave up on, so that the server does not finish it for nobody."""
         try:
-            response = await client.request(method, url + path, json=payload)
+            await self._request(client, "POST", url, "/abort_request", {"rid": rid}, timeout_s=30.0)
+        except Exception as err:  # noqa: BLE001  (the retry goes on either way)
+            logger.warning("%s/abort_request for a timed-out generation failed: %s", url, err)
+
+    async def _request(self, client: httpx.AsyncClient, method: str, url: str, path: str,
+                       payload: dict[str, Any] | None, timeout_s: float | None = None) -> Any:
+        """JSON body (or text for SGLang's plain-text routes) of one request; raises typed errors."""
+        timeout = client.timeout if timeout_s is None else httpx.Timeout(timeout_s)
+        try:
+            response = await client.request(method, url + path, json=payload, timeout=timeout)
         except httpx.TimeoutException as err:
-            raise ServerTimeoutError(f"{url}{path}: no answer within {client.timeout.read}s "
-                                     f"(rollout.sglang.timeout_s)") from err
+            raise ServerTimeoutError(f"{url}{path}: no answer within {timeout.read}s (rollout.sglang.timeout_s; "
+                                     f"/generate: + timeout_per_token_s x max_new_tokens)") from err
         except httpx.TransportError as err:
             raise Retryable(f"connection error: {type(err).__name__}: {err}") from err
         if response.status_code >= 500:

@@ -206,10 +206,11 @@ class WeightSync(ABC):
                 logger.info("%s has no /begin_weight_update (older SGLang); updating without a session", url)
             self._sessionless.add(url)
 
-    def _post_all(self, path: str, payloads: dict[str, dict], retry: bool = True) -> None:
+    def _post_all(self, path: str, payloads: dict[str, dict], retry: bool = True,
+                  timeout_s: float | None = None) -> None:
         """One request per server, concurrently (url -> payload)."""
         with ThreadPoolExecutor(len(payloads)) as executor:
-            calls = [executor.submit(self.pool.call, url, "POST", path, payload, None, retry)
+            calls = [executor.submit(self.pool.call, url, "POST", path, payload, timeout_s, retry)
                      for url, payload in payloads.items()]
             for call in calls:
                 call.result()
@@ -391,9 +392,11 @@ class DiskSync(WeightSync):
     1.2 GB went to a fresh file there at ~2.3 GB/s, to /tmp on this machine's disk at 270-330 MB/s.
     """
 
-    def __init__(self, pool: ServerPool, bucket_mb: float, hf_path: str | Path, disk_dir: str | Path | None):
+    def __init__(self, pool: ServerPool, bucket_mb: float, hf_path: str | Path, disk_dir: str | Path | None,
+                 load_timeout_s: float | None = None):
         super().__init__(pool, bucket_mb)
         self.hf_path = Path(hf_path)
+        self.load_timeout_s = load_timeout_s  # a server reads the whole model: more than a control request's bound
         self._own_dir = not disk_dir
         if self._own_dir:
             remote = [u for u in pool.urls if not is_local_host(u)]
@@ -417,7 +420,8 @@ class DiskSync(WeightSync):
             raise OSError(err.errno, f"no room for the weights in {self.root}; set rollout.sglang.disk_dir to a "
                                      f"directory with space for one copy of the model") from err
         self._post_all("/update_weights_from_disk", {url: {
-            "model_path": str(target), "weight_version": version, "flush_cache": True} for url in self.pool.urls})
+            "model_path": str(target), "weight_version": version, "flush_cache": True} for url in self.pool.urls},
+            timeout_s=self.load_timeout_s)
         return moved
 
     def write_checkpoint(self, buckets: Iterable[Bucket], target: Path) -> int:
