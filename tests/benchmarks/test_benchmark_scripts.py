@@ -42,3 +42,9 @@ def test_moe_experts_prints_both_paths_and_the_pick():
     lines = [line for line in out.splitlines() if line.startswith("hidden = expert width")]
     assert len(lines) == 2 and all("grouped/loop" in line for line in lines)
     assert lines[0].endswith("the module uses: grouped") and lines[1].endswith("the module uses: loop")
+
+
+@pytest.mark.slow
+def test_r3_routes_memory_prints_every_phase():
+    out = _run("r3_routes_memory.py", "--responses", "2", "--rows", "64", "--layers", "4", "--topk", "2", "--dp", "2")
+    assert "decoded (torch.uint8)" in out and "aligned for one 32K micro-batch" in out
