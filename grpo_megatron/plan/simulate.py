@@ -1,0 +1,73 @@
+"""One trainer rank of a job, simulated on fake CUDA (grpo_megatron.simulation) and read in the plan's terms.
+
+Each rank runs in a fresh interpreter (the simulation's C++ shim must be preloaded before torch is imported).
+A pipeline stage holds at most `pp - stage` micro-batches' activations under 1F1B, so the simulation runs
+min(micro-batches, pp) of them: the same peak as the whole optimizer step, in a fraction of the time. Results
+are cached by everything they depend on, so a fix search re-simulates only what a candidate changes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from grpo_megatron.plan import constants
+from grpo_megatron.plan.job import Job
+from grpo_megatron.plan.positions import RankPosition
+from grpo_megatron.plan.trainer_rank import TrainerRank
+
+
+def rank_spec(job: Job, position: RankPosition, recompute: bool | None = None):
+    """The simulation's RankSpec for `position` of `job` (recompute: the config's unless given)."""
+    from grpo_megatron.simulation import RankSpec
+
+    cfg, layout = job.cfg, job.layout
+    recompute = cfg.model.recompute_activations if recompute is None else recompute
+    distributed = cfg.train.distributed_optimizer if cfg.train.distributed_optimizer is not None else job.dp > 1
+    micro = 1 if layout.pipeline_parallel == 1 else min(job.micro_batches, layout.pipeline_parallel)
+    return RankSpec(model_config=json.loads(Path(job.shapes.source).read_text()), layout=layout, rank=position.rank,
+                    world_size=job.world, seq_len=job.sequence, micro_batch_size=job.micro_batch_rows,
+                    num_micro_batches=micro,
+                    recompute="full" if recompute else "none", dtype=cfg.model.dtype,
+                    distributed_optimizer=distributed, moe_dispatch="balanced", routing_skew=constants.ROUTING_SKEW)
+
+
+def to_trainer_rank(memory, other_recompute_peak: int | None = None) -> TrainerRank:
+    """The simulation's RankMemory in the plan's terms. The log-prob pass runs the same micro-batch forward only,
+    so the training step's peak bounds it from above (the simulation does not run it separately)."""
+    return TrainerRank(
+        dense_params=memory.dense_params, expert_params=memory.expert_params, param_bytes=memory.param_bytes,
+        grad_bytes=memory.grad_buffer_bytes, optimizer_bytes=memory.main_param_bytes + memory.optimizer_state_bytes,
+        static_bytes=memory.static_bytes, peak_bytes=memory.peak_bytes, logprob_peak_bytes=memory.peak_bytes,
+        seconds=memory.seconds, other_recompute_peak_bytes=other_recompute_peak,
+        extra={"coordinates": memory.coordinates, "by_category": memory.by_category})
+
+
+class CachedSimulator:
+    """`simulate(job, position) -> TrainerRank`, each distinct RankSpec simulated once.
+
+    `compare_recompute` also simulates the step with recompute toggled, for the report's "other recompute" row
+    (the activation memory with and without recompute)."""
+
+    def __init__(self, compare_recompute: bool = False, timeout_s: float = 1800.0):
+        self.compare_recompute = compare_recompute
+        self.timeout_s = timeout_s
+        self._cache: dict[str, object] = {}
+
+    def _memory(self, spec):
+        from grpo_megatron.simulation import simulate_rank
+
+        key = spec.to_json()
+        if key not in self._cache:
+            self._cache[key] = simulate_rank(spec, timeout=self.timeout_s)
+        return self._cache[key]
+
+    def __call__(self, job: Job, position: RankPosition) -> TrainerRank:
+        memory = self._memory(rank_spec(job, position))
+        other = None
+        if self.compare_recompute:
+            other = self._memory(rank_spec(job, position, not job.cfg.model.recompute_activations)).peak_bytes
+        return to_trainer_rank(memory, other)
+
+    @property
+    def simulations(self) -> int:
+        return len(self._cache)
