@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -24,6 +25,14 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def sglang_setting(flag: str, env: str | None = None) -> str | None:
+    """A server flag as slurm/common.sh passes it: SGLANG_ARGS (appended last, so it wins) over its own variable."""
+    args = shlex.split(os.environ.get("SGLANG_ARGS", ""))
+    values = [args[i + 1] for i, a in enumerate(args[:-1]) if a == flag]
+    values += [a.split("=", 1)[1] for a in args if a.startswith(flag + "=")]
+    return values[-1] if values else (os.environ.get(env) or None if env else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m grpo_megatron.plan", description="Per-GPU memory plan of a job at its true size, before it runs",
@@ -35,12 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rollout-nodes", type=int, default=int(os.environ.get("ROLLOUT_NODES", "0") or 0),
                         help="nodes dedicated to SGLang (ROLLOUT_NODES; default 0: colocated)")
     parser.add_argument("--sglang-mem-fraction", type=float,
-                        default=float(os.environ.get("SGLANG_MEM_FRACTION", "0.5") or 0.5),
-                        help="--mem-fraction-static of colocated servers (SGLANG_MEM_FRACTION, default 0.5)")
-    parser.add_argument("--dedicated-mem-fraction", type=float, default=0.85,
-                        help="--mem-fraction-static of servers on dedicated nodes (default 0.85)")
-    parser.add_argument("--sglang-tp", type=int, default=int(os.environ.get("SGLANG_TP", "0") or 0) or None,
-                        help="--tp-size of each server (SGLANG_TP; default: GPUs per node)")
+                        default=float(sglang_setting("--mem-fraction-static", "SGLANG_MEM_FRACTION") or 0.5),
+                        help="--mem-fraction-static of colocated servers (SGLANG_ARGS, SGLANG_MEM_FRACTION; default 0.5)")
+    parser.add_argument("--dedicated-mem-fraction", type=float,
+                        default=float(sglang_setting("--mem-fraction-static") or 0.85),
+                        help="--mem-fraction-static of servers on dedicated nodes (SGLANG_ARGS; default 0.85, about "
+                             "SGLang's own default on 80 GB GPUs)")
+    parser.add_argument("--sglang-tp", type=int, default=int(sglang_setting("--tp-size", "SGLANG_TP") or 0) or None,
+                        help="--tp-size of each server (SGLANG_ARGS, SGLANG_TP; default: GPUs per node)")
     parser.add_argument("--host-memory", type=parse_bytes, default=parse_bytes("1TiB"), help="per node (default 1TiB)")
     parser.add_argument("--model-config", default=None,
                         help="HF config.json (or its directory) when model.hf_path is not readable here")

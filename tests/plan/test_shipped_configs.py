@@ -1,0 +1,42 @@
+"""Every shipped Slurm config, dry-run at the allocation its script ships with, fits its 80 GB GPUs with the rollout
+placement it ships with (colocated, or dedicated rollout nodes), every simulated rank's parameters equal the hand
+count, and the plan's static bytes are megatron's buffers.
+
+Each distinct rank is a real fake-CUDA simulation (a fresh interpreter, 30-90 s of one core). The default suite
+plans the configs whose ranks are cheap or shared (tiny_cpu; the two 30B configs have the same rank and share
+one simulation); the 235B config's two pipeline stages at world 128 run under `-m slow`."""
+from __future__ import annotations
+
+import pytest
+
+from grpo_megatron.plan.cli import run
+from grpo_megatron.plan.simulate import CachedSimulator
+from tests.plan.shipped import shipped_jobs
+
+SLOW = {"gspo_qwen3_235b.yaml"}
+
+
+@pytest.fixture(scope="module")
+def simulator():
+    return CachedSimulator()
+
+
+def _cases():
+    for job in shipped_jobs():
+        marks = [pytest.mark.slow] if job.config.name in SLOW else []
+        yield pytest.param(job, id=job.config.name, marks=marks)
+
+
+@pytest.mark.parametrize("job", _cases())
+def test_shipped_config_fits_at_its_default_allocation(job, simulator):
+    status, plan, _ = run(job.argv() + ["--no-fix"], simulate=simulator)
+    assert status == 0, plan.problems
+    assert plan.fits and plan.job.colocated == (job.rollout_nodes == 0 and plan.job.servers_on_gpus)
+    for rank in plan.ranks:
+        assert (rank.rank.dense_params, rank.rank.expert_params) == rank.hand_count, rank.position
+        r = rank.rank
+        # the static state is the three buffers (and a little else: rotary tables, the loss scale, ...)
+        assert r.param_bytes + r.grad_bytes + r.optimizer_bytes <= r.static_bytes <= 1.02 * (
+            r.param_bytes + r.grad_bytes + r.optimizer_bytes) + (64 << 20)
+        assert r.peak_bytes > r.static_bytes
+        assert rank.peak.total <= plan.job.alloc.gpu_memory
