@@ -46,7 +46,8 @@ def to_text(plan: Plan) -> str:
             ("log-prob pass peak", lambda r: _gib(r.rank.logprob_peak_bytes))]
     for name in [p.name for p in plan.ranks[0].phases]:
         rows.append((f"phase {name}", lambda r, n=name: _gib(next(p.total for p in r.phases if p.name == n))))
-    rows.append(("simulation seconds", lambda r: f"{r.rank.seconds:.0f}"))
+    rows.append(("simulation seconds", lambda r: f"{r.rank.seconds:.0f}" + (" (cached)" if r.rank.extra.get("cached")
+                                                                              else "")))
     for label, value in rows:
         lines.append(f"{label:<18}" + "".join(f"{value(r):>28}" for r in plan.ranks))
     lines.append("")

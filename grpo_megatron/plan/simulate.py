@@ -3,11 +3,17 @@
 Each rank runs in a fresh interpreter (the simulation's C++ shim must be preloaded before torch is imported).
 A pipeline stage holds at most `pp - stage` micro-batches' activations under 1F1B, so the simulation runs
 min(micro-batches, pp) of them: the same peak as the whole optimizer step, in a fraction of the time. Results
-are cached by everything they depend on, so a fix search re-simulates only what a candidate changes.
+are cached by everything they depend on, so a fix search re-simulates only what a candidate changes; and on
+disk (GRPO_PLAN_CACHE, default ~/.cache/grpo_megatron/plan), keyed by the spec and the source of the simulation
+and the model builder, so a requeued job's preflight does not simulate again.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib.metadata
 import json
+import os
 from pathlib import Path
 
 from grpo_megatron.plan import constants
@@ -42,32 +48,65 @@ def to_trainer_rank(memory, other_recompute_peak: int | None = None) -> TrainerR
         extra={"coordinates": memory.coordinates, "by_category": memory.by_category})
 
 
+def _code_digest() -> str:
+    """What a simulation's result depends on besides its spec: the simulation and model-building code, torch and
+    megatron-core."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*package.glob("simulation/*"), *package.glob("models/*.py"), package / "parallel.py"]):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    for dist in ("torch", "megatron-core"):
+        digest.update(importlib.metadata.version(dist).encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GRPO_PLAN_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "grpo_megatron" / "plan"
+
+
 class CachedSimulator:
     """`simulate(job, position) -> TrainerRank`, each distinct RankSpec simulated once.
 
     `compare_recompute` also simulates the step with recompute toggled, for the report's "other recompute" row
     (the activation memory with and without recompute)."""
 
-    def __init__(self, compare_recompute: bool = False, timeout_s: float = 1800.0):
+    def __init__(self, compare_recompute: bool = False, timeout_s: float = 1800.0, use_disk: bool = True):
         self.compare_recompute = compare_recompute
         self.timeout_s = timeout_s
+        self.use_disk = use_disk
+        self.simulated = 0  # simulations run by this object (not found in a cache)
         self._cache: dict[str, object] = {}
+        self._from_disk: set[str] = set()
 
     def _memory(self, spec):
-        from grpo_megatron.simulation import simulate_rank
+        from grpo_megatron.simulation import RankMemory, simulate_rank
 
         key = spec.to_json()
-        if key not in self._cache:
-            self._cache[key] = simulate_rank(spec, timeout=self.timeout_s)
-        return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        path = cache_dir() / f"{hashlib.sha256((key + _code_digest()).encode()).hexdigest()[:24]}.json"
+        if self.use_disk and path.is_file():
+            memory = RankMemory(**json.loads(path.read_text()))
+            self._from_disk.add(key)
+        else:
+            memory = simulate_rank(spec, timeout=self.timeout_s)
+            self.simulated += 1
+            if self.use_disk:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_suffix(f".{os.getpid()}.tmp")
+                partial.write_text(json.dumps(dataclasses.asdict(memory)))
+                partial.replace(path)
+        self._cache[key] = memory
+        return memory
 
     def __call__(self, job: Job, position: RankPosition) -> TrainerRank:
-        memory = self._memory(rank_spec(job, position))
+        spec = rank_spec(job, position)
+        memory = self._memory(spec)
         other = None
         if self.compare_recompute:
             other = self._memory(rank_spec(job, position, not job.cfg.model.recompute_activations)).peak_bytes
-        return to_trainer_rank(memory, other)
-
-    @property
-    def simulations(self) -> int:
-        return len(self._cache)
+        rank = to_trainer_rank(memory, other)
+        rank.extra["cached"] = spec.to_json() in self._from_disk
+        return rank
