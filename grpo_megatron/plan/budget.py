@@ -20,8 +20,8 @@ class StepSettings:
 
     reference: bool  # algorithm.kl_coef > 0: a frozen reference model
     offload_reference: bool  # model.offload_reference: on the device only during its pass
-    offload_train_state: bool  # grad buffers + optimizer state to host around generation
-    offload_params: bool  # the parameters too
+    offload_train_state: bool  # grad buffers + optimizer state to host around generation and the weight push
+    offload_params: bool  # the parameters too, around generation
     route_bytes_on_device: int  # R3: one micro-batch's replayed routes of this rank's layers
     bucket_bytes: int  # rollout.sglang.bucket_mb
     largest_tensor_bytes: int  # the biggest full HF tensor a weight push gathers
@@ -48,12 +48,12 @@ def phases(rank: TrainerRank, settings: StepSettings, colocated: RolloutShare | 
     logprob_peak = rank.logprob_peak_bytes + reference
     logprob = {"log-prob pass (simulated)": logprob_peak, "fragmentation": int(frag * logprob_peak),
                "context + NCCL": overhead}
-    if settings.offload_train_state:
-        kept = (0 if settings.offload_params else rank.param_bytes) + resident_reference
-        held = {"trainer after offload": kept}
-    else:
-        held = {"trainer cached blocks (peak reserved)": int((1 + frag) * peak)}
-    sync = {**held, "context + NCCL": overhead, "weight buckets (2)": 2 * settings.bucket_bytes,
+    if settings.offload_train_state:  # the cache is emptied after each offload
+        held = {"trainer after offload": (0 if settings.offload_params else rank.param_bytes) + resident_reference}
+        pushing = {"trainer after offload": rank.param_bytes + resident_reference}
+    else:  # nothing is freed: the caching allocator keeps the training peak's blocks
+        held = pushing = {"trainer cached blocks (peak reserved)": int((1 + frag) * peak)}
+    sync = {**pushing, "context + NCCL": overhead, "weight buckets (2)": 2 * settings.bucket_bytes,
             "gathered tensor": settings.largest_tensor_bytes}
     result = [Phase("train", train), Phase("log-prob", logprob)]
     if colocated is not None:

@@ -1,7 +1,7 @@
 """When a plan does not fit: try single changes, re-plan each, and name the first that fits.
 
 Candidates come cheapest first, by what they cost the user: changes on the same hardware that cost little
-speed (give the trainer's state back to the host around generation; a smaller SGLang pool while the KV cache
+speed (give the parameters back to the host around generation too; a smaller SGLang pool while the KV cache
 still holds full samples), then ones that cost compute (activation recompute) or communication (a larger
 expert-parallel size), then more hardware (dedicated rollout nodes, then more trainer nodes). Simulations are
 cached by what they depend on, so candidates that change only the rollout side or the offload cost nothing.
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from grpo_megatron.parallel import ParallelLayoutError
-from grpo_megatron.plan.job import OFFLOAD_KEY, Job, with_changes
+from grpo_megatron.plan.job import OFFLOAD_PARAMS_KEY, Job, with_changes
 from grpo_megatron.plan.planner import Plan, Simulator, make_plan
 
 
@@ -24,9 +24,9 @@ class Fix:
 
 def candidates(job: Job) -> Iterator[tuple[str, Job]]:
     cfg, alloc, layout, shapes = job.cfg, job.alloc, job.layout, job.shapes
-    if job.colocated and not job.offload_train_state:
-        key = OFFLOAD_KEY
-        yield f"offload the trainer's state around generation: {key}: true (--{key} true)", \
+    if job.offload_train_state and not job.offload_params:
+        key = OFFLOAD_PARAMS_KEY
+        yield f"offload the parameters too around generation: {key}: true (--{key} true)", \
             with_changes(job, config={key: True})
     if job.colocated:
         fraction = round(alloc.sglang_fraction - 0.05, 2)

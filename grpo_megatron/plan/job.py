@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -17,10 +18,15 @@ from grpo_megatron.plan.model_shapes import ModelShapes
 DEFAULT_PROMPT_TOKENS = 1024
 """Prompt budget when data.max_prompt_tokens is unset (the plan says which it used)."""
 
-OFFLOAD_KEY = "train.offload_train_state"
-"""The config key that gives grad buffers and optimizer state back to the host around generation."""
-
 OFFLOAD_PARAMS_KEY = "train.offload_params"
+"""With colocated GPU servers the trainer always gives its grad buffers, optimizer state and fp32 masters back
+to the host around generation and the weight push (training/offload.py); this key gives the parameters too,
+around generation."""
+
+
+def trainer_offloads() -> bool:
+    """Whether this checkout's trainer gives its state back around colocated generation (training/offload.py)."""
+    return importlib.util.find_spec("grpo_megatron.training.offload") is not None
 
 
 class PlanInputError(ValueError):
@@ -112,11 +118,13 @@ class Job:
 
     @property
     def offload_train_state(self) -> bool:
-        return bool(getattr(self.cfg.train, OFFLOAD_KEY.split(".")[1], False))
+        """Grad buffers, optimizer state and masters off the device around generation and the weight push: what
+        the trainer does with colocated GPU servers (the servers a GPU job's script starts on its own GPUs)."""
+        return self.colocated and trainer_offloads()
 
     @property
     def offload_params(self) -> bool:
-        return bool(getattr(self.cfg.train, OFFLOAD_PARAMS_KEY.split(".")[1], False))
+        return self.offload_train_state and bool(getattr(self.cfg.train, OFFLOAD_PARAMS_KEY.split(".")[1], False))
 
 
 def with_changes(job: Job, *, alloc: dict | None = None, layout: dict | None = None, config: dict | None = None) -> Job:
