@@ -124,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     except (*user_errors(), PlanInputError, ModelConfigError) as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # the simulation's ShimError / SimulationError: one line naming what failed
+        if type(exc).__name__ not in ("ShimError", "SimulationError"):
+            raise
+        print(f"error: the simulation could not run: {exc}", file=sys.stderr)
+        return 2
     from grpo_megatron.plan.report import to_json, to_text
 
     print(json.dumps(to_json(plan)) if as_json else to_text(plan))

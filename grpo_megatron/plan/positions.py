@@ -56,7 +56,11 @@ def distinct_positions(shapes: ModelShapes, layout: ParallelLayout, world_size: 
 
 
 def hand_count(shapes: ModelShapes, layout: ParallelLayout, position: RankPosition) -> tuple[int, int]:
-    """(dense, expert) parameters of `position` by hand, layer by layer (what megatron's buffers must equal)."""
+    """(dense, expert) parameters of `position` by hand, layer by layer (what megatron's buffers must equal).
+
+    "Expert" is megatron's sense: parameters reduced over the expert-data-parallel group (`allreduce=False`), which
+    it marks only under expert parallelism (tensor_parallel/layers.py: `not (is_expert and expert_parallel)`, with
+    expert_parallel = EP > 1); at EP 1 the experts are reduced with, and counted as, the dense parameters."""
     dense, expert = 0, 0
     for layer in position.layers:
         d, e = shapes.stage_params(tp=layout.tensor_parallel, ep=layout.expert_parallel, etp=layout.etp,
@@ -64,4 +68,4 @@ def hand_count(shapes: ModelShapes, layout: ParallelLayout, position: RankPositi
         dense, expert = dense + d, expert + e
     d, _ = shapes.stage_params(tp=layout.tensor_parallel, ep=1, etp=1, first=position.holds_embedding,
                                last=position.holds_output, layers=0)
-    return dense + d, expert
+    return (dense + d, expert) if layout.expert_parallel > 1 else (dense + d + expert, 0)

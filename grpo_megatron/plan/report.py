@@ -63,7 +63,7 @@ def to_text(plan: Plan) -> str:
                      f"({s.concurrent_sequences} full samples per server)")
     host = plan.host
     lines.append(f"host, rank 0's node: {_gib(host.steady)} GiB per step, {_gib(host.saving)} GiB while saving "
-                 f"({', '.join(f'{k} {_gib(v)}' for k, v in {**host.parts, **host.save_parts}.items())})")
+                 f"({', '.join(f'{k} {_gib(v)}' for k, v in {**host.parts, **host.save_parts}.items() if v)})")
     c = plan.costs
     lines.append(f"sample broadcast: {c.broadcast_bytes / 1e6:.0f} MB pickled, {c.broadcast_rounds} gloo rounds, "
                  f"~{c.broadcast_seconds:.1f} s per step (unpickling {c.unpickle_seconds:.1f} s on every rank)")

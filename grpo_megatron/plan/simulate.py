@@ -37,11 +37,14 @@ def rank_spec(job: Job, position: RankPosition, recompute: bool | None = None):
                     distributed_optimizer=distributed, moe_dispatch="balanced", routing_skew=constants.ROUTING_SKEW)
 
 
-def to_trainer_rank(memory, other_recompute_peak: int | None = None) -> TrainerRank:
+def to_trainer_rank(memory, dtype_bytes: int, other_recompute_peak: int | None = None) -> TrainerRank:
     """The simulation's RankMemory in the plan's terms. The log-prob pass runs the same micro-batch forward only,
-    so the training step's peak bounds it from above (the simulation does not run it separately)."""
+    so the training step's peak bounds it from above (the simulation does not run it separately). Without the
+    distributed optimizer megatron's DDP keeps no param buffer (param_bytes 0): the parameters are then tensors of
+    their own, exactly count x element size."""
+    params = memory.param_bytes or (memory.dense_params + memory.expert_params) * dtype_bytes
     return TrainerRank(
-        dense_params=memory.dense_params, expert_params=memory.expert_params, param_bytes=memory.param_bytes,
+        dense_params=memory.dense_params, expert_params=memory.expert_params, param_bytes=params,
         grad_bytes=memory.grad_buffer_bytes, optimizer_bytes=memory.main_param_bytes + memory.optimizer_state_bytes,
         static_bytes=memory.static_bytes, peak_bytes=memory.peak_bytes, logprob_peak_bytes=memory.peak_bytes,
         seconds=memory.seconds, other_recompute_peak_bytes=other_recompute_peak,
@@ -91,7 +94,8 @@ class CachedSimulator:
             memory = RankMemory(**json.loads(path.read_text()))
             self._from_disk.add(key)
         else:
-            memory = simulate_rank(spec, timeout=self.timeout_s)
+            memory = simulate_rank(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)},
+                                   timeout=self.timeout_s)
             self.simulated += 1
             if self.use_disk:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +111,6 @@ class CachedSimulator:
         other = None
         if self.compare_recompute:
             other = self._memory(rank_spec(job, position, not job.cfg.model.recompute_activations)).peak_bytes
-        rank = to_trainer_rank(memory, other)
+        rank = to_trainer_rank(memory, job.dtype_bytes, other)
         rank.extra["cached"] = spec.to_json() in self._from_disk
         return rank
