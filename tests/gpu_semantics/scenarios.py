@@ -5,13 +5,18 @@ It runs in its own interpreter because the CPU shims that the rest of the suite 
 device mismatch. Each layout runs as one rank of a fake world: the last rank, so that under PP2 it is the
 stage that computes log-probs and losses.
 
+The interpreter runs with the fake-CUDA shim preloaded (`grpo_megatron.simulation.shim`), so autograd,
+megatron's DistributedDataParallel (distributed optimizer, overlapped grad reduce) and its optimizer run: every
+loss check is a forward AND backward through megatron's schedule, and `optimizer_step` a whole train step.
+MoE layers dispatch with the balanced-routing stand-in (`simulation/moe.py`: dropless dispatch sizes its
+buffers from routing values, which fake tensors lack); pipeline stages exchange fixed shapes
+(`variable_seq_lengths=False`, equal-length samples under PP: the shape a stage sends as a tensor value
+arrives as a placeholder).
+
 What fake mode cannot follow, so these checks leave to the CPU tests:
 * values: fake tensors have none; `.item()` answers 1 (harness), so metrics and flags are placeholders;
-* autograd: recording a backward node for a CUDA tensor asks the CUDA device guard for a stream, which a
-  CPU build lacks (the process aborts), so losses run forward-only (no backward, no gradients), and
-  megatron's DistributedDataParallel (its set-up takes each parameter's grad accumulator) and optimizer
-  cannot be built;
-* object collectives move no data (harness: payloads are checked for CUDA tensors, then echoed).
+* object collectives move no data (harness: payloads are checked for CUDA tensors, then echoed; where a
+  check needs other ranks' objects, `peer_objects` answers them from megatron's rank layout).
 """
 from __future__ import annotations
 
@@ -33,15 +38,15 @@ LAYOUTS = {  # name: (world size, HF family, ParallelLayout kwargs)
 LOSSES = ("grpo", "gspo", "gspo_token")
 
 
-def _samples(n: int = 8):
+def _samples(n: int = 8, equal_lengths: bool = False):
     """A step's samples as the trainer holds them (CPU tensors), with every per-token field the losses read."""
     from grpo_megatron.training.batch import Sample
 
     g = torch.Generator().manual_seed(0)
     samples = []
     for i in range(n):
-        prompt = torch.randint(1, 60, (3 + i % 3,), generator=g).tolist()
-        response = torch.randint(1, 60, (2 + i % 4,), generator=g).tolist()
+        prompt = torch.randint(1, 60, (4 if equal_lengths else 3 + i % 3,), generator=g).tolist()
+        response = torch.randint(1, 60, (4 if equal_lengths else 2 + i % 4,), generator=g).tolist()
         r = len(response)
         samples.append(Sample(prompt_ids=prompt, response_ids=response, group=i // 4, advantage=0.5 - i % 2,
                               engine_logprobs=[-1.0] * r, old_logprobs=torch.full((r,), -1.0),
@@ -68,7 +73,7 @@ def run_layout(name: str) -> dict[str, str]:
     from grpo_megatron.models import build_model, model_dims
     from grpo_megatron.models.tiny import tiny_hf_config
     from grpo_megatron.parallel import ParallelLayout, init_model_parallel
-    from grpo_megatron.platform import setup_platform
+    from grpo_megatron.simulation import moe
     from grpo_megatron.training import actor
     from grpo_megatron.training.metrics import PhaseTimer
 
@@ -80,23 +85,30 @@ def run_layout(name: str) -> dict[str, str]:
             fn()
             results[f"{name}/{what}"] = "ok"
         except BaseException as e:  # noqa: BLE001 - reported per check
+            traceback.print_exc()
             results[f"{name}/{what}"] = f"{type(e).__name__}: {e}"[:2000] + "\n" + traceback.format_exc()[-3000:]
 
-    with harness.fake_gpu_rank(world - 1, world):
-        setup_platform()
-        hf = tiny_hf_config(family)
-        layout = ParallelLayout(**kwargs)
+    hf = tiny_hf_config(family)
+    layout = ParallelLayout(**kwargs)
+    moe_model = family == "qwen3_moe"
+    pipelined = layout.pipeline_parallel > 1
+    if moe_model:
+        moe.use_balanced_dispatch(1.0)
+    # DDP as the trainer builds it on GPUs (distributed optimizer, overlapped grad reduce and param gather)
+    ddp = dict(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True)
+    with harness.fake_gpu_rank(world - 1, world, require_shim=True):
         init_model_parallel(layout, seed=0, **model_dims(hf))
-        moe = family == "qwen3_moe"
         cfg = RunConfig()
         cfg.parallel, cfg.train.micro_batch_size, cfg.algorithm.kl_coef = layout, 4, 0.1
         trainer = _trainer(cfg, layout)
-        samples = _samples()
+        samples = _samples(equal_lengths=pipelined)
         state = {}
 
         def build():
-            state["model"] = build_model(hf, layout, torch.bfloat16, moe_enable_routing_replay=moe)
+            state["model"] = build_model(hf, layout, torch.bfloat16, wrap_ddp=True, ddp_overrides=ddp,
+                                         moe_enable_routing_replay=moe_model, variable_seq_lengths=not pipelined)
             _on_cuda(p for c in state["model"].chunks for p in c.parameters())
+            state["actor"] = actor.Actor(state["model"], cfg.train, total_steps=1)
 
         def logprobs():
             with torch.no_grad():
@@ -104,23 +116,8 @@ def run_layout(name: str) -> dict[str, str]:
 
         def loss(variant):
             def run():
-                from grpo_megatron.algorithms import loss_normalizer
-                from grpo_megatron.training.batch import make_micro_batch
-
                 cfg.algorithm.loss = variant
-                indices = list(range(len(samples)))
-                micro = trainer._micro_batches(samples, indices)
-                whole = make_micro_batch(samples, indices, 0)
-                normalizer = loss_normalizer(whole.response_mask, cfg.algorithm.loss_agg, cfg.rollout.max_new_tokens)
-                loss_fn = trainer._loss_fn(normalizer, first_minibatch=True)
-
-                def with_tokens(mb, lp, ent):
-                    value, metrics = loss_fn(mb, lp, ent)
-                    metrics["_tokens"] = torch.tensor(float(mb.num_response_tokens))
-                    return value, metrics
-
-                with torch.no_grad():
-                    state["outputs"] = actor._run_schedule(state["model"], micro, with_tokens, 1.0, forward_only=True)
+                state["outputs"] = _train_pass(state["model"], trainer, samples)
             return run
 
         def metrics():
@@ -132,33 +129,83 @@ def run_layout(name: str) -> dict[str, str]:
                 pass
             assert harness.SYNCS["count"] == before + 2, "PhaseTimer did not synchronise CUDA at its boundaries"
 
+        def optimizer_step():
+            micro = trainer._micro_batches(samples, list(range(len(samples))))
+            state["actor"].train_step(micro, _loss_fn(trainer, samples), 1.0)
+
         check("build", build)
         check("logprob_gather", logprobs)
         for variant in LOSSES:
             check(f"loss_{variant}", loss(variant))
         check("metric_reduction", metrics)
+        check("optimizer_step", optimizer_step)
         check("stop_flag", lambda: trainer._stop_requested())
         check("phase_timer", phase_timer)
-        if moe:
+        if moe_model:
             check("route_delivery", lambda: _engine_routes(state["model"], trainer, samples, "r3"))
             check("routing_replay_r3", lambda: _replay(state["model"], trainer, samples, "r3"))
             check("routing_replay_r2", lambda: _replay(state["model"], trainer, samples, "r2"))
     # The weight-sync sender is rank 0, the first stage's leader, which packs and posts the buckets.
-    with harness.fake_gpu_rank(0, world):
+    with harness.fake_gpu_rank(0, world, require_shim=True):
         init_model_parallel(layout, seed=0, **model_dims(hf))
-        check("weight_sync_buckets",
-              lambda: _weight_sync_buckets(build_model(hf, layout, torch.bfloat16, moe_enable_routing_replay=moe)))
+        stage_of = _pipeline_stage_of_rank(world, layout)
+        check("weight_sync_buckets", lambda: _weight_sync_buckets(
+            build_model(hf, layout, torch.bfloat16, moe_enable_routing_replay=moe_model), stage_of))
     return results
 
 
-def _weight_sync_buckets(model) -> None:
+def _pipeline_stage_of_rank(world: int, layout) -> dict[int, int]:
+    """Every rank's pipeline stage, from megatron's own rank generator (its default order tp-cp-ep-dp-pp)."""
+    from megatron.core.parallel_state import RankGenerator
+
+    generator = RankGenerator(tp=layout.tensor_parallel, ep=1, dp=layout.data_parallel(world),
+                              pp=layout.pipeline_parallel, cp=layout.context_parallel, order="tp-cp-ep-dp-pp")
+    return {rank: stage for group in generator.get_ranks("pp") for stage, rank in enumerate(group)}
+
+
+def _loss_fn(trainer, samples):
+    """The trainer's loss for a pass over all `samples` (normalised over the whole batch)."""
+    from grpo_megatron.algorithms import loss_normalizer
+    from grpo_megatron.training.batch import make_micro_batch
+
+    whole = make_micro_batch(samples, list(range(len(samples))), 0)
+    normalizer = loss_normalizer(whole.response_mask, trainer.cfg.algorithm.loss_agg, trainer.cfg.rollout.max_new_tokens)
+    return trainer._loss_fn(normalizer, first_minibatch=True)
+
+
+def _train_pass(model, trainer, samples) -> list[dict]:
+    """A training pass (forward and backward through megatron's schedule, grads into DDP's buffers)."""
+    from grpo_megatron.training import actor
+
+    loss_fn = _loss_fn(trainer, samples)
+
+    def with_tokens(mb, lp, ent):
+        value, metrics = loss_fn(mb, lp, ent)
+        metrics["_tokens"] = torch.tensor(float(mb.num_response_tokens))
+        return value, metrics
+
+    for chunk in model.chunks:
+        chunk.zero_grad_buffer()
+    micro = trainer._micro_batches(samples, list(range(len(samples))))
+    outputs = actor._run_schedule(model, micro, with_tokens, 1.0, forward_only=False)
+    grads = [p.main_grad for c in model.chunks for p in c.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads), "parameters without a main_grad after the backward"
+    _on_cuda(grads)
+    return outputs
+
+
+def _weight_sync_buckets(model, stage_of: dict[int, int]) -> None:
     """The weight-sync payloads as rank 0 makes them: the whole model streamed as HF buckets for rank 0
     (tensor/distributed/disk modes) and for every rank (colocated servers): the TP/EP gathers and the bucket
-    bytes on the device over NCCL-rule groups, bucket metadata as CPU objects over the gloo control group."""
+    bytes on the device over NCCL-rule groups, bucket metadata as CPU objects over the gloo control group
+    (other ranks' pipeline stages answered from megatron's layout; other stages' buckets, which only their
+    leaders can pack, arrive as the end-of-stage marker a fake group's receive yields)."""
     from grpo_megatron.models.weight_stream import hf_buckets
+    from grpo_megatron.simulation.fake_cuda import peer_objects
 
     for to_every_rank in (False, True):
-        buckets = list(hf_buckets(model, 64 * 1024, to_every_rank=to_every_rank))
+        with peer_objects(lambda rank, obj: stage_of[rank] if obj == stage_of[0] else obj):
+            buckets = list(hf_buckets(model, 64 * 1024, to_every_rank=to_every_rank))
         assert len(buckets) > 1, "expected the tiny model in several 64 KiB buckets"
         _on_cuda(b.flat for b in buckets)
 
@@ -190,16 +237,41 @@ def _replay(model, trainer, samples, mode: str) -> None:
     routing.begin_step(samples, engine)
     with torch.no_grad():
         trainer._logprob_pass(model, samples)
-    routing.samples = samples
-    routing.replayed[:] = 1.0  # the training pass (backward) cannot run under fake CUDA
-    routing.end_step()
+    _train_pass(model, trainer, samples)  # replays the old (R2) or engine (R3) routes, forward and backward
+    # pass_over raised if a layer left replay data unused; end_step's "every sample replayed somewhere" flag is
+    # all-reduced over ranks, a value fake mode cannot know: it answers True
+    with harness.placeholder_bools(True):
+        routing.end_step()
+
+
+def simulated_rank_spec():
+    """A small MoE rank for `grpo_megatron.simulation`'s own checks: rank 1 of 4 at EP2 (DP 4, expert-DP 2)."""
+    from grpo_megatron.models.tiny import tiny_hf_config
+    from grpo_megatron.parallel import ParallelLayout
+    from grpo_megatron.simulation import RankSpec
+
+    return RankSpec(model_config=tiny_hf_config("qwen3_moe").to_dict(), layout=ParallelLayout(expert_parallel=2),
+                    rank=1, world_size=4, seq_len=64, micro_batch_size=2, num_micro_batches=2)
+
+
+def simulate() -> dict[str, str]:
+    """`simulate_rank_here` of `simulated_rank_spec` (in this interpreter, which has the shim), as JSON."""
+    from dataclasses import asdict
+
+    from grpo_megatron.simulation.rank import simulate_rank_here
+
+    try:
+        return {"simulate/rank_memory": json.dumps(asdict(simulate_rank_here(simulated_rank_spec())))}
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        traceback.print_exc()
+        return {"simulate/rank_memory": f"{type(e).__name__}: {e}"}
 
 
 def main(names: list[str]) -> None:
     results = {}
-    for name in names or list(LAYOUTS):
+    for name in names or [*LAYOUTS, "simulate"]:
         start = time.perf_counter()
-        results.update(run_layout(name))
+        results.update(simulate() if name == "simulate" else run_layout(name))
         results[f"{name}/_seconds"] = f"{time.perf_counter() - start:.1f}"
     print("RESULTS " + json.dumps(results))
 
