@@ -116,6 +116,8 @@ def run(argv: list[str] | None = None, simulate=None) -> tuple[int, object, bool
 def main(argv: list[str] | None = None) -> int:
     from grpo_megatron.plan.job import PlanInputError
     from grpo_megatron.plan.model_shapes import ModelConfigError
+    from grpo_megatron.simulation import SimulationError
+    from grpo_megatron.simulation.shim import ShimError
     from grpo_megatron.train import error_line, quiet_known_warnings, user_errors
 
     quiet_known_warnings()
@@ -124,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except (*user_errors(), PlanInputError, ModelConfigError) as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
-    except RuntimeError as exc:  # the simulation's ShimError / SimulationError: one line naming what failed
-        if type(exc).__name__ not in ("ShimError", "SimulationError"):
-            raise
+    except (ShimError, SimulationError) as exc:
         print(f"error: the simulation could not run: {exc}", file=sys.stderr)
         return 2
     from grpo_megatron.plan.report import to_json, to_text

@@ -34,7 +34,10 @@ def rank_spec(job: Job, position: RankPosition, recompute: bool | None = None):
                     world_size=job.world, seq_len=job.sequence, micro_batch_size=job.micro_batch_rows,
                     num_micro_batches=micro,
                     recompute="full" if recompute else "none", dtype=cfg.model.dtype,
-                    distributed_optimizer=distributed, moe_dispatch="balanced", routing_skew=constants.ROUTING_SKEW)
+                    distributed_optimizer=distributed, moe_dispatch="balanced",
+                    # a receive skew exists only across an expert-parallel all-to-all: at EP 1 every rank holds every
+                    # expert and gets all of its tokens' assignments whatever the routing
+                    routing_skew=constants.ROUTING_SKEW if layout.expert_parallel > 1 else 1.0)
 
 
 def to_trainer_rank(memory, dtype_bytes: int, other_recompute_peak: int | None = None) -> TrainerRank:
