@@ -1,8 +1,9 @@
 """Host memory of the busiest trainer node (the one with rank 0), per step and while a checkpoint is saved.
 
 Every rank holds the step's samples as Python objects (rank 0 broadcasts the whole batch to all of them) and
-rank 0, with routing replay, every sample's routes; every rank holds its process baseline, its offloaded state (pinned) and, while saving, a host copy of its checkpoint
-shard (megatron's torch_dist save strategy stages each rank's tensors to CPU before writing).
+rank 0, with routing replay, every sample's routes; every rank holds its process baseline, its offloaded optimizer state (pinned; training/offload.py frees the grad buffers
+without a copy) and, while saving, a host copy of its checkpoint shard (megatron's torch_dist save strategy
+stages each rank's tensors to CPU before writing) instead of the offloaded copy (the state is taken back first).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from grpo_megatron.plan.trainer_rank import TrainerRank
 class HostNeeds:
     parts: dict[str, int]
     save_parts: dict[str, int]  # added while a checkpoint is being saved
+    released_for_save: int = 0  # host copies given back while saving (the trainer takes its state back first)
 
     @property
     def steady(self) -> int:
@@ -25,7 +27,7 @@ class HostNeeds:
 
     @property
     def saving(self) -> int:
-        return self.steady + sum(self.save_parts.values())
+        return self.steady - self.released_for_save + sum(self.save_parts.values())
 
 
 def python_bytes_per_token(vocab: int, with_logprobs: bool, seed: int = 0) -> float:
@@ -52,7 +54,8 @@ def rank0_node(ranks_on_node: list[TrainerRank], *, samples: int, sequence: int,
     }
     if reference_offloaded:
         parts["offloaded reference models"] = sum(r.param_bytes for r in ranks_on_node)
-    if train_state_offloaded:
-        parts["offloaded grads + optimizer"] = sum(r.grad_bytes + r.optimizer_bytes for r in ranks_on_node)
+    offloaded = 0
+    if train_state_offloaded:  # grad buffers are freed, not copied: their content is dead between steps
+        offloaded = parts["offloaded optimizer state + masters"] = sum(r.optimizer_bytes for r in ranks_on_node)
     save = {"checkpoint staging": sum(r.param_bytes + r.optimizer_bytes for r in ranks_on_node)}
-    return HostNeeds(parts, save)
+    return HostNeeds(parts, save, offloaded)

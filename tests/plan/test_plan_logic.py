@@ -179,3 +179,18 @@ def test_unreadable_size_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", GSPO, "--nodes", "2", "--gpus-per-node", "8", "--gpu-memory", "80XB"])
     assert exit_info.value.code == 2 and "give a size such as 80GiB" in capsys.readouterr().err
+
+
+def test_host_memory_of_rank0s_node_while_saving_swaps_the_offloaded_copy_for_the_checkpoint_staging():
+    from grpo_megatron.plan.host import rank0_node
+
+    rank = TrainerRank(1, 0, 2 * GiB, 4 * GiB, 12 * GiB, 18 * GiB, 20 * GiB, 20 * GiB, 0.0)
+    kept = rank0_node([rank] * 8, samples=512, sequence=6144, vocab=151936, with_logprobs=True, route_bytes_total=0,
+                      reference_offloaded=False, train_state_offloaded=False)
+    offloaded = rank0_node([rank] * 8, samples=512, sequence=6144, vocab=151936, with_logprobs=True,
+                           route_bytes_total=0, reference_offloaded=False, train_state_offloaded=True)
+    assert offloaded.steady - kept.steady == 8 * 12 * GiB  # optimizer state + masters, not the freed grad buffers
+    assert offloaded.saving == kept.saving == kept.steady + 8 * (2 + 12) * GiB
+    # every rank holds the whole batch (ids and engine log-probs as Python objects: tens of bytes per token)
+    samples = kept.parts["step samples (whole batch, every rank)"]
+    assert 8 * 512 * 6144 * 40 < samples < 8 * 512 * 6144 * 100

@@ -2,9 +2,10 @@
 placement it ships with (colocated, or dedicated rollout nodes), every simulated rank's parameters equal the hand
 count, and the plan's static bytes are megatron's buffers.
 
-Each distinct rank is a real fake-CUDA simulation (a fresh interpreter, 30-90 s of one core). The default suite
-plans the configs whose ranks are cheap or shared (tiny_cpu; the two 30B configs have the same rank and share
-one simulation); the 235B config's two pipeline stages at world 128 run under `-m slow`."""
+Each distinct rank is a real fake-CUDA simulation in a fresh interpreter: ~25 s for the tiny model, 2.5 min of one
+core for a 30B rank (6-9 min of wall time on this shared 2-core machine), more for the 235B stages. The default
+suite plans tiny_cpu.yaml (the whole path: simulation, budget, verdict); the 30B and 235B configs run under
+`-m slow` (the two 30B configs share one simulated rank within a session)."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,7 @@ from grpo_megatron.plan.cli import run
 from grpo_megatron.plan.simulate import CachedSimulator
 from tests.plan.shipped import shipped_jobs
 
-SLOW = {"gspo_qwen3_235b.yaml"}
+SLOW = {"gspo_moe.yaml", "grpo_routing_replay.yaml", "gspo_qwen3_235b.yaml"}
 
 
 @pytest.fixture(scope="module")
