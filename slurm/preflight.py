@@ -5,8 +5,8 @@ Run by slurm/common.sh on the batch host. It loads the YAML config with the comm
 as the trainer does (unknown keys are errors), checks that the model/checkpoint/data paths exist and that
 the parallel layout fits the world size the allocation gives (nodes x processes per node) and the model's
 sizes, and on GPU jobs runs the dry run (grpo_megatron.plan: each distinct trainer rank simulated at the job's
-true size, plus the rollout servers' share) to check that every GPU's memory fits. On success it writes the resolved config (absolute paths, overrides applied) to
-RUN_DIR/slurm/job-JOBID.yaml and prints shell assignments for common.sh to `eval`. On failure it prints
+true size, plus the rollout servers' share) to check that every GPU's memory fits. On success it writes the
+resolved config (absolute paths, overrides applied) to RUN_DIR/slurm/job-JOBID.yaml and prints shell assignments for common.sh to `eval`. On failure it prints
 one `ERROR: ...` line naming the fix and exits 2, so the job stops within seconds with the reason in
 its output file instead of after minutes of model loading on every node.
 """

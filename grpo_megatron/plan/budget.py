@@ -61,9 +61,9 @@ def phases(rank: TrainerRank, settings: StepSettings, colocated: RolloutShare | 
         train.update(released)
         logprob.update(released)
         sync["SGLang weights (resumed)"] = colocated.weights_bytes + constants.SGLANG_RUNTIME_BYTES
+        runtime = constants.SGLANG_RUNTIME_BYTES + constants.CUDA_CONTEXT_BYTES
         result.append(Phase("generate", {**held, "context + NCCL": overhead,
-                                         "SGLang pool (weights + KV)": colocated.pool_bytes,
-                                         "SGLang runtime": constants.SGLANG_RUNTIME_BYTES + constants.CUDA_CONTEXT_BYTES}))
+                                         "SGLang pool (weights + KV)": colocated.pool_bytes, "SGLang runtime": runtime}))
     result.append(Phase("weight push", sync))
     return result
 

@@ -35,7 +35,8 @@ def sglang_setting(flag: str, env: str | None = None) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m grpo_megatron.plan", description="Per-GPU memory plan of a job at its true size, before it runs",
+        prog="python -m grpo_megatron.plan",
+        description="Per-GPU memory plan of a job at its true size, before it runs",
         epilog="Other arguments are trainer overrides (--section.key value, or megatron flags).")
     parser.add_argument("--config", required=True, help="the run's YAML config")
     parser.add_argument("--nodes", type=int, required=True, help="nodes in the allocation (trainer + rollout)")
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nodes dedicated to SGLang (ROLLOUT_NODES; default 0: colocated)")
     parser.add_argument("--sglang-mem-fraction", type=float,
                         default=float(sglang_setting("--mem-fraction-static", "SGLANG_MEM_FRACTION") or 0.5),
-                        help="--mem-fraction-static of colocated servers (SGLANG_ARGS, SGLANG_MEM_FRACTION; default 0.5)")
+                        help="--mem-fraction-static of colocated servers (SGLANG_ARGS, SGLANG_MEM_FRACTION; "
+                             "default 0.5)")
     parser.add_argument("--dedicated-mem-fraction", type=float,
                         default=float(sglang_setting("--mem-fraction-static") or 0.85),
                         help="--mem-fraction-static of servers on dedicated nodes (SGLANG_ARGS; default 0.85, about "

@@ -1,9 +1,10 @@
 """Host memory of the busiest trainer node (the one with rank 0), per step and while a checkpoint is saved.
 
 Every rank holds the step's samples as Python objects (rank 0 broadcasts the whole batch to all of them) and
-rank 0, with routing replay, every sample's routes; every rank holds its process baseline, its offloaded optimizer state (pinned; training/offload.py frees the grad buffers
-without a copy) and, while saving, a host copy of its checkpoint shard (megatron's torch_dist save strategy
-stages each rank's tensors to CPU before writing) instead of the offloaded copy (the state is taken back first).
+rank 0, with routing replay, every sample's routes. Every rank holds its process baseline, its offloaded
+optimizer state (pinned; training/offload.py frees the grad buffers without a copy) and, while saving, a host
+copy of its checkpoint shard (megatron's torch_dist save strategy stages each rank's tensors to CPU before
+writing) instead of the offloaded copy (the state is taken back first).
 """
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ def step_settings(job: Job, position: RankPosition) -> StepSettings:
 
 def make_plan(job: Job, simulate: Simulator) -> Plan:
     """Simulate every distinct rank of `job` and budget each GPU (see module docstring); no fix search here."""
-    shapes, alloc, cfg = job.shapes, job.alloc, job.cfg
+    shapes, alloc = job.shapes, job.alloc
     job.layout.validate(job.world, num_layers=shapes.layers, num_experts=shapes.experts or None,
                         num_attention_heads=shapes.heads, num_query_groups=shapes.kv_heads, vocab_size=shapes.vocab)
     colocated = rollout_share(shapes, alloc.server_tp, alloc.sglang_fraction, alloc.gpu_memory, job.sequence) \
