@@ -32,7 +32,12 @@ def _cases():
 def test_shipped_config_fits_at_its_default_allocation(job, simulator):
     status, plan, _ = run(job.argv() + ["--no-fix"], simulate=simulator)
     assert status == 0, plan.problems
-    assert plan.fits and plan.job.colocated == (job.rollout_nodes == 0 and plan.job.servers_on_gpus)
+    phases = {p.name for r in plan.ranks for p in r.phases}
+    if plan.job.servers_on_gpus and job.rollout_nodes == 0:  # colocated: the servers' pool is on the trainer GPUs
+        assert "generate" in phases and plan.rollout.fraction == 0.5 and plan.dedicated is None
+    elif plan.job.servers_on_gpus:  # dedicated rollout nodes: a server GPU of its own, checked too
+        assert "generate" not in phases and plan.dedicated.total <= plan.job.alloc.gpu_memory
+    assert plan.rollout is None or plan.rollout.problem() is None
     for rank in plan.ranks:
         assert (rank.rank.dense_params, rank.rank.expert_params) == rank.hand_count, rank.position
         r = rank.rank
