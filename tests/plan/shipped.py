@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_MEMORY = "80GiB"  # the H100 80 GB the shipped scripts are written for
+SGLANG_MEM_FRACTION = "0.5"  # slurm/common.sh's default for colocated servers (SGLANG_MEM_FRACTION)
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class ShippedJob:
 
     def argv(self) -> list[str]:
         return ["--config", str(self.config), "--nodes", str(self.nodes), "--gpus-per-node", str(self.gpus_per_node),
-                "--gpu-memory", GPU_MEMORY, "--rollout-nodes", str(self.rollout_nodes)]
+                "--gpu-memory", GPU_MEMORY, "--rollout-nodes", str(self.rollout_nodes),
+                "--sglang-mem-fraction", SGLANG_MEM_FRACTION]
 
 
 def _sbatch(text: str, option: str) -> int:
