@@ -42,3 +42,9 @@ def test_moe_experts_prints_both_paths_and_the_pick():
     lines = [line for line in out.splitlines() if line.startswith("hidden = expert width")]
     assert len(lines) == 2 and all("grouped/loop" in line for line in lines)
     assert lines[0].endswith("the module uses: grouped") and lines[1].endswith("the module uses: loop")
+
+
+@pytest.mark.slow
+def test_dry_run_prints_the_plan_of_a_shipped_config():
+    out = _run("dry_run.py", "--only", "tiny_cpu.yaml", timeout=900)
+    assert "### tiny_cpu.yaml" in out and "exit 0" in out and "verdict: FITS" in out
