@@ -46,12 +46,13 @@ class RouteTable:
                 raise RoutingReplayError(
                     f"sample {i}: routed_experts has shape {tuple(r.shape)}, expected {expected} "
                     f"(prompt+response-1 positions, MoE layers, top-k)")
-            bad = (r < 0) | (r >= num_experts)
-            if bad.any():
-                layer = int(bad.nonzero()[0, 1])
+            if r.numel() and (int(r.min()) < 0 or int(r.max()) >= num_experts):
+                layer = int(((r < 0) | (r >= num_experts)).nonzero()[0, 1])
                 raise RoutingReplayError(f"sample {i}, MoE layer {layer}: routed_experts has expert ids outside "
                                          f"[0, {num_experts})")
-            routes[i] = r[:, layers].to(storage_dtype(num_experts))
+            # compact from the decode on (uint8/int16): no int32 or int64 copy of a whole sample's routes
+            kept = r if list(layers) == list(range(num_moe_layers)) else r[:, layers]
+            routes[i] = kept.to(storage_dtype(num_experts))
         return cls(routes, list(layers))
 
     @classmethod
@@ -64,7 +65,8 @@ class RouteTable:
         routes = {}
         for m, mb in enumerate(micro_batches):
             b, s = mb.tokens.shape
-            per_layer = [_gather_sequence(recorded[j][m], tp_group).view(s, b, -1) for j in range(len(layers))]
+            # each layer's [tokens, topk] int64 in the storage dtype first: no int64 [b, s, layers, topk] stack
+            per_layer = [_gather_sequence(recorded[j][m].to(dtype), tp_group).view(s, b, -1) for j in range(len(layers))]
             full = torch.stack(per_layer, dim=2).transpose(0, 1)  # [b, s, layers, topk]
             for row, i in enumerate(mb.indices):
                 routes[i] = full[row, : samples[i].length].to(dtype).cpu().clone()
@@ -79,8 +81,9 @@ class RouteTable:
         b, s = mb.tokens.shape
         if s % sp_size:
             raise RoutingReplayError(f"micro-batch width {s} is not a multiple of the sequence-parallel size {sp_size}")
-        topk = next(iter(self.routes.values())).shape[-1]
-        full = torch.zeros(b, s, len(self.layers), topk, dtype=torch.long)
+        first = next(iter(self.routes.values()))
+        topk = first.shape[-1]
+        full = torch.zeros(b, s, len(self.layers), topk, dtype=first.dtype)  # compact, as stored (not int64)
         valid = torch.zeros(b, s, dtype=torch.bool)
         for row, i in enumerate(mb.indices):
             if i not in self.routes:
@@ -89,7 +92,7 @@ class RouteTable:
             if r.shape[0] > s:
                 raise RoutingReplayError(f"sample {i} has routes for {r.shape[0]} positions but its micro-batch "
                                          f"is {s} wide")
-            full[row, : r.shape[0]] = r.long()
+            full[row, : r.shape[0]] = r
             valid[row, : r.shape[0]] = True
         shard = slice(sp_rank * s // sp_size, (sp_rank + 1) * s // sp_size)
         full = full.transpose(0, 1)[shard]  # [s_local, b, layers, topk]

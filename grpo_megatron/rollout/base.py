@@ -46,7 +46,8 @@ class Completion:
     taken before top-p/top-k truncation (the trainer's convention); with temperature 0 (greedy) it is
     log_softmax(logits). finish_reason is "stop" when the response ends in eos or a stop token (which is
     included in response_ids) and "length" when it was cut at max_new_tokens.
-    routed_experts (MoE only, when asked) is int32 [len(prompt) + len(response) - 1, num_moe_layers, topk]:
+    routed_experts (MoE only, when asked) is an integer tensor [len(prompt) + len(response) - 1, num_moe_layers, topk]
+    (from SGLang in the smallest dtype that holds its expert ids, uint8 up to 256 experts):
     row j holds the experts of the forward at position j, i.e. the one that produced token j + 1.
     weight_version is the version generation started under; token_versions[i] (when weights were updated
     during the generation) the version that sampled response_ids[i], and so also of routed_experts row

@@ -276,3 +276,20 @@ def peer_objects(answer):
         yield
     finally:
         _PEERS.pop()
+
+
+def storage_data_pointers() -> None:
+    """A fake CUDA storage's `data_ptr()` is 0 for every storage; code that tells storages apart by address (an
+    offload that parks each distinct storage once) would see one. Give each its StorageImpl's address instead:
+    unique while it lives, and 0 once resized to nothing, as a GPU allocation's address."""
+    original = torch.UntypedStorage.data_ptr
+    if getattr(original, "_fake_cuda", False):
+        return
+
+    def data_ptr(self):
+        if self.device.type == "meta":  # a fake tensor's storage (it holds no data, so no address)
+            return self._cdata if self.nbytes() > 0 else 0
+        return original(self)
+
+    data_ptr._fake_cuda = True
+    torch.UntypedStorage.data_ptr = data_ptr

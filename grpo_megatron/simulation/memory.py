@@ -34,7 +34,7 @@ class DeviceMemoryCounter(TorchDispatchMode):
         super().__init__()
         self.current = 0
         self.peak = 0
-        self.live: dict[int, tuple[int, str]] = {}  # storage id -> (bytes, category)
+        self.live: dict[int, tuple[int, str, weakref.ref]] = {}  # storage id -> (bytes, category, storage)
         self.by_category: dict[str, int] = defaultdict(int)
         self._category = "other"
 
@@ -67,14 +67,20 @@ class DeviceMemoryCounter(TorchDispatchMode):
         if key in self.live:
             return
         nbytes = storage.nbytes()
-        self.live[key] = (nbytes, self._category)
+        self.live[key] = (nbytes, self._category, weakref.ref(storage))
         self.current += nbytes
         self.by_category[self._category] += nbytes
         self.peak = max(self.peak, self.current)
         weakref.finalize(storage, self._free, key)
 
+    def device_bytes(self) -> int:
+        """Live bytes as the storages hold them now: also right after storages were resized in place (megatron's
+        `offload_grad_buffers`, an offload's `storage.resize_(0)`), which the running count does not see."""
+        gc.collect()
+        return sum(storage.nbytes() for _, _, ref in self.live.values() if (storage := ref()) is not None)
+
     def _free(self, key: int) -> None:
-        nbytes, category = self.live.pop(key, (0, "other"))
+        nbytes, category, _ = self.live.pop(key, (0, "other", None))
         self.current -= nbytes
         self.by_category[category] -= nbytes
 

@@ -64,6 +64,7 @@ def install() -> None:
     fake_cuda.rng_tracker_no_ops()
     fake_cuda.placeholder_scalars()
     fake_cuda.object_collectives_echo()
+    fake_cuda.storage_data_pointers()
     collectives.register_coalesced_fake_kernels()
     collectives.gloo_groups_become_fake()
     torch.nn.Module._apply = fake_cuda.apply_recreates

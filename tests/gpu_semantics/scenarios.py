@@ -269,9 +269,12 @@ def simulate() -> dict[str, str]:
 
 def main(names: list[str]) -> None:
     results = {}
-    for name in names or [*LAYOUTS, "simulate"]:
+    from tests.gpu_semantics import offload_cycle
+
+    extra = {"simulate": simulate, "offload": offload_cycle.run}
+    for name in names or [*LAYOUTS, *extra]:
         start = time.perf_counter()
-        results.update(simulate() if name == "simulate" else run_layout(name))
+        results.update(extra[name]() if name in extra else run_layout(name))
         results[f"{name}/_seconds"] = f"{time.perf_counter() - start:.1f}"
     print("RESULTS " + json.dumps(results))
 
