@@ -25,6 +25,9 @@
 #                     sets one, else a fresh random key per job, handed to the servers, the router and the
 #                     trainer as GRPO_SGLANG_API_KEY in the environment (never in config.yaml or the logs)
 #   SGLANG_ROUTER     auto | 0: put sglang-router in front of the servers when installed (default auto)
+#   GRPO_PLAN         auto | 1 | 0: the preflight's memory plan on GPU jobs (python -m grpo_megatron.plan; default
+#                     auto: stop a job that does not fit, warn when the plan cannot run; 1: it must run; 0: off)
+#   GPU_MEMORY        per-GPU memory for the plan, e.g. 80GiB (default: nvidia-smi on the batch host)
 #   PYTHON            interpreter with grpo_megatron installed (default: python3 on PATH)
 #   SGLANG_PYTHON     interpreter of SGLang's own environment, for the servers and sglang-router (default:
 #                     PYTHON). SGLang 0.5.23 pins torch 2.14.1 and transformers 5.19.0, not the trainer's
@@ -295,9 +298,19 @@ grpo_slurm_main() {
     overrides+=("$@")
 
     log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $total node(s) ${all_nodes[*]}, device $device, $NPROC_PER_NODE process(es) per trainer node, config $config"
-    local checks
+    local checks plan_args=(--plan "${GRPO_PLAN:-auto}")
+    if [[ "$device" == gpu ]]; then
+        local gpu_memory=${GPU_MEMORY:-}
+        if [[ -z "$gpu_memory" ]] && command -v nvidia-smi >/dev/null; then
+            gpu_memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 | tr -d ' ')
+            [[ "$gpu_memory" =~ ^[0-9]+$ ]] && gpu_memory="${gpu_memory}MiB" || gpu_memory=
+        fi
+        plan_args+=(--trainer-nodes "$train_n" --gpus-per-node "$NPROC_PER_NODE" --rollout-nodes "$rollout_n"
+                    --gpu-memory "$gpu_memory")
+        log "preflight: memory plan of every distinct trainer rank (a minute or so each; GRPO_PLAN=0 skips it)"
+    fi
     checks=$("$PYTHON" "$GRPO_REPO/slurm/preflight.py" --config "$config" --world-size "$world" \
-        --layout-hint "$train_n trainer node(s) x $NPROC_PER_NODE process(es) = $world" \
+        --layout-hint "$train_n trainer node(s) x $NPROC_PER_NODE process(es) = $world" "${plan_args[@]}" \
         --run-dir "${RUN_DIR:-}" --job-id "$SLURM_JOB_ID" "${overrides[@]}") \
         || die "preflight failed (message above); nothing was started"
     eval "$checks"

@@ -4,8 +4,9 @@
 Run by slurm/common.sh on the batch host. It loads the YAML config with the command-line overrides exactly
 as the trainer does (unknown keys are errors), checks that the model/checkpoint/data paths exist and that
 the parallel layout fits the world size the allocation gives (nodes x processes per node) and the model's
-sizes. On success it writes the resolved config (absolute paths, overrides applied) to
-RUN_DIR/slurm/job-JOBID.yaml and prints shell assignments for common.sh to `eval`. On failure it prints
+sizes, and on GPU jobs runs the dry run (grpo_megatron.plan: each distinct trainer rank simulated at the job's
+true size, plus the rollout servers' share) to check that every GPU's memory fits. On success it writes the
+resolved config (absolute paths, overrides applied) to RUN_DIR/slurm/job-JOBID.yaml and prints shell assignments for common.sh to `eval`. On failure it prints
 one `ERROR: ...` line naming the fix and exits 2, so the job stops within seconds with the reason in
 its output file instead of after minutes of model loading on every node.
 """
@@ -29,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout-hint", default="", help="how the world size came about, for messages")
     parser.add_argument("--run-dir", default="", help="overrides run_dir (relative: to the current directory)")
     parser.add_argument("--job-id", default="local")
+    parser.add_argument("--trainer-nodes", type=int, default=0, help="for the memory plan (0: skip it)")
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="for the memory plan (0: CPU job, skip it)")
+    parser.add_argument("--rollout-nodes", type=int, default=0)
+    parser.add_argument("--gpu-memory", default="", help="per GPU, e.g. 80GiB (empty: skip the memory plan)")
+    parser.add_argument("--plan", choices=("auto", "1", "0"), default="auto",
+                        help="memory plan: auto (when it can run), 1 (required), 0 (off)")
     args, overrides = parser.parse_known_args(argv)
 
     config_path = Path(args.config)
@@ -71,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"parallel layout does not fit the allocation ({args.layout_hint or f'world size {args.world_size}'}): "
              f"{exc}")
 
+    check_memory_plan(args, config_path, overrides)
+
     out_dir = Path(cfg.run_dir) / "slurm"
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = weights_dir_marker(cfg, args.job_id)
@@ -94,6 +103,37 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in values.items():
         print(f"{key}={shlex.quote(str(value))}")
     return 0
+
+
+def check_memory_plan(args, config_path: Path, overrides: list[str]) -> None:
+    """Stop a GPU job whose plan does not fit, naming the change that makes it fit (python -m grpo_megatron.plan
+    prints the whole table). A plan that cannot run here (no C++ compiler for the simulation, ...) is a warning
+    unless --plan 1."""
+    if args.plan == "0" or not args.gpus_per_node or not args.trainer_nodes:
+        return
+    if not args.gpu_memory:
+        if args.plan == "1":
+            fail("GRPO_PLAN=1 but the GPU memory size is unknown: set GPU_MEMORY=80GiB (nvidia-smi was not found)")
+        print("WARNING: memory plan skipped: GPU memory size unknown (set GPU_MEMORY=80GiB)", file=sys.stderr)
+        return
+    from grpo_megatron.plan.cli import run
+
+    argv = ["--config", str(config_path), "--nodes", str(args.trainer_nodes + args.rollout_nodes),
+            "--gpus-per-node", str(args.gpus_per_node), "--rollout-nodes", str(args.rollout_nodes),
+            "--gpu-memory", args.gpu_memory, *overrides]
+    command = "python -m grpo_megatron.plan " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        status, plan, _ = run(argv)
+    except Exception as exc:  # the plan is an extra check: one that cannot run here must not hide the job's own
+        if args.plan == "1":
+            fail(f"the memory plan could not run ({type(exc).__name__}: {exc}); GRPO_PLAN=0 skips it")
+        print(f"WARNING: memory plan skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return
+    if status:
+        fix = f"fix: {plan.fix.change}" if plan.fix else "no single change found"
+        fail(f"the job does not fit in GPU memory ({plan.problems[0]}); {fix} (table: {command})")
+    peak = max(r.peak.total for r in plan.ranks) / (1 << 30)
+    print(f"memory plan: fits, largest GPU phase {peak:.1f} GiB of {args.gpu_memory}", file=sys.stderr)
 
 
 def weights_dir_marker(cfg, job_id: str) -> str | None:

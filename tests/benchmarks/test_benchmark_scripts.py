@@ -45,6 +45,11 @@ def test_moe_experts_prints_both_paths_and_the_pick():
 
 
 @pytest.mark.slow
+def test_dry_run_prints_the_plan_of_a_shipped_config():
+    out = _run("dry_run.py", "--only", "tiny_cpu.yaml", timeout=900)
+    assert "### tiny_cpu.yaml" in out and "exit 0" in out and "verdict: FITS" in out
+
+
 def test_r3_routes_memory_prints_every_phase():
     out = _run("r3_routes_memory.py", "--responses", "2", "--rows", "64", "--layers", "4", "--topk", "2", "--dp", "2")
     assert "decoded (torch.uint8)" in out and "aligned for one 32K micro-batch" in out
