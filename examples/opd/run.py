@@ -39,6 +39,12 @@ ARMS = {
 }
 
 
+def latest_checkpoint(run_dir: Path) -> Path:
+    from grpo_megatron.training.checkpoint import latest_checkpoint as latest
+
+    return latest(run_dir)
+
+
 def make_student(cache: Path) -> Path:
     from grpo_megatron.models.tiny import make_tiny_hf_checkpoint
 
@@ -99,7 +105,7 @@ def main() -> int:
         "--train.lr_warmup_steps", "0" if args.quick else "20", "--train.sft_warmup_steps", "2" if args.quick else "8",
         *data])
     teacher_acc = accuracies(teacher_dir)[args.teacher_steps]
-    teacher_ckpt = teacher_dir / "checkpoints" / f"step_{args.teacher_steps}"
+    teacher_ckpt = latest_checkpoint(teacher_dir)
     print(f"teacher: accuracy {teacher_acc:.3f} after {args.teacher_steps} steps, {teacher_wall:.0f} s", flush=True)
 
     results = {}
