@@ -53,8 +53,7 @@ def opd_advantages(
     if mode not in OPD_MODES:
         raise ValueError(f"unknown OPD mode {mode!r}; known: {', '.join(OPD_MODES)}")
     mask = response_mask.bool()
-    signal = -reverse_kl_per_token(student_logprobs.detach(), teacher_logprobs.detach()).masked_fill(~mask, 0.0)
-    advantages = coef * signal
+    advantages = -coef * reverse_kl_per_token(student_logprobs.detach(), teacher_logprobs.detach())
     if mode == "rl":
         group = group_advantages if group_advantages.dim() == 2 else group_advantages.unsqueeze(-1)
         advantages = advantages + group.to(advantages.dtype)
