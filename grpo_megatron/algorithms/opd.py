@@ -80,6 +80,23 @@ def _log_tail(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.log((1.0 - mass).clamp(min=TAIL_EPS))
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce SUM forward, identity backward: every rank of the group then computes the same (replicated)
+    loss, whose gradient with respect to a rank's own summand is the incoming gradient itself (megatron's
+    reduce_from_tensor_model_parallel_region; torch.distributed.nn's all_reduce would sum the replicas' gradients
+    again, world-size times too large)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):  # type: ignore[override]
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None
+
+
 def vocab_logprobs_at(
     logits: torch.Tensor,
     token_ids: torch.Tensor,
@@ -89,22 +106,20 @@ def vocab_logprobs_at(
     """log softmax(logits / T) at `token_ids`, differentiable: logits `[..., V_local]`, ids `[..., k]` (global).
 
     Vocab-parallel like algorithms/logprobs.py: each rank holds the slice [r * V_local, (r + 1) * V_local); the
-    log-normaliser and the picked logits are combined over `process_group` with autograd-aware collectives.
+    picked logits and the sum-exp (against the global row max) are summed over `process_group`.
     """
     vocab = logits.shape[-1]
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    log_z = torch.logsumexp(x, dim=-1, keepdim=True)
     if process_group is None:
-        return x.gather(-1, token_ids) - log_z
-    from torch.distributed.nn import functional as dist_fn
-
+        return x.gather(-1, token_ids) - torch.logsumexp(x, dim=-1, keepdim=True)
     start = dist.get_rank(process_group) * vocab
     local = token_ids - start
     in_slice = (local >= 0) & (local < vocab)
-    picked = x.gather(-1, local.clamp(0, vocab - 1)).masked_fill(~in_slice, 0.0)
-    picked = dist_fn.all_reduce(picked, group=process_group)
-    log_z = torch.logsumexp(torch.stack(dist_fn.all_gather(log_z, group=process_group)), dim=0)
-    return picked - log_z
+    picked = _SumOverRanks.apply(x.gather(-1, local.clamp(0, vocab - 1)).masked_fill(~in_slice, 0.0), process_group)
+    row_max = x.detach().amax(dim=-1, keepdim=True)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=process_group)
+    sum_exp = _SumOverRanks.apply((x - row_max).exp().sum(-1, keepdim=True), process_group)
+    return picked - (row_max + sum_exp.log())
 
 
 @torch.no_grad()
