@@ -47,7 +47,7 @@ def opd_advantages(
 ) -> torch.Tensor:
     """Per-token advantages `[B, T]` of OPD mode `mode` (see the module docstring), detached, 0 off the mask.
 
-    group_advantages: `[B]` (or `[B, T]`) from the reward; student/teacher log-probs: `[B, T]` of the sampled
+    group_advantages: `[B]` from the reward; student/teacher log-probs: `[B, T]` of the sampled
     tokens; response_mask: tokens in the loss (sampled, not tool output).
     """
     if mode not in OPD_MODES:
@@ -55,8 +55,7 @@ def opd_advantages(
     mask = response_mask.bool()
     advantages = -coef * reverse_kl_per_token(student_logprobs.detach(), teacher_logprobs.detach())
     if mode == "rl":
-        group = group_advantages if group_advantages.dim() == 2 else group_advantages.unsqueeze(-1)
-        advantages = advantages + group.to(advantages.dtype)
+        advantages = advantages + group_advantages.unsqueeze(-1).to(advantages.dtype)
     return advantages.masked_fill(~mask, 0.0)
 
 
@@ -76,8 +75,7 @@ def topk_reverse_kl(student_topk_logprobs: torch.Tensor, teacher_topk_logprobs: 
 
 def _log_tail(logprobs: torch.Tensor) -> torch.Tensor:
     """log(1 - sum_v exp(logprobs_v)), floored at log(TAIL_EPS)."""
-    mass = torch.logsumexp(logprobs, dim=-1).clamp(max=0.0).exp()
-    return torch.log((1.0 - mass).clamp(min=TAIL_EPS))
+    return torch.log((1.0 - torch.logsumexp(logprobs, dim=-1).exp()).clamp(min=TAIL_EPS))
 
 
 class _SumOverRanks(torch.autograd.Function):
