@@ -3,7 +3,7 @@
 
     python examples/opd/run.py                 # teacher (SFT warm start + GSPO), then OPD / RL / RL + OPD students
     python examples/opd/run.py --quick         # a few steps of each, as the tests run it
-    python examples/opd/run.py --student-steps 80 --teacher-steps 60
+    python examples/opd/run.py --student-steps 150 --teacher-run runs/opd_example/teacher   # reuse a teacher
 
 1. Teacher: the tiny CPU example's model (Qwen3-MoE, 4 layers, hidden 128, ~1.8M parameters) trained with an SFT
    warm start and GSPO (examples/tiny_cpu/gspo_moe.yaml) until its held-out accuracy is high.
@@ -87,6 +87,7 @@ def main() -> int:
     parser.add_argument("--teacher-steps", type=int, default=60)
     parser.add_argument("--student-steps", type=int, default=60)
     parser.add_argument("--eval-interval", type=int, default=5)
+    parser.add_argument("--teacher-run", help="a finished teacher run directory to distil from instead of training one")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of opd, rl, rl_opd")
     parser.add_argument("--quick", action="store_true", help="2 teacher and 2 student steps (tests)")
     args, extra = parser.parse_known_args()
@@ -98,15 +99,15 @@ def main() -> int:
     data = ["--data.train_files", str(files["train"]), "--data.eval_files", str(files["eval"]),
             "--eval.num_prompts", "16" if args.quick else "128", "--logging.progress_bar", "false"]
 
-    teacher_dir = out / "teacher"
-    teacher_wall = train(TINY / "gspo_moe.yaml", [
+    teacher_dir = Path(args.teacher_run) if args.teacher_run else out / "teacher"
+    teacher_wall = 0.0 if args.teacher_run else train(TINY / "gspo_moe.yaml", [
         "--run_dir", str(teacher_dir), "--model.hf_path", str(files["hf"]), "--model.megatron_path", str(files["mcore"]),
         "--train.steps", str(args.teacher_steps), "--checkpoint.save_interval", "0", "--eval.interval", "0",
         "--train.lr_warmup_steps", "0" if args.quick else "20", "--train.sft_warmup_steps", "2" if args.quick else "8",
         *data])
-    teacher_acc = accuracies(teacher_dir)[args.teacher_steps]
+    teacher_acc = accuracies(teacher_dir)[max(accuracies(teacher_dir))]
     teacher_ckpt = latest_checkpoint(teacher_dir)
-    print(f"teacher: accuracy {teacher_acc:.3f} after {args.teacher_steps} steps, {teacher_wall:.0f} s", flush=True)
+    print(f"teacher {teacher_ckpt}: accuracy {teacher_acc:.3f}, trained in {teacher_wall:.0f} s", flush=True)
 
     results = {}
     for arm in args.arms.split(","):
