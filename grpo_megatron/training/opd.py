@@ -90,7 +90,7 @@ def build_teacher(cfg: RunConfig, dtype: torch.dtype, student_vocab: int):
         if dist.is_initialized() and dist.get_rank() != 0:
             return "sglang"  # the scores come from rank 0
         return SGLangTeacher(opd.sglang_urls, opd.top_k, cfg.rollout.sglang.api_key, opd.sglang_timeout_s,
-                             cfg.rollout.sglang.max_in_flight)
+                             cfg.rollout.sglang.max_in_flight, vocab_size=student_vocab)
     return None
 
 

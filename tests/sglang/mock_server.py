@@ -193,7 +193,8 @@ def _prompt_logprobs(model, ids: list[int], start: int, top_k: int) -> tuple[lis
     log_p = torch.log_softmax(logits, -1)[start:]
     targets = ids[start + 1:]
     lp = log_p.gather(-1, torch.tensor(targets, dtype=torch.long)[:, None])[:, 0].tolist()
-    tokens = [[None, ids[start], None]] + [[v, t, None] for v, t in zip(lp, targets)]
+    vocab = model.config.vocab_size  # ids >= vocab - 1 are echoed as 0 (_process_input_token_logprobs)
+    tokens = [[None, ids[start], None]] + [[v, t if t < vocab - 1 else 0, None] for v, t in zip(lp, targets)]
     top = [None]
     if top_k:
         values, top_ids = log_p.topk(top_k, -1)

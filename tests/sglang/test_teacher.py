@@ -11,7 +11,7 @@ from grpo_megatron.rollout.sglang.errors import MalformedResponseError
 from grpo_megatron.rollout.sglang.teacher import SGLangTeacher, parse_scores, scoring_payload
 from tests.sglang.conftest import mock, mock_urls, request_log  # noqa: F401 (fixtures)
 
-PAIRS = [([1, 5, 9, 12], [20, 3, 3, 41, 2]), ([1, 7], [8]), ([1, 30, 31], [])]
+PAIRS = [([1, 5, 9, 12], [20, 3, 3, 41, 2]), ([1, 7], [8, 63]), ([1, 30, 31], [])]  # 63: the vocabulary's last
 
 
 def _hf_logprobs(model_dir, prompt, response, top_k):
@@ -30,7 +30,7 @@ def test_payload_is_prefill_only_from_the_last_prompt_token():
 
 
 def test_scores_are_the_models_logprobs_of_the_given_tokens(mock, tiny_hf_dir):
-    teacher = SGLangTeacher(mock, top_k=3)
+    teacher = SGLangTeacher(mock, top_k=3, vocab_size=64)
     scores = teacher.score(PAIRS)
     for (prompt, response), got in zip(PAIRS, scores):
         assert got.logprobs.shape == (len(response),) and got.topk_ids.shape == (len(response), 3)
@@ -53,6 +53,15 @@ def test_scores_are_the_models_logprobs_of_the_given_tokens(mock, tiny_hf_dir):
 def test_malformed_answers_name_the_field(body, message):
     with pytest.raises(MalformedResponseError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_scores(body, [4, 5], top_k=0, url="http://h")
+
+
+def test_the_last_vocabulary_id_is_echoed_as_0_and_only_it():
+    body = {"meta_info": {"input_token_logprobs": [[None, 1, None], [-1.0, 0, None], [-2.0, 0, None]]}}
+    assert parse_scores(body, [63, 0], top_k=0, url="http://h", vocab_size=64).logprobs.tolist() == [-1.0, -2.0]
+    with pytest.raises(MalformedResponseError, match="scored tokens"):
+        parse_scores(body, [62, 0], top_k=0, url="http://h", vocab_size=64)
+    with pytest.raises(MalformedResponseError, match="scored tokens"):  # without the vocabulary: exact ids
+        parse_scores(body, [63, 0], top_k=0, url="http://h")
 
 
 def test_missing_top_logprobs_is_an_error():

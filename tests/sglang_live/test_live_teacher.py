@@ -14,7 +14,7 @@ from tests.sglang_live.test_live_server import LOGPROB_TOL
 
 pytestmark = pytest.mark.sglang_live
 
-PAIRS = [([1, 5, 9, 12], [20, 3, 3, 41, 2]), ([1, 7], [8, 9]), ([1, 30, 31, 32, 33, 34], [35])]
+PAIRS = [([1, 5, 9, 12], [20, 3, 3, 41, 2]), ([1, 7], [8, 63]), ([1, 30, 31, 32, 33, 34], [35])]  # 63: last id
 
 
 def _reference(model_dir, prompt, response, top_k):
@@ -25,7 +25,7 @@ def _reference(model_dir, prompt, response, top_k):
 
 
 def test_teacher_scores_given_tokens_like_transformers(live_server, live_model):
-    scores = SGLangTeacher([live_server.spec.url], top_k=4, timeout_s=120).score(PAIRS)
+    scores = SGLangTeacher([live_server.spec.url], top_k=4, timeout_s=120, vocab_size=64).score(PAIRS)
     for (prompt, response), got in zip(PAIRS, scores):
         want, log_p = _reference(live_model, prompt, response, 4)
         torch.testing.assert_close(got.logprobs, want, atol=LOGPROB_TOL, rtol=0)

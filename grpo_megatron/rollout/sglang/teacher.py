@@ -7,6 +7,9 @@ position logprob_start_len on, the first of them None (scheduler_components/logp
 `_process_input_token_logprobs`: `[None] + logprobs[:-1]`: no logits before it were computed), so starting one
 token before the response gives every response token its log-prob. With `top_logprobs_num` k,
 `meta_info.input_top_logprobs` holds per position (the first None) the k most likely `[logprob, id, text]`.
+The ids SGLang echoes in input_token_logprobs are clipped: an id >= vocab_size - 1 is reported as 0 (the same
+function, "clip padded hash values from image tokens"; seen live for the tiny vocabulary's last token), so the
+check of the echoed ids allows exactly that.
 
 Input log-probs are log_softmax of the raw logits whatever `sampling_params.temperature` says
 (layers/logprob_processor.py computes them without the temperature; slime #2319 / #2325 saw the same live), so
@@ -55,7 +58,13 @@ def scoring_payload(prompt_ids: list[int], response_ids: list[int], top_k: int) 
     return payload
 
 
-def parse_scores(body: Any, response_ids: list[int], top_k: int, url: str) -> TeacherScores:
+def _echoed(token: int, vocab_size: int | None) -> int:
+    """The id SGLang 0.5.23 echoes for an input token (logprob_result_processor._process_input_token_logprobs)."""
+    return 0 if vocab_size is not None and token >= vocab_size - 1 else token
+
+
+def parse_scores(body: Any, response_ids: list[int], top_k: int, url: str,
+                 vocab_size: int | None = None) -> TeacherScores:
     """TeacherScores from one /generate answer to `scoring_payload`; anything unexpected is an error naming it."""
     meta = body.get("meta_info") if isinstance(body, dict) else None
     entries = meta.get("input_token_logprobs") if isinstance(meta, dict) else None
@@ -67,7 +76,7 @@ def parse_scores(body: Any, response_ids: list[int], top_k: int, url: str) -> Te
             f"and {n} response tokens from logprob_start_len)")
     scored = entries[1:]
     ids = [int(e[1]) for e in scored]
-    if ids != list(response_ids) or any(e[0] is None for e in scored):
+    if ids != [_echoed(t, vocab_size) for t in response_ids] or any(e[0] is None for e in scored):
         raise MalformedResponseError(f"{url}/generate: input_token_logprobs scored tokens {ids[:8]}... instead of "
                                      f"the response {list(response_ids)[:8]}... (or held nulls)")
     scores = TeacherScores(torch.tensor([float(e[0]) for e in scored], dtype=torch.float32))
@@ -87,9 +96,10 @@ class SGLangTeacher:
     """Scores samples on one or more SGLang servers, `max_in_flight` requests at a time."""
 
     def __init__(self, urls: list[str], top_k: int, api_key: str | None = None, timeout_s: float = 300.0,
-                 max_in_flight: int = 64):
+                 max_in_flight: int = 64, vocab_size: int | None = None):
         self.pool = ServerPool(urls, api_key=api_key, timeout_s=timeout_s)
         self.top_k = top_k
+        self.vocab_size = vocab_size  # the served model's config.vocab_size: see _echoed
         self.max_in_flight = max_in_flight
 
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[TeacherScores]:
@@ -105,6 +115,6 @@ class SGLangTeacher:
                 async with limit:
                     return await self.pool.post(
                         client, "/generate", scoring_payload(prompt_ids, response_ids, self.top_k),
-                        lambda url, body: parse_scores(body, response_ids, self.top_k, url))
+                        lambda url, body: parse_scores(body, response_ids, self.top_k, url, self.vocab_size))
 
             return list(await asyncio.gather(*(one(p, r) for p, r in pairs)))
