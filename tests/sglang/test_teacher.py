@@ -9,7 +9,7 @@ import transformers
 
 from grpo_megatron.rollout.sglang.errors import MalformedResponseError
 from grpo_megatron.rollout.sglang.teacher import SGLangTeacher, parse_scores, scoring_payload
-from tests.sglang.conftest import mock, mock_urls, request_log  # noqa: F401 (fixtures)
+from tests.sglang.conftest import request_log
 
 PAIRS = [([1, 5, 9, 12], [20, 3, 3, 41, 2]), ([1, 7], [8, 63]), ([1, 30, 31], [])]  # 63: the vocabulary's last
 
