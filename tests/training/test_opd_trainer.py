@@ -68,3 +68,20 @@ def test_megatron_teacher_of_another_size_in_top_k_mode(make_config, dense_teach
     for metrics in history:
         assert metrics["opd/teacher_kl"] != 0.0 and math.isfinite(metrics["opd/teacher_kl"])
         assert metrics["opd/topk_kl"] > 0 and metrics["train/grad_norm"] > 0
+
+
+def test_teacher_paths_in_a_config_file_are_relative_to_it(tmp_path, task_files):
+    import yaml
+
+    from grpo_megatron.config import load_config
+
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"hf_path": str(task_files["hf"])}, "data": {"train_files": [str(task_files["train"])]},
+        "reward": {"functions": [{"name": "first_digit"}]},
+        "algorithm": {"loss": "grpo", "opd": {"teacher": "megatron", "hf_path": "teacher_hf",
+                                              "megatron_path": "../ckpt/step_000010"}}}))
+    opd = load_config(path).algorithm.opd
+    assert opd.hf_path == str(tmp_path / "conf" / "teacher_hf")
+    assert opd.megatron_path == str(tmp_path / "ckpt" / "step_000010")
