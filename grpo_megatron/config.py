@@ -171,6 +171,21 @@ class LossParamsConfig:
 
 
 @dataclass
+class OPDConfig:
+    """On-policy distillation (algorithms/opd.py): a teacher scores the student's sampled tokens."""
+
+    teacher: str = "none"  # none | megatron (frozen, colocated like the reference) | sglang (a server, prefill only)
+    mode: str = "distill"  # distill: advantage = coef * (log p_teacher - log p_student) | rl: added to the group's
+    coef: float = 1.0
+    top_k: int = 0  # 0: the sampled token's log-probs | k: tail-aware reverse KL over the teacher's top-k (a loss term)
+    hf_path: str = ""  # megatron teacher: its HF checkpoint (architecture; weights unless megatron_path)
+    megatron_path: str | None = None  # megatron teacher: its megatron checkpoint (e.g. a run's checkpoint)
+    offload: bool = True  # megatron teacher on GPU: parameters in host memory between scoring passes
+    sglang_urls: list[str] = field(default_factory=list)  # sglang teacher: its server(s)
+    sglang_timeout_s: float = 300.0
+
+
+@dataclass
 class AlgorithmConfig:
     loss: str = "gspo"  # grpo gspo gspo_token cispo sapo gmpo clip_cov kl_cov dppo_tv dppo_kl (README loss table)
     clip_low: float | None = None  # None: the loss's paper default (gspo 3e-4 / 4e-4, grpo 0.2 / 0.2; DAPO 0.2 / 0.28)
@@ -184,6 +199,7 @@ class AlgorithmConfig:
     overlong_filter: bool = False  # DAPO: mask truncated samples out of the loss
     routing_replay: str = "none"  # none | r2 | r3 (MoE only)
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    opd: OPDConfig = field(default_factory=OPDConfig)
 
 
 @dataclass
@@ -267,6 +283,7 @@ class RunConfig:
             raise ConfigError(f"algorithm.routing_replay={self.algorithm.routing_replay!r}: use none, r2 or r3")
         self._validate_loss()
         self._validate_rollout_correction()
+        self._validate_opd()
         self._validate_rollout_mode()
         self._validate_rollout_function()
         self._validate_weight_sync()
@@ -313,6 +330,11 @@ class RunConfig:
                 check_tools_config(self.rollout.tools)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def _validate_opd(self) -> None:
+        from grpo_megatron.training.opd import check_opd_config
+
+        check_opd_config(self)
 
     def _validate_rollout_mode(self) -> None:
         r = self.rollout
@@ -552,6 +574,10 @@ def _resolve_relative_paths(data: dict, base: Path) -> dict:
         return str((base / p).resolve()) if isinstance(p, str) and p and not Path(p).is_absolute() else p
 
     data = dict(data)
+    opd = data.get("algorithm", {}).get("opd") if isinstance(data.get("algorithm"), dict) else None
+    if isinstance(opd, dict):
+        data["algorithm"] = {**data["algorithm"], "opd": {k: fix(v) if k in ("hf_path", "megatron_path") else v
+                                                           for k, v in opd.items()}}
     for section, keys in (("model", ("hf_path", "megatron_path")), ("data", ("train_files", "eval_files"))):
         if isinstance(data.get(section), dict):
             sec = dict(data[section])

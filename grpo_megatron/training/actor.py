@@ -52,6 +52,8 @@ def _run_schedule(model: PolicyModel, micro_batches: list[MicroBatch], loss_fn: 
     def _loss_on_logits(mb: MicroBatch, logits: torch.Tensor):
         logprobs, entropy = token_logprobs_and_entropy(
             logits.float(), mb.targets, temperature=temperature, process_group=group)
+        if mb.on_logits is not None:  # more values read off the logits (OPD's top-k, training/opd.py)
+            mb = mb.on_logits(mb, logits, temperature, group)
         return loss_fn(mb, logprobs, entropy)
 
     num_chunks = len(model.chunks)
@@ -74,10 +76,11 @@ def forward_logprobs(model: PolicyModel, micro_batches: list[MicroBatch], temper
     """Log-probs and entropy of every target token, per micro-batch, without gradients.
 
     Returns (on the last pipeline stage; [] elsewhere) one dict per micro-batch with `logprobs` and
-    `entropy` [b, s] in the micro-batch's row order.
+    `entropy` [b, s] in the micro-batch's row order, and whatever a micro-batch's `on_logits` put in its `extra`.
     """
     def keep(mb, logprobs, entropy):
-        return torch.zeros((), device=logprobs.device), {"logprobs": logprobs.detach(), "entropy": entropy.detach()}
+        return torch.zeros((), device=logprobs.device), {"logprobs": logprobs.detach(), "entropy": entropy.detach(),
+                                                         **mb.extra}
 
     with torch.no_grad():
         return _run_schedule(model, micro_batches, keep, temperature, forward_only=True)

@@ -8,6 +8,7 @@ a token budget (like verl's dynamic batch size) their number of rows follows the
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -36,6 +37,9 @@ class Sample:
     ref_logprobs: torch.Tensor | None = None  # [R]
     rollout_weights: torch.Tensor | None = None  # [R] mismatch-correction weights, 0 = dropped from the loss
     loss_selection: torch.Tensor | None = None  # [R] 1 where a covariance loss (clip_cov, kl_cov) singles out the token
+    teacher_logprobs: torch.Tensor | None = None  # [R] OPD teacher's log-probs of the response tokens
+    teacher_topk_logprobs: torch.Tensor | None = None  # [R, k] OPD top-k: the teacher's k most likely tokens' ...
+    teacher_topk_ids: torch.Tensor | None = None  # [R, k] ... and their ids
 
     @property
     def length(self) -> int:
@@ -56,6 +60,12 @@ class MicroBatch:
     rollout_weights: torch.Tensor | None = None  # [b, s]
     loss_selection: torch.Tensor | None = None  # [b, s]
     loss_mask: torch.Tensor | None = None  # [b, s]: 0 at inserted (tool) tokens; None when every sample is all 1
+    teacher_logprobs: torch.Tensor | None = None  # [b, s] (OPD)
+    teacher_topk_logprobs: torch.Tensor | None = None  # [b, s, k] (OPD top-k)
+    teacher_topk_ids: torch.Tensor | None = None  # [b, s, k]
+    # (mb, logits, temperature, tp_group) -> mb with more values read off the logits in `extra` (OPD's top-k)
+    on_logits: Callable | None = None
+    extra: dict = field(default_factory=dict)
 
     @property
     def num_response_tokens(self) -> int:
@@ -85,6 +95,17 @@ def _aligned(samples: list[Sample], values: list[torch.Tensor | list[float] | No
     return torch.tensor(rows, dtype=torch.float32)
 
 
+def _aligned_rows(samples: list[Sample], values: list[torch.Tensor | None], width: int,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+    """Per-sample `[R, k]` tensors placed at their response span of a zero `[b, width, k]` tensor."""
+    if any(v is None for v in values):
+        return None
+    out = torch.zeros(len(samples), width, values[0].shape[-1], dtype=dtype)
+    for row, (sample, value) in enumerate(zip(samples, values)):
+        out[row, response_span(sample)] = value.to(dtype)
+    return out
+
+
 def make_micro_batch(samples: list[Sample], indices: list[int], pad_id: int, pad_multiple: int = 1) -> MicroBatch:
     """Rows built as Python lists and converted once: one tensor per field rather than per-row writes."""
     chosen = [samples[i] for i in indices]
@@ -111,6 +132,9 @@ def make_micro_batch(samples: list[Sample], indices: list[int], pad_id: int, pad
         loss_selection=_aligned(chosen, [s.loss_selection for s in chosen], width),
         loss_mask=None if all(s.loss_mask is None for s in chosen) else _aligned(
             chosen, [s.loss_mask if s.loss_mask is not None else [1] * len(s.response_ids) for s in chosen], width),
+        teacher_logprobs=_aligned(chosen, [s.teacher_logprobs for s in chosen], width),
+        teacher_topk_logprobs=_aligned_rows(chosen, [s.teacher_topk_logprobs for s in chosen], width, torch.float32),
+        teacher_topk_ids=_aligned_rows(chosen, [s.teacher_topk_ids for s in chosen], width, torch.long),
     )
 
 

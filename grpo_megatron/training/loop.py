@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from grpo_megatron.algorithms import (
-    ADVANTAGE_ESTIMATORS, MAX_LOG_RATIO, POLICY_LOSSES, LossParams, adaptive_truncation_bound, compute_policy_loss,
-    compute_rollout_correction, loss_normalizer, overlong_reward_penalty, pass_at_k, select_tokens)
+    ADVANTAGE_ESTIMATORS, MAX_LOG_RATIO, POLICY_LOSSES, LossParams, adaptive_truncation_bound, aggregate_loss,
+    compute_policy_loss, compute_rollout_correction, loss_normalizer, overlong_reward_penalty, pass_at_k, select_tokens)
 from grpo_megatron.algorithms.rollout_correction import unit_values
 from grpo_megatron.config import RunConfig, save_config, to_dict
 from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, model_dims
@@ -40,6 +40,7 @@ from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.data import PromptDataset, PromptLoader
 from grpo_megatron.rollout.functions import RolloutContext, generate_samples
 from grpo_megatron.training import checkpoint as ckpt
+from grpo_megatron.training import opd
 from grpo_megatron.training.actor import (
     Actor, combine_minibatch_metrics, data_parallel_info, forward_logprobs)
 from grpo_megatron.training.batch import (
@@ -82,6 +83,8 @@ def _broadcast(obj):
 
 
 class Trainer:
+    teacher = None  # on-policy distillation's teacher (training/opd.py), when algorithm.opd.teacher is set
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -110,6 +113,7 @@ class Trainer:
             reference = self._build(wrap_ddp=False)
             self._load_initial_weights(reference)
             self.reference = ReferenceModel(reference, offload=cfg.model.offload_reference)
+        self.teacher = opd.build_teacher(cfg, self.dtype, self.hf_config.vocab_size)  # on-policy distillation
         self.train_data = PromptDataset(cfg.data.train_files, self.tokenizer, cfg.data.apply_chat_template,
                                         cfg.data.max_prompt_tokens)
         self.loader = PromptLoader(self.train_data, cfg.rollout.prompts_per_step, seed=cfg.train.seed,
@@ -274,8 +278,10 @@ class Trainer:
         def loss_fn(mb, logprobs, entropy):
             # No old-policy pass (see _old_logprobs_are_current): the policy is still the old one.
             old_logprobs = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
+            advantages, opd_metrics = (opd.distillation_advantages(alg.opd, mb, old_logprobs) if self.teacher
+                                       else (mb.advantages, {}))
             loss, metrics = compute_policy_loss(
-                logprobs, old_logprobs, mb.advantages, mb.response_mask, variant=alg.loss,
+                logprobs, old_logprobs, advantages, mb.response_mask, variant=alg.loss,
                 clip_low=alg.clip_low, clip_high=alg.clip_high, loss_agg=alg.loss_agg,
                 ref_logprobs=mb.ref_logprobs, kl_coef=alg.kl_coef, kl_estimator=alg.kl_estimator,
                 dual_clip_c=alg.dual_clip_c, entropy=entropy, normalizer=normalizer, max_response_length=max_len,
@@ -283,7 +289,12 @@ class Trainer:
                 token_selection=mb.loss_selection)
             if first_minibatch and mb.engine_logprobs is not None:
                 metrics.update(train_rollout_mismatch(logprobs.detach(), mb.engine_logprobs, mb.response_mask))
-            return loss, metrics
+            if self.teacher and alg.opd.top_k:
+                topk_loss, topk_metrics = opd.topk_distillation_loss(alg.opd, mb, partial(
+                    aggregate_loss, response_mask=mb.response_mask.bool(), loss_agg=alg.loss_agg,
+                    normalizer=normalizer, max_response_length=max_len))
+                loss, metrics = loss + topk_loss, {**metrics, **topk_metrics}
+            return loss, {**metrics, **opd_metrics}
 
         return loss_fn
 
@@ -316,6 +327,9 @@ class Trainer:
                     ref = self._logprob_pass(reference, samples)
                 for i, s in enumerate(samples):
                     s.ref_logprobs = ref.get(i, torch.zeros(len(s.response_ids)))
+        if self.teacher is not None:
+            with timer.phase("teacher"):  # time/teacher: the teacher's scoring time
+                opd.score_with_teacher(self, samples)
         results = []
         with timer.phase("train"):
             for m, indices in enumerate(self._minibatches(len(samples))):
@@ -326,6 +340,7 @@ class Trainer:
                 micro = self._micro_batches(samples, indices)
                 for mb in micro:
                     mb.response_mask = self._loss_mask(samples, mb)
+                opd.prepare_training_micro_batches(alg.opd, micro)
                 results.append(self.actor.train_step(micro, self._loss_fn(normalizer, m == 0),
                                                      cfg.rollout.temperature or 1.0))
         metrics = combine_minibatch_metrics(results)

@@ -35,7 +35,7 @@ import torch.multiprocessing  # noqa: F401  (registers the tensor reductions the
 from safetensors.torch import load_file, save
 from torch.distributed import PrefixStore, ProcessGroupGloo
 
-from grpo_megatron.rollout.base import SamplingParams
+from grpo_megatron.rollout.base import Completion, SamplingParams
 from grpo_megatron.rollout.embedded import EmbeddedEngine
 from grpo_megatron.rollout.hf_layout import CheckpointLayout
 from tests.sglang.mock_memory import memory_occupation
@@ -116,11 +116,14 @@ def generate(state: MockState, req: dict) -> tuple[int, object]:
     if req.get("return_routed_experts") and not 0 <= start <= len(ids):  # scheduler.handle_generate_request
         return 400, {"error": {"message": f"recv_req.routed_experts_start_len={start} is outside [0, "
                                           f"len(req.origin_input_ids)={len(ids)}]."}}
+    start_len = req.get("logprob_start_len", -1)
     run = _admit(state, req.get("rid") or uuid.uuid4().hex)
     try:
         with state.lock:
-            outs = state.engine.generate([ids], params, bool(req.get("return_routed_experts")))[0]
-            input_lp = _prompt_logprobs(state.model, ids) if req.get("logprob_start_len") == 0 else None
+            outs = (state.engine.generate([ids], params, bool(req.get("return_routed_experts")))[0]
+                    if params.max_new_tokens > 0 else [_prefill_only(ids)])
+            input_lp = (_prompt_logprobs(state.model, ids, start_len, req.get("top_logprobs_num") or 0)
+                        if req.get("return_logprob") and start_len >= 0 else None)
         emitted = _decode(state, run, max(len(c.response_ids) for c in outs))
         # Answered before the request leaves `running`: a pause returns only after, so an aborted output reports
         # the weight_version it ran under, never the one a push makes next (tokenizer_manager's model_update_lock).
@@ -173,18 +176,36 @@ def _output(state: MockState, rid: str, c, emitted: int, ids: list[int], input_l
             "weight_version": state.weight_version, "finish_reason": reason}
     if req.get("return_logprob"):
         meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(c.response_logprobs, response)]
-        meta["input_token_logprobs"] = input_lp or [[None, ids[0], None]]
+        meta["input_token_logprobs"] = input_lp[0] if input_lp else [[None, ids[0], None]]
+        if input_lp and req.get("top_logprobs_num"):
+            meta["input_top_logprobs"] = input_lp[1]
     if c.routed_experts is not None:  # positions [routed_experts_start_len, seqlen - 1) (batch_result_processor)
         rows = c.routed_experts[req.get("routed_experts_start_len", 0):max(len(ids) + len(response) - 1, 0)]
         meta["routed_experts"] = base64.b64encode(rows.numpy().tobytes()).decode()
     return {"text": "", "output_ids": response, "meta_info": meta}
 
 
-def _prompt_logprobs(model, ids: list[int]) -> list:
+def _prefill_only(ids: list[int]) -> Completion:
+    """What a max_new_tokens 0 request (Req.is_prefill_only) outputs: no token, finish_reason length 0."""
+    return Completion(prompt_ids=list(ids), response_ids=[], response_logprobs=[], finish_reason="length")
+
+
+def _prompt_logprobs(model, ids: list[int], start: int, top_k: int) -> tuple[list, list]:
+    """(input_token_logprobs, input_top_logprobs) from position `start` on, the first entry None
+    (logprob_result_processor._process_input_token_logprobs / _process_input_top_logprobs), at temperature 1
+    whatever the sampling temperature (layers/logprob_processor.py)."""
     with torch.inference_mode():
         logits = model(torch.tensor([ids])).logits[0, :-1].float()
-    lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
-    return [[None, ids[0], None]] + [[v, t, None] for v, t in zip(lp, ids[1:])]
+    log_p = torch.log_softmax(logits, -1)[start:]
+    targets = ids[start + 1:]
+    lp = log_p.gather(-1, torch.tensor(targets, dtype=torch.long)[:, None])[:, 0].tolist()
+    vocab = model.config.vocab_size  # ids >= vocab - 1 are echoed as 0 (_process_input_token_logprobs)
+    tokens = [[None, ids[start], None]] + [[v, t if t < vocab - 1 else 0, None] for v, t in zip(lp, targets)]
+    top = [None]
+    if top_k:
+        values, top_ids = log_p.topk(top_k, -1)
+        top += [[[v, t, None] for v, t in zip(vs, ts)] for vs, ts in zip(values.tolist(), top_ids.tolist())]
+    return tokens, top
 
 
 def pause(state: MockState, req: dict) -> tuple[int, dict]:
