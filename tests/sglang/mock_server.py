@@ -64,6 +64,7 @@ class MockState:
     in_session: bool = False
     pause_mode: str | None = None  # the mode of the current /pause_generation, None when not paused
     token_delay_s: float = 0.0  # decoding pace, so tests can act on requests in flight
+    health_delay_s: float = 0.0  # /health_generate's answer time (a loaded server's), for the "slow" verdict
     running: list[Running] = field(default_factory=list)
     groups: dict[str, list[ProcessGroupGloo]] = field(default_factory=dict)  # one group member per TP rank
     faults: list[dict] = field(default_factory=list)  # {"route", "kind", "count"}
@@ -389,6 +390,8 @@ class Handler(BaseHTTPRequestHandler):
         fault = state.take_fault(path)
         if fault == "500":
             return self._send(500, {"error": {"message": "injected internal error"}})
+        if fault == "503":  # /health_generate's answer when the scheduler sent nothing for 20 s (http_server.py)
+            return self._send(503, None)
         if fault == "drop":
             self.close_connection = True
             self.connection.shutdown(2)
@@ -415,6 +418,7 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str, path: str, query: str, req: dict) -> tuple[int, object]:
         state = self.state
         if path in ("/health", "/health_generate") and method == "GET":
+            time.sleep(state.health_delay_s)
             return 200, None
         if path in ("/model_info", "/get_model_info") and method == "GET":  # the second is deprecated in 0.5.23
             return 200, {"model_path": state.model_dir, "tokenizer_path": state.model_dir, "is_generation": True,
@@ -468,6 +472,7 @@ class Handler(BaseHTTPRequestHandler):
             return 200, {"ok": True}
         if path == "/_mock/config" and method == "POST":
             state.token_delay_s = req.get("token_delay_s", state.token_delay_s)
+            state.health_delay_s = req.get("health_delay_s", state.health_delay_s)
             return 200, {"ok": True}
         if path == "/_mock/log" and method == "GET":
             with state.sched:
@@ -480,7 +485,7 @@ class Handler(BaseHTTPRequestHandler):
             state.faults.clear()
             state.log.clear()
             state.updates.clear()
-            state.token_delay_s = 0.0
+            state.token_delay_s = state.health_delay_s = 0.0
             state.in_session = False  # a test that failed mid-sync leaves no session to the next one
             state.released.clear()
             return 200, {"ok": True}
