@@ -118,9 +118,8 @@ def check_samples(out, prompts, version: int | None) -> None:
 PROMPTS = [[1 + i, 2, 3 + i] for i in range(6)]
 
 
-def test_health_verdicts(kept):
-    (url, _), _, _ = kept
-    httpx.post(url + "/_mock/reset", json={})
+def test_health_verdicts(mock):
+    url = mock[0]
     assert check_health(url, 2.0, 0.5)[0] == Verdict.OK
     assert check_health(f"http://127.0.0.1:{free_port()}", 2.0, 0.5)[0] == Verdict.DEAD
     httpx.post(url + "/_mock/config", json={"health_delay_s": 0.8}).raise_for_status()
@@ -132,17 +131,17 @@ def test_health_verdicts(kept):
     assert verdict == Verdict.HUNG and "503" in detail
 
 
-def test_slow_server_is_not_taken_out(kept):
-    urls, control, model = kept
-    engine = make_engine(urls, control, model)
+def test_slow_server_is_not_taken_out(mock):
+    urls = mock
+    pool = ServerPool(urls, timeout_s=60, retry=RetryPolicy(attempts=3, backoff_s=0.05))
+    supervisor = ServerSupervisor(pool, HEALTH, RestartPolicy()).start()
     try:
         httpx.post(urls[0] + "/_mock/config", json={"health_delay_s": 0.8}).raise_for_status()
         time.sleep(2.5)  # several checks, each slow
-        assert engine.supervisor.states[urls[0]] == State.SERVING
-        assert engine.pool.serving == urls
+        assert supervisor.states[urls[0]] == State.SERVING and pool.serving == urls
     finally:
         httpx.post(urls[0] + "/_mock/config", json={"health_delay_s": 0.0})
-        engine.shutdown()
+        supervisor.stop()
 
 
 def test_killed_server_restarts_and_serves_only_after_a_full_sync(kept):
@@ -181,6 +180,7 @@ def test_killed_server_restarts_and_serves_only_after_a_full_sync(kept):
         engine.shutdown()
 
 
+@pytest.mark.slow  # a mock server restart each: ~5 s of CPU, ~30 s on a loaded machine
 def test_hung_server_is_detected_in_time_and_its_requests_reissued(kept):
     urls, control, model = kept
     engine = make_engine(urls, control, model)
@@ -205,6 +205,7 @@ def test_hung_server_is_detected_in_time_and_its_requests_reissued(kept):
         engine.shutdown()
 
 
+@pytest.mark.slow  # a mock server restart each: ~5 s of CPU, ~30 s on a loaded machine
 def test_push_during_a_restart_excludes_the_server(kept):
     urls, control, model = kept
     engine = make_engine(urls, control, model)
@@ -221,6 +222,7 @@ def test_push_during_a_restart_excludes_the_server(kept):
         engine.shutdown()
 
 
+@pytest.mark.slow  # a mock server restart each: ~5 s of CPU, ~30 s on a loaded machine
 def test_user_server_is_reported_not_restarted_and_rejoins_after_a_sync(kept):
     urls, control, model = kept
     engine = make_engine(urls, control, model, owned=False)
@@ -251,5 +253,4 @@ def test_restart_bound_ends_the_run_naming_the_server_and_its_log(kept):
         assert urls[0] in message and "max_restarts_per_server=0" in message
         assert str(control / "s0.log") in message
     finally:
-        engine.shutdown()
-        KeeperServers(control).restart(urls[0], 300)  # the next test module finds both up
+        engine.shutdown()  # the last test here: the fixture's teardown stops both keepers
