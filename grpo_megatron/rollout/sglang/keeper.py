@@ -1,6 +1,7 @@
 """A restartable SGLang server: the keeper runs the server command and starts it again when the trainer asks.
 
-    python -m grpo_megatron.rollout.sglang.keeper --dir CONTROL_DIR --name NAME --url URL --log LOG -- CMD...
+    python -m grpo_megatron.rollout.sglang.keeper --dir CONTROL_DIR --name NAME --url URL --log LOG \
+        [--env KEY=VALUE ...] -- CMD...
 
 The keeper is what a Slurm job's server step runs on its node (slurm/common.sh), so that the trainer, on another
 node, can restart a dead or hung server without Slurm: it writes `CONTROL_DIR/NAME.restart`, the keeper kills the
@@ -45,8 +46,10 @@ def read_states(control_dir: str | Path) -> dict[str, dict]:
 
 
 class Keeper:
-    def __init__(self, control_dir: Path, name: str, url: str, log: Path, command: list[str]):
+    def __init__(self, control_dir: Path, name: str, url: str, log: Path, command: list[str],
+                 env: dict[str, str] | None = None):
         self.control_dir, self.name, self.url, self.log, self.command = control_dir, name, url, log, command
+        self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
@@ -55,7 +58,7 @@ class Keeper:
             if self.starts:
                 log.write(f"\n===== keeper: restart {self.starts} of {self.name} at {time.ctime()} =====\n".encode())
                 log.flush()
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             start_new_session=True)
         self.starts += 1
         self._record(None)
@@ -109,13 +112,16 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="this server's name in the control directory")
     parser.add_argument("--url", required=True, help="the URL the trainer knows the server by")
     parser.add_argument("--log", required=True, type=Path)
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="set in the server's environment (repeatable)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the server command")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the server command after --")
     args.dir.mkdir(parents=True, exist_ok=True)
-    keeper = Keeper(args.dir, args.name, args.url.rstrip("/"), args.log, command)
+    env = dict(item.split("=", 1) for item in args.env)
+    keeper = Keeper(args.dir, args.name, args.url.rstrip("/"), args.log, command, env)
 
     def on_term(*_):
         keeper.stop()

@@ -13,8 +13,20 @@ from typing import Protocol
 import httpx
 
 from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
-from grpo_megatron.rollout.sglang.keeper import read_states, request_file
 from grpo_megatron.rollout.sglang.launcher import SGLangServer
+
+
+def read_states(control_dir: Path) -> dict[str, dict]:
+    """The keepers' records (imported here, not at module level: `python -m ...keeper` then runs a fresh module)."""
+    from grpo_megatron.rollout.sglang.keeper import read_states as read
+
+    return read(control_dir)
+
+
+def request_file(control_dir: Path, name: str) -> Path:
+    from grpo_megatron.rollout.sglang.keeper import request_file as path
+
+    return path(control_dir, name)
 
 
 class Restarter(Protocol):
