@@ -110,7 +110,9 @@ class SGLangEngine(RolloutEngine):
                         routed: bool) -> list[list[Completion]]:
         window = asyncio.Semaphore(self.max_in_flight)
         shape = self.routed_shape if routed else None
-        pool = self.pool if routed else self.generate_pool
+        # A router would send requests to a restarted server before its sync: while one is out, the pool balances.
+        degraded = self.supervisor is not None and not self.supervisor.all_serving()
+        pool = self.pool if routed or degraded else self.generate_pool
 
         def handle(prompt: list[int]):
             def parse(url: str, body) -> list[Completion]:

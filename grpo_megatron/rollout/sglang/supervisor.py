@@ -178,6 +178,10 @@ class ServerSupervisor:
         logger.warning("SGLang server %s %s; it serves after a full weight sync and the post-sync check", url, why)
 
     # -- weight pushes ----------------------------------------------------------------------------------------
+    def all_serving(self) -> bool:
+        with self._lock:
+            return all(s == State.SERVING for s in self.states.values())
+
     def has_stale(self) -> bool:
         with self._lock:
             return any(s == State.STALE for s in self.states.values())
@@ -230,6 +234,7 @@ class ServerSupervisor:
                 down = now - since
                 self._step_down[url] += now - max(since, self._mark)
                 self.pool.serving = [u for u in self.order if u in self.pool.serving or u == url]
+                self.pool._failures[url] = 0
             logger.warning("SGLang server %s serves again: weights v%d %s, %.1f s after it went down", url, version,
                            "checked by the post-sync probe" if probed else "reported by /model_info", down)
 
