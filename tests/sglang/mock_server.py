@@ -344,6 +344,9 @@ def init_group(state: MockState, req: dict) -> tuple[int, dict]:
     """
     name, world = req.get("group_name", "weight_update_group"), req["world_size"]
     ranks = [req["rank_offset"] + r for r in range(state.tp_size)]
+    if name in state.groups:  # torch's _new_process_group_helper refuses a group name in use
+        return 400, {"success": False, "message": "Failed to initialize custom process group: The specified group "
+                                                  "name has already been used."}
     if req.get("backend", "nccl") != "gloo" or ranks[-1] >= world:
         return 400, {"success": False, "message": f"Failed to initialize custom process group: ranks {ranks} of "
                                                   f"world_size {world}, backend {req.get('backend', 'nccl')}."}
@@ -450,7 +453,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/init_weights_update_group" and method == "POST":
             return init_group(state, req)
         if path == "/destroy_weights_update_group" and method == "POST":
-            state.groups.pop(req.get("group_name", "weight_update_group"), None)
+            if state.groups.pop(req.get("group_name", "weight_update_group"), None) is None:  # weight_updater.py
+                return 400, {"success": False, "message": "The group to be destroyed does not exist."}
             return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
         if path == "/pause_generation" and method == "POST":
             return pause(state, req)
@@ -488,6 +492,7 @@ class Handler(BaseHTTPRequestHandler):
             state.token_delay_s = state.health_delay_s = 0.0
             state.in_session = False  # a test that failed mid-sync leaves no session to the next one
             state.released.clear()
+            state.groups.clear()  # a test that failed mid-sync leaves no update group to the next one
             return 200, {"ok": True}
         return 404, {"detail": "Not Found"}
 

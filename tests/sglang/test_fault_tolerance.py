@@ -21,18 +21,38 @@ import pytest
 
 from grpo_megatron.parallel import free_port
 from grpo_megatron.rollout.base import SamplingParams
-from grpo_megatron.rollout.sglang import ProbeCheck, RetryPolicy, SGLangEngine, ServerPool, TensorSync
+from grpo_megatron.rollout.sglang import DistributedSync, ProbeCheck, RetryPolicy, SGLangEngine, ServerPool, TensorSync
 from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
 from grpo_megatron.rollout.sglang.health import HealthPolicy, Verdict, check_health
 from grpo_megatron.rollout.sglang.keeper import read_states
 from grpo_megatron.rollout.sglang.restarters import KeeperServers
 from grpo_megatron.rollout.sglang.supervisor import RestartPolicy, ServerSupervisor, State
 from tests.conftest import REPO
-from tests.sglang.conftest import inject, request_log, running_requests, set_token_delay
-from tests.sglang.test_weight_sync import new_weights
+from tests.sglang.conftest import inject, request_log, running_requests, server_weights, set_token_delay
+from tests.sglang.test_weight_sync import assert_holds, new_weights
 
 HEALTH = HealthPolicy(interval_s=0.3, timeout_s=2.0, slow_s=0.5)
 PARAMS = SamplingParams(n=2, max_new_tokens=12, temperature=1.0)
+
+
+def test_distributed_sync_makes_a_new_group_when_the_servers_change(mock, tiny_hf_dir):
+    """The supervisor takes a server out of pool.urls and puts it back; the update group must follow."""
+    model = tiny_hf_dir("qwen3_moe")
+    pool = ServerPool(list(mock), timeout_s=60, retry=RetryPolicy(attempts=2, backoff_s=0.05))
+    sync = DistributedSync(pool, 1, 1, "127.0.0.1", free_port(), "gloo")
+    try:
+        sync.push(new_weights(model, 11), 11)
+        pool.urls = mock[:1]  # server 1 out (dead or hung): a group of the trainer and server 0
+        sync.push(new_weights(model, 12), 12)
+        pool.urls = list(mock)  # back (it still holds its old group, as a server that was only unreachable)
+        weights = new_weights(model, 13)
+        sync.push(weights, 13)
+        for url in mock:
+            assert_holds(server_weights(url), weights)
+        assert request_log(mock[1]).count("/init_weights_update_group") == 2
+        assert request_log(mock[0]).count("/init_weights_update_group") == 3
+    finally:
+        sync.close()
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,7 @@ class ServerSupervisor:
         self._step_restarts, self._step_down = 0, dict.fromkeys(self.order, 0.0)
         self._reissued_base, self._mark = 0, time.monotonic()  # counters since the last step_metrics
         self._paused = False
+        self._slow: set[str] = set()
         headers = dict(pool._headers)
         self.watcher = HealthWatcher(self._watched, self.report, health, headers,
                                      suspended=lambda: self._push.locked() or self._paused)
@@ -102,9 +103,13 @@ class ServerSupervisor:
                 self._take_out(url, verdict, detail)
             elif verdict in (Verdict.OK, Verdict.SLOW) and state == State.DOWN and not self._owned(url):
                 self._join(url, f"answers again after {time.monotonic() - self._down_since[url]:.1f} s")
-            elif verdict == Verdict.SLOW:
-                logger.warning("SGLang server %s is slow: %s (health.slow_s=%g; not acted on)", url, detail,
-                               self.health.slow_s)
+            elif verdict == Verdict.SLOW and url not in self._slow:  # logged once per slow spell
+                self._slow.add(url)
+                logger.warning("SGLang server %s is slow: %s (rollout.sglang.health_slow_s=%g; not acted on)", url,
+                               detail, self.health.slow_s)
+            if verdict == Verdict.OK and url in self._slow:
+                self._slow.discard(url)
+                logger.info("SGLang server %s answers in time again", url)
 
     def _control_fault(self, url: str, error: str) -> bool:
         """A weight-sync/control request to `url` failed for good: check it now; True if it was taken out."""

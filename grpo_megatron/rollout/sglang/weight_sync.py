@@ -379,14 +379,18 @@ class DistributedSync(WeightSync):
         return group
 
     def _regroup(self) -> None:
-        """A server left or (restarted) rejoined the push targets (supervisor.py): the group is made again over
-        the current ones, on a fresh port; the servers that stay leave the old group first."""
+        """A server left or rejoined the push targets (supervisor.py): the group is made again over the current
+        ones, on a fresh port. Every one leaves the old group first (SGLang 0.5.23 cannot init a group name it
+        holds; a restarted server holds none and answers "does not exist")."""
         from grpo_megatron.parallel import free_port
 
         logger.info("weight-update group: servers changed (%d -> %d); making a new group", len(self._members),
                     len(self.pool.urls))
-        for url in set(self._members) & set(self.pool.urls):
-            self.pool.call(url, "POST", "/destroy_weights_update_group", {"group_name": GROUP_NAME})
+        for url in self.pool.urls:
+            try:
+                self.pool.call(url, "POST", "/destroy_weights_update_group", {"group_name": GROUP_NAME})
+            except ServerRequestError as err:
+                logger.info("%s: %s", url, err)
         dist.destroy_process_group(self._group)
         self._group = self._store = None
         self.master_port = free_port()
