@@ -71,6 +71,7 @@ class ServerSupervisor:
         self.watcher = HealthWatcher(self._watched, self.report, health, headers,
                                      suspended=lambda: self._push.locked() or self._paused)
         pool.on_suspect = self.watcher.check_now
+        pool.wait_s = policy.timeout_s
         pool.on_fault = self._control_fault
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -196,8 +197,12 @@ class ServerSupervisor:
         """Hold the push targets still for a push: the servers with the weights, plus the STALE ones when the push
         is complete; they become SYNCED when it ends. Waits while no server is up at all (restarts running)."""
         with self._push:
+            deadline = time.monotonic() + self.policy.timeout_s
             while True:
                 self.raise_if_failed()
+                if time.monotonic() > deadline:
+                    raise ServerUnavailableError(f"no SGLang server to push weights to for {self.policy.timeout_s:.0f}"
+                                                 f" s (rollout.sglang.restart_timeout_s): {self.states}")
                 with self._lock:
                     joining = [u for u in self.order if complete and self.states[u] == State.STALE]
                     targets = [u for u in self.order if self.states[u] in (State.SERVING, State.SYNCED)

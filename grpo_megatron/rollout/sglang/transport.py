@@ -68,6 +68,7 @@ class ServerPool:
         self._failures = dict.fromkeys(self.urls, 0)  # consecutive failures: a failing server is picked last
         self.serving = list(self.urls)  # where generation goes (a supervisor takes servers out and back in)
         self.fatal: Exception | None = None  # set by a supervisor that gave up: requests waiting for a server fail
+        self.wait_s = 900.0  # how long a request waits for a serving server (a supervisor sets its restart time)
         self.on_suspect: Callable[[str], None] | None = None  # a request failed there (non-blocking)
         self.on_fault: Callable[[str, str], bool] | None = None  # a control request failed: True = taken out
         self.reissued = 0  # requests sent again because their server was lost
@@ -135,13 +136,19 @@ class ServerPool:
                                      + "; ".join(f"{u}: {e}" for u, e in errors.items()))
 
     async def _pick(self) -> str:
-        """The least-loaded serving server; waits while none serves (all restarting) unless the supervisor gave up."""
+        """The least-loaded serving server; waits while none serves (all restarting) unless the supervisor gave up,
+        at most `wait_s`."""
+        deadline = None
         while True:
             serving = self.serving
             if serving:
                 return min(serving, key=lambda u: (self._failures.get(u, 0), self._in_flight.get(u, 0)))
             if self.fatal is not None:
                 raise self.fatal
+            deadline = deadline or asyncio.get_running_loop().time() + self.wait_s
+            if asyncio.get_running_loop().time() > deadline:
+                raise ServerUnavailableError(f"no SGLang server has served for {self.wait_s:.0f} s (all down or "
+                                             f"restarting, rollout.sglang.restart_timeout_s); see the log lines above")
             await asyncio.sleep(0.1)
 
     async def _tracked(self, client: httpx.AsyncClient, url: str, path: str, payload: dict[str, Any]) -> Any:
