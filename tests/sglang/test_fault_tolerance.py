@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from grpo_megatron.models.weight_stream import pack
 from grpo_megatron.parallel import free_port
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.sglang import DistributedSync, ProbeCheck, RetryPolicy, SGLangEngine, ServerPool, TensorSync
@@ -184,7 +185,11 @@ def test_killed_server_restarts_and_serves_only_after_a_full_sync(kept):
         check_samples(out, PROMPTS, 1)
         assert "/generate" not in request_log(urls[1])
         assert engine.pool.serving == urls[:1] and engine.serves_last_push() is False
-        engine.update_weights(new_weights(model, 2), 2)  # full: the restarted server joins it, then the probe
+        changed = new_weights(model, 2)[:4]  # a changed-only push (sync_changed_only) must leave it out
+        engine.push_buckets(pack(changed, engine.sync.bucket_bytes, engine.sync.alloc), 2, complete=False)
+        assert engine.supervisor.states[urls[1]] == State.STALE
+        assert "/update_weights_from_tensor" not in request_log(urls[1])
+        engine.update_weights(new_weights(model, 3), 3)  # full: the restarted server joins it, then the probe
         log = request_log(urls[1])
         assert log.index("/end_weight_update") < log.index("/generate")  # the probe's /generate, after the sync
         assert engine.supervisor.states[urls[1]] == State.SERVING and engine.pool.serving == urls
@@ -274,3 +279,35 @@ def test_restart_bound_ends_the_run_naming_the_server_and_its_log(kept):
         assert str(control / "s0.log") in message
     finally:
         engine.shutdown()  # the last test here: the fixture's teardown stops both keepers
+
+
+@pytest.mark.slow  # a mock server start and restart
+def test_launcher_servers_restart_in_place(tiny_hf_dir, tmp_path):
+    """LaunchedServers (servers this process started with the launcher): SIGKILL of the group, same command."""
+    from dataclasses import dataclass
+
+    from grpo_megatron.rollout.sglang.launcher import SGLangServer
+    from grpo_megatron.rollout.sglang.restarters import LaunchedServers
+
+    @dataclass
+    class MockSpec:  # what SGLangServer needs of a ServerSpec: the address, the key and the command
+        port: int
+        host: str = "127.0.0.1"
+        api_key: str | None = None
+
+        @property
+        def url(self) -> str:
+            return f"http://{self.host}:{self.port}"
+
+        def command(self) -> list[str]:
+            return [sys.executable, "-m", "tests.sglang.mock_server", str(tiny_hf_dir("qwen3_moe")), str(self.port)]
+
+    server = SGLangServer(MockSpec(free_port()), tmp_path / "mock.log", env={"PYTHONPATH": str(REPO)}).start()
+    try:
+        server.wait_healthy(300)
+        first = server.process.pid
+        os.kill(first, signal.SIGSTOP)  # hung: the restart must end it anyway
+        LaunchedServers([server]).restart(server.spec.url, 300)
+        assert server.process.pid != first and check_health(server.spec.url, 5, 5)[0] == Verdict.OK
+    finally:
+        server.stop(grace_s=10)
