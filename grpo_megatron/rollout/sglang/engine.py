@@ -227,8 +227,9 @@ class SGLangEngine(RolloutEngine):
             self.verify_push()
 
     def verify_push(self) -> None:
-        """The post-sync probe of the last push (once; nothing without a probe). Call it before the next push:
-        it compares the servers with the tensors that push sent, and runs beside any generation."""
+        """The post-sync probe of the last push (once), then the supervisor lets the servers it synced serve.
+        Call it before the next push: it compares the servers with the tensors that push sent, and runs beside
+        any generation."""
         if self._unverified is None:
             return
         (version, complete), self._unverified = self._unverified, None
