@@ -121,8 +121,10 @@ class ServerPool:
                 self._failures[url] = self._failures.get(url, 0) + 1
                 errors[url] = str(err)
                 attempt += 1
-                logger.warning("%s%s failed (attempt %d/%d): %s", url, path, attempt, self.retry.attempts, err)
-                if isinstance(err, ConnectionLost) and self.on_suspect is not None:
+                lost = isinstance(err, ConnectionLost) and self.on_suspect is not None  # the supervisor logs it once
+                (logger.debug if lost else logger.warning)("%s%s failed (attempt %d/%d): %s", url, path, attempt,
+                                                           self.retry.attempts, err)
+                if lost:
                     self.reissued += 1
                     self.on_suspect(url)
                 if attempt < self.retry.attempts:
