@@ -73,6 +73,15 @@ class SGLangConfig:
     # resumes released weights as garbage)
     sync_changed_only: bool = False  # after a full first sync, send only tensors whose parameters changed (64-bit
     # fingerprints); tensor and distributed modes (disk reloads the whole directory, so it always writes it all)
+    # Fault tolerance (rollout/sglang/supervisor.py): health watching of every server, restarts of the ones the job
+    # runs under keepers (rollout/sglang/keeper.py) that write into restart_dir; others are reported, not restarted.
+    health_interval_s: float = 10.0  # one /health_generate probe per server this often (slime: 10 s); 0 = off
+    health_timeout_s: float = 30.0  # no answer by then, or HTTP 503 (SGLang's own 20 s verdict) = hung
+    health_slow_s: float = 5.0  # an answer later than this is logged as slow, never acted on (slime's time-out)
+    restart_dir: str = ""  # the keepers' control directory ("" = no server is restarted)
+    restart_timeout_s: float = 900.0  # a restarted server must answer /health within this
+    max_restarts_per_server: int = 3  # then the run stops, naming the server and its log
+    max_restarts_per_hour: int = 6  # all servers together, over the last hour
 
 
     @property

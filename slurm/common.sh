@@ -18,6 +18,8 @@
 #                     --enable-memory-saver and release weights + KV cache while the trainer trains
 #   SGLANG_ARGS       extra `sglang.launch_server` flags (e.g. "--mem-fraction-static 0.4" colocated)
 #   SGLANG_START_TIMEOUT  seconds to wait for /health (default 900)
+#   SGLANG_RESTART    1 | 0: the trainer restarts a dead or hung server in its step (default 1; bounds and
+#                     health checks: rollout.sglang.max_restarts_per_server, health_interval_s, ...)
 #   SGLANG_DETERMINISTIC  auto | 1 | 0: --enable-deterministic-inference, without which SGLang ignores the
 #                     per-request seeds, so a resumed run does not redraw the same samples (default auto:
 #                     1 on GPU, 0 on CPU; it costs some generation speed)
@@ -140,11 +142,12 @@ except Exception:
     sys.exit(1)' "$1"
 }
 
-# Wait for URL/health while the srun client PID lives; die with the server log's tail otherwise.
+# Wait for URL/health while the srun client PID lives (and the keeper, when its record is given, has not seen
+# the server exit); die with the server log's tail otherwise.
 _grpo_wait_health() {
-    local url=$1 pid=$2 logfile=$3 deadline=$((SECONDS + ${SGLANG_START_TIMEOUT:-900}))
+    local url=$1 pid=$2 logfile=$3 record=${4:-} deadline=$((SECONDS + ${SGLANG_START_TIMEOUT:-900}))
     until _grpo_http_ok "$url/health"; do
-        if ! kill -0 "$pid" 2>/dev/null; then
+        if ! kill -0 "$pid" 2>/dev/null || { [[ -n "$record" ]] && grep -q '"exit_code": -\?[0-9]' "$record" 2>/dev/null; }; then
             tail -n 30 "$logfile" >&2 || true
             die "SGLang server for $url exited before becoming healthy (log: $logfile)"
         fi
@@ -192,25 +195,33 @@ _grpo_start_sglang() {
             "venv (pip install 'sglang[all]==0.5.23') and set SGLANG_PYTHON to that venv's python"
     fi
     local urls=() i node port url logfile flags
+    # The keepers' control directory, one per job run (a requeued job starts fresh servers and records).
+    SGLANG_RESTART_DIR="$RUN_DIR/slurm/sglang-servers-$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"
+    mkdir -p "$SGLANG_RESTART_DIR"
     flags=$(_grpo_sglang_flags "$GRPO_DEVICE_KIND" "$ROUTING_REPLAY" "$(( ${ROLLOUT_NODES:-0} == 0 ))")
     for i in "${!nodes[@]}"; do
         node=${nodes[$i]}
         port=$((base + i))  # distinct per server, so simulated nodes on one host do not collide
         url="http://$(_grpo_node_addr "$node"):$port"
         logfile="$RUN_DIR/slurm/sglang-$SLURM_JOB_ID-$node.log"
-        # --overlap: colocated servers share the trainer nodes' resources with the trainer step.
+        # --overlap: colocated servers share the trainer nodes' resources with the trainer step. The step runs
+        # the server under a keeper (stdlib only, run by path), which restarts it in this step when the trainer
+        # asks through SGLANG_RESTART_DIR (rollout.sglang.restart_dir; slurm/README.md, "Rollout server faults").
         # CUDA_DEVICE_MAX_CONNECTIONS=1 is megatron's need (runtime_env.sh), not SGLang's: it would serialise
         # SGLang's overlapped streams.
         srun --overlap --nodes=1 --ntasks=1 --nodelist="$node" --kill-on-bad-exit=1 \
             bash -c "${SITE_SETUP:+source '$SITE_SETUP';} unset CUDA_DEVICE_MAX_CONNECTIONS; \
-                exec '$SGLANG_PYTHON' -m sglang.launch_server \
-                --model-path '$MODEL_HF_PATH' --host 0.0.0.0 --port $port $flags" >"$logfile" 2>&1 &
+                exec '$PYTHON' '$GRPO_REPO/grpo_megatron/rollout/sglang/keeper.py' \
+                --dir '$SGLANG_RESTART_DIR' --name '$node' --url '$url' --log '$logfile' -- \
+                '$SGLANG_PYTHON' -m sglang.launch_server \
+                --model-path '$MODEL_HF_PATH' --host 0.0.0.0 --port $port $flags" >"${logfile%.log}.keeper.log" 2>&1 &
         _GRPO_PIDS+=($!)
         log "SGLang server on $node: $url (log $logfile)"
         urls+=("$url")
     done
     for i in "${!urls[@]}"; do
-        _grpo_wait_health "${urls[$i]}" "${_GRPO_PIDS[$i]}" "$RUN_DIR/slurm/sglang-$SLURM_JOB_ID-${nodes[$i]}.log"
+        _grpo_wait_health "${urls[$i]}" "${_GRPO_PIDS[$i]}" "$RUN_DIR/slurm/sglang-$SLURM_JOB_ID-${nodes[$i]}.log" \
+            "$SGLANG_RESTART_DIR/${nodes[$i]}.json"
     done
     SGLANG_URLS=$(IFS=,; echo "${urls[*]}")
     SGLANG_ROUTER_URL=
@@ -333,6 +344,8 @@ grpo_slurm_main() {
                            --rollout.sglang.colocated "$( (( rollout_n == 0 )) && echo true || echo false)"
                            --rollout.sglang.gpu_servers "$( [[ "$device" == gpu ]] && echo true || echo false)")
             [[ -z "$SGLANG_ROUTER_URL" ]] || trainer_args+=(--rollout.sglang.router_url "$SGLANG_ROUTER_URL")
+            # Dead or hung servers are restarted in their step (SGLANG_RESTART=0: reported only).
+            [[ "${SGLANG_RESTART:-1}" == 0 ]] || trainer_args+=(--rollout.sglang.restart_dir "$SGLANG_RESTART_DIR")
         fi
     elif (( rollout_n > 0 )); then
         die "ROLLOUT_NODES=$rollout_n but rollout.engine is $ROLLOUT_ENGINE: dedicated rollout nodes need rollout.engine: sglang"

@@ -37,4 +37,25 @@ def _sglang_engine(cfg: RunConfig) -> RolloutEngine:
     router = ServerPool([s.router_url], s.api_key, s.timeout_s, RetryPolicy(attempts=s.retries)) if s.router_url else None
     return SGLangEngine(pool, sync, s.max_in_flight, routed_shape, probe, s.gpu_servers, generate_pool=router,
                         partial_rollouts=cfg.rollout.partial_rollouts, weights_cpu_backup=s.weights_cpu_backup,
-                        timeout_per_token_s=s.timeout_per_token_s)
+                        timeout_per_token_s=s.timeout_per_token_s, supervisor=_supervisor(s, pool))
+
+
+def _supervisor(s, pool):
+    """Health watching (off with health_interval_s: 0) and restarts of the keepers' servers in restart_dir."""
+    from grpo_megatron.rollout.sglang.health import HealthPolicy
+    from grpo_megatron.rollout.sglang.restarters import KeeperServers
+    from grpo_megatron.rollout.sglang.supervisor import RestartPolicy, ServerSupervisor
+
+    if s.health_interval_s == 0:
+        return None
+    if s.max_restarts_per_server < 0 or s.max_restarts_per_hour < 0 or s.restart_timeout_s <= 0:
+        raise ConfigError("rollout.sglang.max_restarts_per_server / max_restarts_per_hour must be >= 0 and "
+                          "restart_timeout_s > 0")
+    health = HealthPolicy(s.health_interval_s, s.health_timeout_s, s.health_slow_s)
+    try:
+        health.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    restarter = KeeperServers(s.restart_dir, s.api_key) if s.restart_dir else None
+    return ServerSupervisor(pool, health, RestartPolicy(s.max_restarts_per_server, s.max_restarts_per_hour,
+                                                        s.restart_timeout_s), restarter).start()

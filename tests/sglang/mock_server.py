@@ -67,6 +67,7 @@ class MockState:
     in_session: bool = False
     pause_mode: str | None = None  # the mode of the current /pause_generation, None when not paused
     token_delay_s: float = 0.0  # decoding pace, so tests can act on requests in flight
+    health_delay_s: float = 0.0  # /health_generate's answer time (a loaded server's), for the "slow" verdict
     running: list[Running] = field(default_factory=list)
     groups: dict[str, list[ProcessGroupGloo]] = field(default_factory=dict)  # one group member per TP rank
     faults: list[dict] = field(default_factory=list)  # {"route", "kind", "count"}
@@ -357,6 +358,9 @@ def init_group(state: MockState, req: dict) -> tuple[int, dict]:
     """
     name, world = req.get("group_name", "weight_update_group"), req["world_size"]
     ranks = [req["rank_offset"] + r for r in range(state.tp_size)]
+    if name in state.groups:  # torch's _new_process_group_helper refuses a group name in use
+        return 400, {"success": False, "message": "Failed to initialize custom process group: The specified group "
+                                                  "name has already been used."}
     if req.get("backend", "nccl") != "gloo" or ranks[-1] >= world:
         return 400, {"success": False, "message": f"Failed to initialize custom process group: ranks {ranks} of "
                                                   f"world_size {world}, backend {req.get('backend', 'nccl')}."}
@@ -404,6 +408,8 @@ class Handler(BaseHTTPRequestHandler):
         fault = taken["kind"] if taken else None
         if fault == "500":
             return self._send(500, {"error": {"message": "injected internal error"}})
+        if fault == "503":  # /health_generate's answer when the scheduler sent nothing for 20 s (http_server.py)
+            return self._send(503, None)
         if fault == "drop":
             self.close_connection = True
             self.connection.shutdown(2)
@@ -430,6 +436,7 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str, path: str, query: str, req: dict) -> tuple[int, object]:
         state = self.state
         if path in ("/health", "/health_generate") and method == "GET":
+            time.sleep(state.health_delay_s)
             return 200, None
         if path in ("/model_info", "/get_model_info") and method == "GET":  # the second is deprecated in 0.5.23
             return 200, {"model_path": state.model_dir, "tokenizer_path": state.model_dir, "is_generation": True,
@@ -461,7 +468,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/init_weights_update_group" and method == "POST":
             return init_group(state, req)
         if path == "/destroy_weights_update_group" and method == "POST":
-            state.groups.pop(req.get("group_name", "weight_update_group"), None)
+            if state.groups.pop(req.get("group_name", "weight_update_group"), None) is None:  # weight_updater.py
+                return 400, {"success": False, "message": "The group to be destroyed does not exist."}
             return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
         if path == "/pause_generation" and method == "POST":
             return pause(state, req)
@@ -484,6 +492,7 @@ class Handler(BaseHTTPRequestHandler):
             return 200, {"ok": True}
         if path == "/_mock/config" and method == "POST":
             state.token_delay_s = req.get("token_delay_s", state.token_delay_s)
+            state.health_delay_s = req.get("health_delay_s", state.health_delay_s)
             return 200, {"ok": True}
         if path == "/_mock/log" and method == "GET":
             with state.sched:
@@ -496,9 +505,10 @@ class Handler(BaseHTTPRequestHandler):
             state.faults.clear()
             state.log.clear()
             state.updates.clear()
-            state.token_delay_s = 0.0
+            state.token_delay_s = state.health_delay_s = 0.0
             state.in_session = False  # a test that failed mid-sync leaves no session to the next one
             state.released.clear()
+            state.groups.clear()  # a test that failed mid-sync leaves no update group to the next one
             return 200, {"ok": True}
         return 404, {"detail": "Not Found"}
 

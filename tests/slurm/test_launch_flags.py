@@ -73,6 +73,17 @@ def test_deterministic_inference_can_be_turned_off_on_gpu(tmp_path):
     assert "--enable-return-routed-experts" not in server
 
 
+def test_each_server_runs_under_a_keeper_that_the_trainer_can_ask_for_restarts(tmp_path):
+    """The step's command is the keeper (by path, stdlib only) with the job's control directory, then the server."""
+    server, _ = start_servers(tmp_path, "cpu", "none")
+    assert server[0] == str(REPO / "grpo_megatron/rollout/sglang/keeper.py")
+    control = server[server.index("--dir") + 1]
+    assert control == str(tmp_path / "run/slurm/sglang-servers-7.0") and Path(control).is_dir()
+    assert server[server.index("--name") + 1] == "n1" and server[server.index("--url") + 1].startswith("http://n1:")
+    assert server[server.index("--log") + 1] == str(tmp_path / "run/slurm/sglang-7-n1.log")
+    assert server[server.index("--") + 2:server.index("--") + 4] == ["-m", "sglang.launch_server"]
+
+
 def test_each_job_draws_a_fresh_key():
     cmd = f'source "{REPO}/slurm/common.sh"; _grpo_api_key; echo; _grpo_api_key'
     keys = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout.split()

@@ -18,6 +18,16 @@ Why not SGLang 0.5.23's own pause modes, which keep requests on the server and r
 update's cache flush fail while they run (so cached prefixes would serve new requests stale KV); "retract"
 re-prefills the kept tokens under the new weights and collects `routed_experts` from that re-prefill
 (Req.reset_for_retract drops the rows), which breaks the replay rule above.
+
+Fault tolerance (with a ServerSupervisor; the trainer makes one, see supervisor.py for the transitions): each server
+is SERVING, DOWN, RESTARTING, STALE (up without the current weights), SYNCED (full push done, check pending) or
+FAILED. Generation requests go to SERVING servers only; a request in flight on a server found dead or hung is
+cancelled and sent once more to another (a resumed partial rollout sends its kept tokens again, so it keeps them;
+every prompt still gets its n samples); with no server SERVING, requests wait for one. A push goes to SERVING and
+SYNCED servers, and to STALE ones only when it is complete (a changed-only push leaves them STALE and the next push
+is full); it skips DOWN and RESTARTING ones, which join only between pushes. After the push the post-sync probe (or,
+without one, /model_info's weight_version) checks the SYNCED servers, which then become SERVING: a restarted server
+never generates with other weights than the trainer's. FAILED (a restart bound) makes generate and push raise.
 """
 from __future__ import annotations
 
@@ -38,6 +48,7 @@ from grpo_megatron.rollout.seeds import sample_seeds
 from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
 from grpo_megatron.rollout.sglang.probe import ProbeCheck
 from grpo_megatron.rollout.sglang.protocol import ABORTED, finish_type, generate_payload, outputs_of, parse_completion
+from grpo_megatron.rollout.sglang.supervisor import ServerSupervisor
 from grpo_megatron.rollout.sglang.transport import Retryable, ServerPool
 from grpo_megatron.rollout.sglang.weight_sync import WeightSync
 
@@ -62,7 +73,8 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, pool: ServerPool, sync: WeightSync, max_in_flight: int = 64,
                  routed_shape: tuple[int, int] | None = None, probe: ProbeCheck | None = None,
                  gpu_servers: bool = False, generate_pool: ServerPool | None = None, partial_rollouts: bool = False,
-                 weights_cpu_backup: bool = False, timeout_per_token_s: float = 0.0):
+                 weights_cpu_backup: bool = False, timeout_per_token_s: float = 0.0,
+                 supervisor: ServerSupervisor | None = None):
         if max_in_flight < 1:
             raise ValueError(f"rollout.sglang.max_in_flight={max_in_flight}: must be >= 1")
         self.pool, self.sync, self.max_in_flight = pool, sync, max_in_flight
@@ -72,6 +84,7 @@ class SGLangEngine(RolloutEngine):
         self.weights_cpu_backup = weights_cpu_backup
         self.timeout_per_token_s = timeout_per_token_s
         self._weights_lost = False  # released without CPU backup: the servers hold garbage until a full push
+        self.supervisor = supervisor
         self.last_sync: dict[str, float] = {}
         self._unverified: tuple[int, bool] | None = None  # (version, complete) of a push the probe has not checked
         self._open = threading.Event()  # partial rollouts: cleared while a push pauses generation
@@ -89,6 +102,8 @@ class SGLangEngine(RolloutEngine):
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  return_routed_experts: bool = False) -> list[list[Completion]]:
         self._check_alive()
+        if self.supervisor is not None:
+            self.supervisor.raise_if_failed()
         params.validate()
         if not prompts:
             raise ValueError("generate() got no prompts; pass a non-empty list of token-id lists")
@@ -102,7 +117,9 @@ class SGLangEngine(RolloutEngine):
         request with one seed, which deterministic inference turns into n identical responses."""
         window = asyncio.Semaphore(self.max_in_flight * params.n)  # max_in_flight prompts' worth of samples
         shape = self.routed_shape if routed else None
-        pool = self.pool if routed else self.generate_pool
+        # A router would send requests to a restarted server before its sync: while one is out, the pool balances.
+        degraded = self.supervisor is not None and not self.supervisor.all_serving()
+        pool = self.pool if routed or degraded else self.generate_pool
         one = replace(params, n=1)
 
         async def sample(prompt: list[int], seed: int) -> Completion:
@@ -195,7 +212,8 @@ class SGLangEngine(RolloutEngine):
         if self._weights_lost and not complete:
             raise RuntimeError("a changed-only push onto weights the servers released without CPU backup would "
                                "leave every unsent tensor as garbage; push everything (serves_last_push() is False)")
-        with self._paused() if self.partial_rollouts else contextlib.nullcontext():
+        targets = self.supervisor.pushing(complete) if self.supervisor else contextlib.nullcontext()
+        with targets, self._paused() if self.partial_rollouts else contextlib.nullcontext():
             if self._released:
                 self._memory("/resume_memory_occupation", ["weights"])
             start = time.perf_counter()
@@ -204,6 +222,8 @@ class SGLangEngine(RolloutEngine):
             if self._released:
                 self._memory("/resume_memory_occupation", ["kv_cache"])
                 self._released = False
+                if self.supervisor is not None:
+                    self.supervisor.pause_checks(False)
             self._version = version
             self._weights_lost = False
         self.last_sync = {"bytes": float(moved), "seconds": seconds, "mb_per_s": moved / 2**20 / max(seconds, 1e-9),
@@ -215,21 +235,25 @@ class SGLangEngine(RolloutEngine):
             self.verify_push()
 
     def verify_push(self) -> None:
-        """The post-sync probe of the last push (once; nothing without a probe). Call it before the next push:
-        it compares the servers with the tensors that push sent, and runs beside any generation."""
-        if self.probe is None or self._unverified is None:
+        """The post-sync probe of the last push (once), then the supervisor lets the servers it synced serve.
+        Call it before the next push: it compares the servers with the tensors that push sent, and runs beside
+        any generation."""
+        if self._unverified is None:
             return
         (version, complete), self._unverified = self._unverified, None
-        self.last_sync["probe_max_abs_diff"] = self.probe.check(self.pool, version, complete)
+        if self.probe is not None:
+            self.last_sync["probe_max_abs_diff"] = self.probe.check(self.pool, version, complete)
+        if self.supervisor is not None:  # servers restarted and fully synced serve from now on
+            self.supervisor.synced(version, probed=self.probe is not None)
 
     def serves_last_push(self) -> bool:
         """Whether every server reports the weight version of this engine's last push (/model_info): false before
         the first push, for a server that restarted since (it reports its initial version) and after a release of
         weights without CPU backup (SGLang maps back memory that holds no weights, but keeps the version), i.e.
         whenever a changed-only sync could leave a server with other weights than the trainer's."""
-        if not self.last_sync or self._weights_lost:
+        if not self.last_sync or self._weights_lost or (self.supervisor is not None and self.supervisor.has_stale()):
             return False
-        return all(str(self.pool.call(url, "GET", "/model_info").get("weight_version")) == str(self._version)
+        return all(str((self.pool.call(url, "GET", "/model_info") or {}).get("weight_version")) == str(self._version)
                    for url in self.pool.urls)
 
     def _observed(self, buckets: Iterable[Bucket]) -> Iterator[Bucket]:
@@ -239,7 +263,8 @@ class SGLangEngine(RolloutEngine):
             yield bucket
 
     def sync_metrics(self) -> dict[str, float]:
-        return {f"weight_sync/{key}": value for key, value in self.last_sync.items()}
+        faults = self.supervisor.step_metrics() if self.supervisor is not None else {}
+        return {**{f"weight_sync/{key}": value for key, value in self.last_sync.items()}, **faults}
 
     @contextlib.contextmanager
     def _paused(self):
@@ -284,6 +309,8 @@ class SGLangEngine(RolloutEngine):
         must push every tensor, as the resumed weights are garbage."""
         if self._released or not self.gpu_servers:
             return
+        if self.supervisor is not None:
+            self.supervisor.pause_checks(True)  # a server without its memory cannot answer a generation probe
         self._memory("/release_memory_occupation", ["weights", "kv_cache"])
         self._released = True
         self._weights_lost = not self.weights_cpu_backup
@@ -294,6 +321,8 @@ class SGLangEngine(RolloutEngine):
 
     def shutdown(self) -> None:
         if self._alive:
+            if self.supervisor is not None:
+                self.supervisor.stop()
             self.sync.close()
         self._alive = False
 

@@ -136,5 +136,14 @@ class SGLangServer:
         try:
             self.process.wait(grace_s)
         except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the process group at once (a restart of a dead or hung server: SIGKILL ends a stopped one too)."""
+        if self.process is None:
+            return
+        try:
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        except ProcessLookupError:
+            pass
+        self.process.wait()

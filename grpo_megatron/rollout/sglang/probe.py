@@ -55,7 +55,10 @@ class ProbeCheck:
         expected = reference_logprobs(self.model, self.probe_ids)
         worst = 0.0
         for url in pool.urls:
-            got = torch.tensor(server_logprobs(pool, url, self.probe_ids))
+            logprobs = server_logprobs(pool, url, self.probe_ids)
+            if logprobs is None:  # the server went down meanwhile (supervisor.py): it gets a full sync when back
+                continue
+            got = torch.tensor(logprobs)
             diff = float((got - expected).abs().max())
             logger.info("weight sync v%d probe: %s max |dlogprob| = %.3g", version, url, diff)
             if self.tolerance > 0 and diff > self.tolerance:
@@ -73,11 +76,14 @@ def reference_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
-def server_logprobs(pool: ServerPool, url: str, ids: list[int]) -> list[float]:
-    """The server's prompt log-probs (meta_info.input_token_logprobs with logprob_start_len 0), first token dropped."""
+def server_logprobs(pool: ServerPool, url: str, ids: list[int]) -> list[float] | None:
+    """The server's prompt log-probs (meta_info.input_token_logprobs with logprob_start_len 0), first token dropped;
+    None when the request was dropped because the server was taken out of the pool."""
     body = pool.call(url, "POST", "/generate", {
         "input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
         "return_logprob": True, "logprob_start_len": 0})
+    if body is None and pool.on_fault is not None:
+        return None
     entries = body.get("meta_info", {}).get("input_token_logprobs") if isinstance(body, dict) else None
     if not isinstance(entries, list) or len(entries) != len(ids):
         raise MalformedResponseError(f"{url}/generate: meta_info.input_token_logprobs should have {len(ids)} "

@@ -335,9 +335,13 @@ class DistributedSync(WeightSync):
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self._group = None
         self._store = None
+        self._members: list[str] = []
 
     def transfer(self, buckets: Iterable[Bucket], version: str) -> int:
+        if self._group is not None and self._members != self.pool.urls:
+            self._regroup()
         if self._group is None:
+            self._members = list(self.pool.urls)
             self._group = self._init_group()
         moved = 0
 
@@ -374,6 +378,23 @@ class DistributedSync(WeightSync):
             for call in calls:
                 call.result()
         return group
+
+    def _regroup(self) -> None:
+        """A server left or rejoined the push targets (supervisor.py): the group is made again over the current
+        ones, on a fresh port. Every one leaves the old group first (SGLang 0.5.23 cannot init a group name it
+        holds; a restarted server holds none and answers "does not exist")."""
+        from grpo_megatron.parallel import free_port
+
+        logger.info("weight-update group: servers changed (%d -> %d); making a new group", len(self._members),
+                    len(self.pool.urls))
+        for url in self.pool.urls:
+            try:
+                self.pool.call(url, "POST", "/destroy_weights_update_group", {"group_name": GROUP_NAME})
+            except ServerRequestError as err:
+                logger.info("%s: %s", url, err)
+        dist.destroy_process_group(self._group)
+        self._group = self._store = None
+        self.master_port = free_port()
 
     def close(self) -> None:
         super().close()
