@@ -33,8 +33,10 @@ def capacity_overrides(capacity_factor: float) -> dict:
 
 def _balanced_preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
     """`MoEAlltoAllTokenDispatcher.preprocess` with balanced host counts (see the module docstring)."""
-    if self.drop_and_pad:
-        return _ORIGINAL["preprocess"](self, routing_map)
+    if self.drop_and_pad:  # capacity-padded: static sizes, but the counts it makes on the host became fake
+        _ORIGINAL["preprocess"](self, routing_map)
+        with unset_fake_temporarily():
+            return torch.full((self.num_local_experts,), self.capacity * self.tp_size * self.ep_size, dtype=torch.long)
     assignments = routing_map.size(0) * self.config.moe_router_topk
     self.num_out_tokens = assignments
     sources = self.tp_size * self.ep_size
@@ -98,7 +100,8 @@ def _balanced_sort_chunks(input, split_sizes, sorted_idxs, probs=None, fused=Fal
 
 
 def use_balanced_dispatch(skew: float = 1.0) -> None:
-    """Install the balanced-routing stand-in (idempotent); each rank receives `skew` x its even share."""
+    """Install the balanced-routing stand-in (idempotent); each rank receives `skew` x its even share. Needed for
+    capacity-padded dispatch too (its per-expert counts are made on the host, which fake mode would fake)."""
     from megatron.core.transformer.moe import token_dispatcher
 
     if skew < 1.0:

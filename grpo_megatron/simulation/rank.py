@@ -170,10 +170,11 @@ def simulate_rank_here(spec: RankSpec) -> RankMemory:
     dims = model_dims(hf)
     overrides = dict(RECOMPUTE[spec.recompute], variable_seq_lengths=False)
     if dims["num_experts"]:
+        if spec.moe_dispatch not in ("balanced", "capacity"):
+            raise ValueError(f"moe_dispatch {spec.moe_dispatch!r}: use 'balanced' or 'capacity'")
+        moe.use_balanced_dispatch(spec.routing_skew)
         if spec.moe_dispatch == "capacity":
             overrides.update(moe.capacity_overrides(spec.capacity_factor))
-        else:
-            moe.use_balanced_dispatch(spec.routing_skew)
     counter = DeviceMemoryCounter()
     with fake_gpu_rank(spec.rank, spec.world_size, counter, require_shim=True):
         init_model_parallel(spec.layout, seed=0, **dims)

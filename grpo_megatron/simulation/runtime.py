@@ -14,12 +14,9 @@ _INSTALLED: list[bool] = []
 
 
 class SimulationMode(fake_cuda.IntDeviceMode):
-    """IntDeviceMode, and SDPA on CUDA pinned to the flash kernel: fake mode would take SDPA's math path, which
-    stores the [b, heads, s, s] scores that the fused kernel a GPU job runs never allocates."""
+    """IntDeviceMode, and torch.tensor of CUDA scalars without reading them."""
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention and args and args[0].device.type == "cuda":
-            return _flash_attention(*args, **(kwargs or {}))
         if func is torch.tensor and args and _all_cuda_tensors(args[0]):
             # torch.tensor of (nested lists of) CUDA scalars reads each value (megatron's local l2 norm): the
             # same tensor, built without reading them; on the CPU unless `device` says otherwise, as on a GPU
@@ -41,8 +38,17 @@ def _stack(data) -> torch.Tensor:
     return data if isinstance(data, torch.Tensor) else torch.stack([_stack(d) for d in data])
 
 
+_SDPA = F.scaled_dot_product_attention
+
+
 def _flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                      enable_gqa=False):
+    """SDPA on CUDA pinned to the flash kernel: fake mode would take SDPA's math path, which stores the
+    [b, heads, s, s] scores that the fused kernel a GPU job runs never allocates. A patch of the function, not a
+    TorchFunctionMode: a checkpointed layer's recompute runs on the autograd engine's device thread, which the
+    mode does not reach."""
+    if query.device.type != "cuda":
+        return _SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     if attn_mask is not None:
         raise NotImplementedError("the simulation pins SDPA's flash kernel, which takes no attention mask")
     return torch.ops.aten._scaled_dot_product_flash_attention.default(
@@ -68,6 +74,7 @@ def install() -> None:
     collectives.register_coalesced_fake_kernels()
     collectives.gloo_groups_become_fake()
     torch.nn.Module._apply = fake_cuda.apply_recreates
+    F.scaled_dot_product_attention = _flash_attention
     # torch.cuda.is_available() now answers True, which would let fake mode make real CUDA tensors (megatron's
     # torch.tensor([...], device="cuda") in optimizer.py); a CPU build has none to make.
     FakeTensorMode.avoid_device_init = property(lambda self: True)

@@ -251,20 +251,24 @@ def simulated_rank_spec():
     from grpo_megatron.simulation import RankSpec
 
     return RankSpec(model_config=tiny_hf_config("qwen3_moe").to_dict(), layout=ParallelLayout(expert_parallel=2),
-                    rank=1, world_size=4, seq_len=64, micro_batch_size=2, num_micro_batches=2)
+                    rank=1, world_size=4, seq_len=256, micro_batch_size=2, num_micro_batches=2)
 
 
 def simulate() -> dict[str, str]:
-    """`simulate_rank_here` of `simulated_rank_spec` (in this interpreter, which has the shim), as JSON."""
-    from dataclasses import asdict
+    """`simulate_rank_here` of `simulated_rank_spec`, without and with full recompute (in this interpreter, which
+    has the shim), as JSON."""
+    from dataclasses import asdict, replace
 
     from grpo_megatron.simulation.rank import simulate_rank_here
 
-    try:
-        return {"simulate/rank_memory": json.dumps(asdict(simulate_rank_here(simulated_rank_spec())))}
-    except BaseException as e:  # noqa: BLE001 - reported to the test
-        traceback.print_exc()
-        return {"simulate/rank_memory": f"{type(e).__name__}: {e}"}
+    results = {}
+    for key, recompute in (("simulate/rank_memory", "none"), ("simulate/rank_memory_recompute", "full")):
+        try:
+            results[key] = json.dumps(asdict(simulate_rank_here(replace(simulated_rank_spec(), recompute=recompute))))
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            traceback.print_exc()
+            results[key] = f"{type(e).__name__}: {e}"
+    return results
 
 
 def main(names: list[str]) -> None:

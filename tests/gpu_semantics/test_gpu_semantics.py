@@ -76,6 +76,14 @@ def test_simulated_rank_matches_hand_count_and_megatron_buffers(results):
     assert memory["peak_bytes"] > memory["static_bytes"]
 
 
+def test_full_recompute_lowers_the_simulated_peak(results):
+    """Checkpointed layers keep only their inputs; their recompute (on the autograd engine's device thread) still
+    runs SDPA's flash kernel, not the math path that stores every [heads, s, s] score matrix."""
+    plain, recomputed = (json.loads(results[k]) for k in ("simulate/rank_memory", "simulate/rank_memory_recompute"))
+    assert recomputed["static_bytes"] == plain["static_bytes"]
+    assert recomputed["peak_bytes"] < plain["peak_bytes"], (recomputed["peak_bytes"], plain["peak_bytes"])
+
+
 def test_offload_cycle_gives_back_grads_and_optimizer_state(results):
     """TrainStateOffload (training/offload.py) on a DDP + distributed-optimizer MoE rank under fake CUDA: offload
     drops the device bytes by exactly the grad buffers, fp32 masters and Adam state; onload brings them all
