@@ -8,8 +8,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["grpo_megatron", "grpo_megatron.*"]),
-    # the dry run's model shapes (HF config.json files, no weights) and the simulation's C++ shim source
-    package_data={"grpo_megatron.plan": ["hf_configs/*.json"], "grpo_megatron.simulation": ["*.cpp"]},
+    # the dry run's model shapes (HF config.json files, no weights); the fake-CUDA simulation's C++ shim, compiled
+    # against the installed torch at first use
+    package_data={"grpo_megatron.plan": ["hf_configs/*.json"], "grpo_megatron.simulation": ["fake_cuda_shim.cpp"]},
     python_requires=">=3.10",
     # No CPU pins here: GPU images bring their own torch / megatron-core builds. The versions this project
     # was tested with are in requirements-tested.txt (pip install ... -c requirements-tested.txt).

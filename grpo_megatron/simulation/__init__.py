@@ -19,7 +19,9 @@ preloaded there) and returns:
   optimizer shards them over (expert-)data-parallel ranks;
 * `static_bytes`: counted live device bytes before the step (the sum of the above, within a few scalars);
 * `peak_bytes`: the most live device bytes during forward, backward and optimizer step; `activation_peak_bytes`
-  is `peak_bytes - static_bytes`; `coordinates`: tp/pp/dp/ep/etp/edp ranks; `seconds`: wall time.
+  is `peak_bytes - static_bytes`; `logprob_peak_bytes`: the most during a forward-only log-prob pass over the
+  same micro-batches (old-policy and reference passes); `coordinates`: tp/pp/dp/ep/etp/edp ranks;
+  `by_category`: static bytes by what allocated them (model build + DDP, optimizer); `seconds`: wall time.
 
 `model_config` is an HF `config.json` (path or dict): no weights, no tokenizer. `options` (see `RankSpec`):
 `dtype` ("bfloat16"), `distributed_optimizer` (True), `moe_dispatch` ("balanced" with `routing_skew` >= 1, or

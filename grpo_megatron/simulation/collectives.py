@@ -6,6 +6,8 @@ collective raises), and return outputs of the right shapes.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.distributed as dist
 
@@ -25,7 +27,7 @@ def register_coalesced_fake_kernels() -> None:
     outputs are the caller's preallocated tensors."""
     if _REGISTERED:
         return
-    import torch.distributed._meta_registrations  # noqa: F401 - torch's own fake kernels first
+    importlib.import_module("torch.distributed._meta_registrations")  # torch's own fake kernels first
 
     library = torch.library.Library("c10d", "IMPL")
     for op in ("allgather_into_tensor_coalesced_", "reduce_scatter_tensor_coalesced_", "allreduce_coalesced_",

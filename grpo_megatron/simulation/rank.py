@@ -64,6 +64,7 @@ class RankMemory:
     peak_bytes: int
     by_category: dict = field(default_factory=dict)
     seconds: float = 0.0
+    logprob_peak_bytes: int = 0  # the most live bytes in a forward-only log-prob pass (old policy, reference)
 
     @property
     def activation_peak_bytes(self) -> int:
@@ -162,7 +163,7 @@ def simulate_rank_here(spec: RankSpec) -> RankMemory:
     from grpo_megatron.simulation import moe
     from grpo_megatron.simulation.memory import DeviceMemoryCounter
     from grpo_megatron.simulation.runtime import fake_gpu_rank
-    from grpo_megatron.training.actor import Actor
+    from grpo_megatron.training.actor import Actor, forward_logprobs
     from grpo_megatron.training.batch import make_micro_batches
 
     start = time.perf_counter()
@@ -195,6 +196,11 @@ def simulate_rank_here(spec: RankSpec) -> RankMemory:
         counter.reset_peak()
         with counter.category("activations"):
             actor.train_step(micro, _loss_fn(cfg, normalizer), temperature=1.0)
+        peak = counter.peak
+        counter.reset_peak()
+        with counter.category("activations"):
+            forward_logprobs(model, micro, temperature=1.0)
+        logprob_peak = counter.peak
         params = [p for c in model.chunks for p in c.parameters()]
         param_bytes, grad_bytes = buffer_bytes(model.chunks)
         main_bytes, state_bytes = optimizer_bytes(actor.optimizer)
@@ -203,8 +209,8 @@ def simulate_rank_here(spec: RankSpec) -> RankMemory:
             dense_params=sum(p.numel() for p in params if getattr(p, "allreduce", True)),
             expert_params=sum(p.numel() for p in params if not getattr(p, "allreduce", True)),
             param_bytes=param_bytes, grad_buffer_bytes=grad_bytes, main_param_bytes=main_bytes,
-            optimizer_state_bytes=state_bytes, static_bytes=static.total, peak_bytes=counter.peak,
-            by_category=static.by_category)
+            optimizer_state_bytes=state_bytes, static_bytes=static.total, peak_bytes=peak,
+            by_category=static.by_category, logprob_peak_bytes=logprob_peak)
         del actor, model
         gc.collect()
     result.seconds = round(time.perf_counter() - start, 2)
