@@ -49,7 +49,8 @@ def to_trainer_rank(memory, dtype_bytes: int, other_recompute_peak: int | None =
     return TrainerRank(
         dense_params=memory.dense_params, expert_params=memory.expert_params, param_bytes=params,
         grad_bytes=memory.grad_buffer_bytes, optimizer_bytes=memory.main_param_bytes + memory.optimizer_state_bytes,
-        static_bytes=memory.static_bytes, peak_bytes=memory.peak_bytes, logprob_peak_bytes=memory.logprob_peak_bytes,
+        static_bytes=memory.static_bytes, peak_bytes=memory.peak_bytes,
+        logprob_peak_bytes=memory.logprob_peak_bytes,
         seconds=memory.seconds, other_recompute_peak_bytes=other_recompute_peak,
         extra={"coordinates": memory.coordinates, "by_category": memory.by_category})
 
