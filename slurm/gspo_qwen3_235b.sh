@@ -43,4 +43,6 @@ source "$GRPO_REPO/slurm/common.sh"
 
 # The last ROLLOUT_NODES nodes of the allocation run SGLang (TP 8 each); the rest train (world = 8 x the rest).
 export ROLLOUT_NODES=${ROLLOUT_NODES:-4}
+# The dedicated servers' static pool, as the memory plan assumes it (SGLang's own default depends on the card).
+export SGLANG_ARGS=${SGLANG_ARGS:---mem-fraction-static 0.85}
 grpo_slurm_main "$GRPO_REPO/slurm/configs/gspo_qwen3_235b.yaml" "$@"

@@ -41,15 +41,16 @@ def rank_spec(job: Job, position: RankPosition, recompute: bool | None = None):
 
 
 def to_trainer_rank(memory, dtype_bytes: int, other_recompute_peak: int | None = None) -> TrainerRank:
-    """The simulation's RankMemory in the plan's terms. The log-prob pass runs the same micro-batch forward only,
-    so the training step's peak bounds it from above (the simulation does not run it separately). Without the
+    """The simulation's RankMemory in the plan's terms: the log-prob peak is its forward-only pass over the same
+    micro-batches (old policy; the reference pass adds the reference model's parameters). Without the
     distributed optimizer megatron's DDP keeps no param buffer (param_bytes 0): the parameters are then tensors of
     their own, exactly count x element size."""
     params = memory.param_bytes or (memory.dense_params + memory.expert_params) * dtype_bytes
     return TrainerRank(
         dense_params=memory.dense_params, expert_params=memory.expert_params, param_bytes=params,
         grad_bytes=memory.grad_buffer_bytes, optimizer_bytes=memory.main_param_bytes + memory.optimizer_state_bytes,
-        static_bytes=memory.static_bytes, peak_bytes=memory.peak_bytes, logprob_peak_bytes=memory.peak_bytes,
+        static_bytes=memory.static_bytes, peak_bytes=memory.peak_bytes,
+        logprob_peak_bytes=memory.logprob_peak_bytes,
         seconds=memory.seconds, other_recompute_peak_bytes=other_recompute_peak,
         extra={"coordinates": memory.coordinates, "by_category": memory.by_category})
 
