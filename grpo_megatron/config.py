@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from grpo_megatron.errors import UserError
 from grpo_megatron.parallel import ParallelLayout
 
 
@@ -23,7 +24,7 @@ from grpo_megatron.parallel import ParallelLayout
 API_KEY_ENV = "GRPO_SGLANG_API_KEY"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the key and the fix."""
 
 

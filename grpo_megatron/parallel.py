@@ -8,10 +8,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from grpo_megatron.errors import UserError
 from grpo_megatron.platform import detect, setup_platform
 
 
-class ParallelLayoutError(ValueError):
+class ParallelLayoutError(UserError, ValueError):
     """A parallel layout that cannot work; the message names the fix."""
 
 

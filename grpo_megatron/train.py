@@ -32,14 +32,9 @@ def quiet_known_warnings() -> None:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean the run's inputs need fixing; their messages name the fix."""
-    from grpo_megatron.config import ConfigError
-    from grpo_megatron.models.mcore_checkpoint import CheckpointMismatchError
-    from grpo_megatron.parallel import ParallelLayoutError
-    from grpo_megatron.rollout.data import DatasetError
-    from grpo_megatron.training.reward_runner import RewardsFailedError
+    from grpo_megatron.errors import UserError
 
-    return ConfigError, DatasetError, ParallelLayoutError, CheckpointMismatchError, RewardsFailedError, \
-        FileNotFoundError
+    return UserError, FileNotFoundError
 
 
 def error_line(exc: Exception) -> str:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from grpo_megatron.errors import UserError
 from grpo_megatron.models.provider import PolicyModel, build_model, load_hf_config, model_dims
 from grpo_megatron.parallel import ParallelLayout, init_model_parallel
 
@@ -27,7 +28,7 @@ _IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
 _SHARD_BYTES = 2 * 1024**3
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(UserError, ValueError):
     """HF weights and the megatron model disagree (missing, left-over or mis-shaped tensors)."""
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
+from grpo_megatron.errors import UserError
 from grpo_megatron.models.provider import PolicyModel
 
 MODEL_SUBDIR = "model"
@@ -34,7 +35,7 @@ _KEY_ALIASES = {
 _EXTRA_STATE = "_extra_state"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint lacks weights the model needs (another architecture or layer spec)."""
 
 

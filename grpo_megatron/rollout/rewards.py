@@ -14,31 +14,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from grpo_megatron.registry import Registry
+
 RewardFn = Callable[[str, "str | None", dict], float]
 
-_REGISTRY: dict[str, Callable[..., float]] = {}
+REWARDS: Registry = Registry("reward", hint=" (add one with @register_reward)")
 
 
 def register_reward(name: str) -> Callable[[Callable[..., float]], Callable[..., float]]:
     """Decorator adding a reward function to the registry under `name`."""
-    def add(fn: Callable[..., float]) -> Callable[..., float]:
-        if name in _REGISTRY:
-            raise ValueError(f"reward {name!r} is already registered; pick another name")
-        _REGISTRY[name] = fn
-        return fn
-    return add
+    return REWARDS.register(name)
 
 
 def known_rewards() -> list[str]:
-    return sorted(_REGISTRY)
+    return list(REWARDS.names())
 
 
 def get_reward_fn(name: str, **options: Any) -> RewardFn:
-    """The registered reward `name` with its config options bound, as fn(response_text, answer, meta)."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(known_rewards())} "
-                       f"(add one with @register_reward)")
-    fn = _REGISTRY[name]
+    """The reward `name` (registered, or "package.module:function") with its config options bound, as
+    fn(response_text, answer, meta)."""
+    fn = REWARDS.get(name)
     try:
         inspect.signature(fn).bind("", None, {}, **options)
     except TypeError as err:
