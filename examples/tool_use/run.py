@@ -124,6 +124,7 @@ def main() -> int:
 
     quiet_known_warnings()
     from grpo_megatron.config import load_config
+    from grpo_megatron.process_setup import prepare_process
     from grpo_megatron.rollout.data import PromptDataset
     from grpo_megatron.training.loop import Trainer
 
@@ -137,6 +138,7 @@ def main() -> int:
     if args.no_tool:
         overrides = ["--rollout.function", "single_turn", "--rollout.max_new_tokens", "8", *overrides]
     cfg = load_config(args.config, overrides)
+    prepare_process(cfg)
     trainer = Trainer(cfg)
     held_out = PromptDataset([files["eval"]], trainer.tokenizer, False)
     items = [held_out[i] for i in range(16 if args.quick else len(held_out))]

@@ -31,6 +31,7 @@ from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, m
 from grpo_megatron.models.mcore_checkpoint import dtype_from_name, load_mcore_checkpoint
 from grpo_megatron.models.tokenizer import load_tokenizer
 from grpo_megatron.platform import device
+from grpo_megatron.process_setup import stop_signal_received
 from grpo_megatron.models.bridge import MOE_MODEL_TYPES
 from grpo_megatron.parallel import control_group, init_distributed, init_model_parallel
 from grpo_megatron.replay import attach_routing_replay
@@ -85,7 +86,6 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self._install_signal_handlers()  # first: a pre-emption warning during set-up must not be lost
         init_distributed(control_timeout_minutes=cfg.train.rollout_wait_minutes)
         torch.manual_seed(cfg.train.seed)
         if cfg.train.num_threads:
@@ -507,22 +507,10 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGUSR1/SIGTERM (Slurm's warning before the time limit)."""
-        flag = torch.tensor([float(self._signal_received)])  # a CPU value: reduced over the gloo control group
+        flag = torch.tensor([float(stop_signal_received())])  # a CPU value: reduced over the gloo control group
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group())
         return bool(flag.item())
-
-    def _install_signal_handlers(self) -> None:
-        import signal
-
-        self._signal_received = False
-
-        def handler(signum, frame):
-            logger.warning("received signal %d: will checkpoint after this step and exit", signum)
-            self._signal_received = True
-
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, handler)
 
     def train(self) -> list[dict]:
         from tqdm import tqdm

@@ -266,7 +266,7 @@ def install() -> None:
         return
     from grpo_megatron import platform
 
-    assert not platform._APPLIED, "the CPU shims are applied in this process: they would hide CUDA's rules"
+    assert not platform.cpu_shims_applied(), "the CPU shims are applied in this process: they would hide CUDA's rules"
     _fake_cuda_queries()
     _rng_tracker_no_ops()
     _gloo_groups_become_fake()
