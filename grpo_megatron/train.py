@@ -75,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
 def train(config: str, overrides: list[str]) -> int:
     from grpo_megatron.config import load_config
     from grpo_megatron.platform.megatron_version import check_megatron_version
+    from grpo_megatron.preflight import check_before_model
     from grpo_megatron.process_setup import prepare_process
 
     check_megatron_version()
     cfg = load_config(config, overrides)  # before the heavy imports: a config error shows at once
+    check_before_model(cfg)  # every check that needs no model: a typo costs seconds, not a model load
     prepare_process(cfg)
     from grpo_megatron.training.loop import Trainer
 

@@ -131,15 +131,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ set-up
     def _check_replay_config(self) -> None:
-        from grpo_megatron.config import ConfigError
-        from grpo_megatron.models.bridge import MOE_MODEL_TYPES
+        from grpo_megatron.preflight import check_replay
 
-        if self.cfg.algorithm.routing_replay != "none" and self.hf_config.model_type not in MOE_MODEL_TYPES:
-            raise ConfigError(f"algorithm.routing_replay={self.cfg.algorithm.routing_replay} needs an MoE model; "
-                              f"{self.hf_config.model_type} is dense: set routing_replay: none")
-        if self.cfg.algorithm.routing_replay == "r2" and self.cfg.rollout.use_engine_logprobs:
-            raise ConfigError("algorithm.routing_replay=r2 replays the routes of the old-log-prob pass, which "
-                              "rollout.use_engine_logprobs=true skips: use r3, or set use_engine_logprobs: false")
+        check_replay(self.cfg, self.hf_config.model_type)
 
     def _build(self, wrap_ddp: bool):
         overrides = {}
