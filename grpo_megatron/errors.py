@@ -8,3 +8,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """An input the user must fix; the message names the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot be used; the message names the key and the fix."""

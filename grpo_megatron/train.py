@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 import warnings
+
 
 # Fallback notices printed at every start where TransformerEngine/Apex are absent (CPU), and deprecations
 # inside megatron-core/torch we cannot act on. Matched exactly: any other warning still prints.
@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return train(args.config, overrides)
     except user_errors() as exc:
         # One line from rank 0 instead of a traceback from every rank; exit 2 like argparse's usage errors.
-        if int(os.environ.get("RANK", "0")) == 0:
+        from grpo_megatron.ranks import launch_rank
+
+        if launch_rank() == 0:
             print(error_line(exc), file=sys.stderr)
         return 2
     finally:

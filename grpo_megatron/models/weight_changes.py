@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from grpo_megatron.models.provider import PolicyModel
 from grpo_megatron.models.weight_keys import ParamKey, chunk_tensors, is_ep_expert
+from grpo_megatron.ranks import multi_rank
 
 _CHUNK = 1 << 20  # elements per partial sum: an 8 MiB int64 temporary
 _INT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -91,7 +92,7 @@ class ChangeTracker:
         full = full or self._synced is None
         changed = [] if full else [k for k, v in self._pending.items() if self._synced.get(k) != v]
         entries = [(mpu.pp_rank, mpu.ep_rank, changed, full)]
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if multi_rank():
             from grpo_megatron.parallel import control_group
 
             entries = [None] * dist.get_world_size()

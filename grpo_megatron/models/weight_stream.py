@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from grpo_megatron.models.provider import PolicyModel
 from grpo_megatron.models.weight_keys import ParamKey, chunk_tensors, is_ep_expert
+from grpo_megatron.ranks import multi_rank
 
 Alloc = Callable[[int, torch.device], torch.Tensor]
 """Makes the flat uint8 buffer of a bucket (nbytes, device): plain memory, or shared memory for tensor mode."""
@@ -221,7 +222,7 @@ def hf_buckets(model: PolicyModel, bucket_bytes: int, to_every_rank: bool = Fals
     first rank packs and sends, its other ranks take part in the gathers with a dry packer so that they know
     where buckets end. Bucket metadata travels over the gloo control group, the bytes over the default group.
     """
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not multi_rank():
         yield from pack(stage_hf_tensors(model, only), bucket_bytes, alloc, total_bytes=stage_hf_bytes(model, only))
         return
     from grpo_megatron.parallel import control_group

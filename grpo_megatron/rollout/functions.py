@@ -26,7 +26,7 @@ from typing import Any
 
 from grpo_megatron.registry import Registry, UnknownNameError
 from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
-from grpo_megatron.training.batch import Sample
+from grpo_megatron.samples import Sample
 
 RolloutFunction = Callable[[RolloutEngine, list[dict], SamplingParams, "RolloutContext"], list[list[Sample]]]
 

@@ -42,6 +42,16 @@ def get_reward_fn(name: str, **options: Any) -> RewardFn:
     return functools.partial(fn, **options) if options else fn
 
 
+def resolve_reward(name: str, options: dict) -> RewardFn:
+    """A `reward.functions` entry: `remote` (an HTTP reward server, called once per step with every sample,
+    batched; grpo_megatron/rollout/remote_reward.py), a registered reward, or "package.module:function"."""
+    if name == "remote":
+        from grpo_megatron.rollout.remote_reward import RemoteReward
+
+        return RemoteReward(**options)
+    return get_reward_fn(name, **options)
+
+
 def _require_answer(name: str, answer: str | None) -> str:
     if answer is None:
         raise ValueError(f"reward {name!r} needs a reference answer; give the dataset an `answer` "

@@ -34,6 +34,7 @@ from grpo_megatron.platform import device
 from grpo_megatron.process_setup import stop_signal_received
 from grpo_megatron.models.bridge import MOE_MODEL_TYPES
 from grpo_megatron.parallel import control_group, init_distributed, init_model_parallel
+from grpo_megatron.ranks import is_rank0, multi_rank
 from grpo_megatron.replay import attach_routing_replay
 from grpo_megatron.replay.delivery import (
     EngineRoutes, deliver_engine_routes, route_header, take_engine_routes)
@@ -43,9 +44,9 @@ from grpo_megatron.rollout.functions import RolloutContext, generate_samples
 from grpo_megatron.training import checkpoint as ckpt
 from grpo_megatron.training.actor import (
     Actor, combine_minibatch_metrics, data_parallel_info, forward_logprobs)
+from grpo_megatron.samples import Sample
 from grpo_megatron.training.batch import (
-    Sample, make_micro_batch, make_micro_batches, response_span, samples_of_rank, split_for_rank,
-    token_budget_count)
+    make_micro_batch, make_micro_batches, response_span, samples_of_rank, split_for_rank, token_budget_count)
 from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.metrics import MetricsLogger, PhaseTimer
 from grpo_megatron.training.reference import ReferenceModel
@@ -68,14 +69,13 @@ def _eval_names(files: list[str]) -> dict[str, str]:
     return {(stem if stems.count(stem) == 1 else f"{stem}_{i}"): f for i, (stem, f) in enumerate(zip(stems, files))}
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+_rank0 = is_rank0  # the loop's short name for the shared helper
 
 
 def _broadcast(obj):
     """Rank 0's `obj` on every rank, through the control group: gloo with a timeout long enough for the
     other ranks to wait out a rollout (an NCCL wait that long trips its watchdog)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not multi_rank():
         return obj
     box = [obj if _rank0() else None]
     dist.broadcast_object_list(box, src=0, group=control_group())
@@ -397,7 +397,7 @@ class Trainer:
     @staticmethod
     def _from_last_stage(metrics: dict) -> dict:
         """Metrics that only last pipeline stages can compute (the others hold no old log-probs), on every rank."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1) or not metrics:
+        if not multi_rank() or not metrics:
             return metrics
         from megatron.core import parallel_state
 
@@ -502,7 +502,7 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGUSR1/SIGTERM (Slurm's warning before the time limit)."""
         flag = torch.tensor([float(stop_signal_received())])  # a CPU value: reduced over the gloo control group
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if multi_rank():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group())
         return bool(flag.item())
 

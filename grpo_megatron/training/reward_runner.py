@@ -12,20 +12,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from collections.abc import Callable
 
 from grpo_megatron.errors import UserError
-from grpo_megatron.rollout.rewards import get_reward_fn
+from grpo_megatron.rollout.rewards import resolve_reward
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_reward(name: str, options: dict) -> Callable:
-    if name == "remote":  # an HTTP reward server, called once per step with every sample (batched)
-        from grpo_megatron.rollout.remote_reward import RemoteReward
-
-        return RemoteReward(**options)
-    return get_reward_fn(name, **options)
 
 
 class RewardsFailedError(UserError, RuntimeError):

@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from grpo_megatron.models.weight_stream import Alloc, Bucket, pack, plain_alloc
+from grpo_megatron.ranks import is_rank0, multi_rank, world_size
 from grpo_megatron.rollout.sglang.errors import ServerRequestError
 from grpo_megatron.rollout.sglang.transport import ServerPool
 from grpo_megatron.rollout.sglang.update_group import join_update_group
@@ -171,12 +172,12 @@ class WeightSync(ABC):
 
     def push_buckets(self, buckets: Iterable[Bucket], version: int) -> int:
         """The session envelope around the transfer; called on rank 0 (on every rank when `to_every_rank`)."""
-        leading = not dist.is_initialized() or dist.get_rank() == 0
+        leading = is_rank0()
         if leading:
             for url in self.pool.urls:
                 self._begin(url)
         moved = self.transfer(buckets, str(version))
-        if self.to_every_rank and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.to_every_rank and multi_rank():
             from grpo_megatron.parallel import control_group
 
             dist.barrier(group=control_group())  # every rank's requests done before the session ends
@@ -235,7 +236,7 @@ class TensorSync(WeightSync):
     def __init__(self, pool: ServerPool, bucket_mb: float, tp_size: int, colocated: bool = False):
         super().__init__(pool, bucket_mb, _shared_alloc)
         self.tp_size = tp_size
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = world_size()
         self.to_every_rank = colocated and world > 1
         if self.to_every_rank:
             self.alloc = _shared_alloc  # each rank's pickle outlives its turn (see _transfer_colocated)
