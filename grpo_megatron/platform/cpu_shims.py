@@ -2,8 +2,8 @@
 
 megatron-core assumes CUDA throughout (``torch.cuda.current_device()`` at ~80 call sites, CUDA streams,
 CUDA RNG tracker, ``device="cuda"`` literals). :func:`apply_cpu_shims` patches exactly those spots so that its
-GPTModel, pipeline schedules, DDP and optimizer run on CPU with gloo; the module list below holds for
-megatron-core 0.16.1-0.19.2 (a module a release lacks is skipped).
+GPTModel, pipeline schedules, DDP and optimizer run on CPU with gloo; the module list below is the same
+for megatron-core 0.16.1 and 0.19.2 (a release that drops one fails at start-up, naming it).
 """
 from __future__ import annotations
 

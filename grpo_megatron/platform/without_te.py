@@ -19,8 +19,8 @@ def apply_without_te_fixes() -> None:
 
 
 def _define_te_general_gemm() -> None:
-    """megatron-core 0.16.1-0.19.2 leave `te_general_gemm` undefined (not None) without TE, so the MoE router's
-    fp32 gating raises NameError; None selects its torch fallback."""
+    """megatron-core 0.16.1 leaves `te_general_gemm` undefined (not None) without TE, so the MoE router's fp32
+    gating raises NameError; None selects its torch fallback. 0.19.2 defines it as None: nothing to do there."""
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -56,7 +56,7 @@ def _patch_sequence_parallel_norm() -> None:
 def _patch_distributed_optimizer_load() -> None:
     """Let megatron's distributed optimizer load a checkpoint, exactly, when it runs torch's Adam (no Apex/TE).
 
-    megatron-core 0.16.1-0.19.2 copy every per-parameter entry of the optimizer state from the checkpoint
+    megatron-core 0.16.1 and 0.19.2 (read in both) copy every per-parameter entry of the optimizer state from the checkpoint
     (`_set_main_param_and_optimizer_states`, distrib_optimizer.py), including torch Adam's `step`, which the
     fully reshardable format keeps in the common state instead: KeyError. Entries the checkpoint lacks keep
     their current value (the step, already set from the common state).
