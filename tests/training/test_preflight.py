@@ -121,3 +121,29 @@ def test_megatron_outside_the_tested_range_is_one_line(run_cli, monkeypatch, ver
 @pytest.mark.parametrize("version", ["0.16.1", "0.17.0", "0.19.2"])
 def test_megatron_in_the_tested_range_passes(version):
     assert megatron_version.check_megatron_version(version) == version
+
+
+def _user_errors():
+    from grpo_megatron.errors import ConfigError
+    from grpo_megatron.models.bridge import UnsupportedModelError
+    from grpo_megatron.models.hf_weights import WeightMismatchError
+    from grpo_megatron.models.mcore_checkpoint import CheckpointMismatchError
+    from grpo_megatron.parallel import ParallelLayoutError
+    from grpo_megatron.registry import UnknownNameError
+    from grpo_megatron.rollout.data import DatasetError
+    from grpo_megatron.training.reward_runner import RewardsFailedError
+
+    return (ConfigError, UnsupportedModelError, WeightMismatchError, CheckpointMismatchError, ParallelLayoutError,
+            UnknownNameError, DatasetError, RewardsFailedError, megatron_version.UnsupportedMegatronError)
+
+
+@pytest.mark.parametrize("error", _user_errors(), ids=lambda cls: cls.__name__)
+def test_every_user_error_is_one_line_and_status_2(run_cli, monkeypatch, error):
+    """Raised where the model is built or loaded (after preflight), each is still one line, no traceback."""
+    from grpo_megatron.training import loop
+
+    def raises(self, cfg):
+        raise error("the message names the fix")
+
+    monkeypatch.setattr(loop.Trainer, "__init__", raises)
+    assert run_cli() == (2, ["error: the message names the fix"])
