@@ -147,3 +147,22 @@ def test_every_user_error_is_one_line_and_status_2(run_cli, monkeypatch, error):
 
     monkeypatch.setattr(loop.Trainer, "__init__", raises)
     assert run_cli() == (2, ["error: the message names the fix"])
+
+
+def test_the_entry_point_sets_process_state_before_the_trainer_is_built(run_cli, monkeypatch):
+    """Signal handlers (a pre-emption warning during set-up must not be lost) and tensor sharing: prepare_process,
+    called by the entry point between the checks and the Trainer."""
+    from grpo_megatron import process_setup
+    from grpo_megatron.training import loop
+
+    order = []
+    monkeypatch.setattr(process_setup, "prepare_process", lambda cfg: order.append(("prepare", cfg.rollout.engine)))
+
+    def trainer(self, cfg):
+        order.append(("trainer", cfg.rollout.engine))
+        raise ModelBuilt
+
+    monkeypatch.setattr(loop.Trainer, "__init__", trainer)
+    with pytest.raises(ModelBuilt):
+        run_cli()
+    assert order == [("prepare", "embedded"), ("trainer", "embedded")]
