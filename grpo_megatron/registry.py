@@ -57,7 +57,8 @@ class Registry(Generic[T]):
             return self._entries[name]
         if is_import_path(name):
             return import_object(name, self.kind)
-        raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}{self.hint}")
+        known = ", ".join(entry or "''" for entry in self.names())
+        raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {known}{self.hint}")
 
     def names(self) -> tuple[str, ...]:
         return tuple(sorted(self._entries))

@@ -45,6 +45,7 @@ def test_an_unknown_name_lists_the_known_ones_and_the_hint():
     registry = Registry("widget", hint=" (add one with @register_widget)")
     registry.add("spin", 1)
     registry.add("roll", 2)
+    registry.add("", 3)  # an empty name (rollout.function's default) is listed quoted
     with pytest.raises(UnknownNameError) as caught:
         registry.get("spun")
-    assert str(caught.value) == "unknown widget 'spun'; known: roll, spin (add one with @register_widget)"
+    assert str(caught.value) == "unknown widget 'spun'; known: '', roll, spin (add one with @register_widget)"

@@ -64,7 +64,7 @@ def _tool_loop(engine, items, params, context):
     return tool_loop(engine, items, params, context)
 
 
-ROLLOUT_FUNCTIONS: Registry = Registry("rollout function", hint=" ('' is single_turn)")
+ROLLOUT_FUNCTIONS: Registry = Registry("rollout function", hint=" ('' is single_turn), or 'package.module:function'")
 ROLLOUT_FUNCTIONS.add("", single_turn)
 ROLLOUT_FUNCTIONS.add("single_turn", single_turn)
 ROLLOUT_FUNCTIONS.add("tool_loop", _tool_loop)
