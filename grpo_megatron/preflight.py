@@ -86,6 +86,14 @@ def check_engine(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"colocated tensor weight sync maps server TP ranks onto trainer ranks: {len(s.urls)} "
                           f"server(s) x rollout.sglang.server_tp_size={s.server_tp_size} must equal the trainer's "
                           f"{world_size} ranks; fix server_tp_size or the server count")
+    if s.weight_sync == "tensor" and not s.colocated:
+        from grpo_megatron.rollout.sglang.weight_sync import is_local_host
+
+        remote = [url for url in s.urls if not is_local_host(url)]
+        if remote:
+            raise ConfigError(f"rollout.sglang.weight_sync=tensor shares memory with the servers, but {remote[0]} is "
+                              "not on this host: set rollout.sglang.colocated=true with one server per server_tp_size "
+                              "trainer ranks, or use weight_sync: distributed or disk")
     if s.weight_sync == "distributed" and s.colocated and (s.update_backend or _default_backend()) == "nccl":
         raise ConfigError("rollout.sglang.weight_sync=distributed with colocated servers puts trainer rank 0 "
                           "and a server rank on one GPU in one NCCL group (NCCL: Duplicate GPU detected); "

@@ -67,6 +67,11 @@ CASES = {
     "engine urls": (["--rollout.engine", "sglang"], "needs rollout.sglang.urls"),
     "sync mode": ([*SGLANG, "--rollout.sglang.weight_sync", "tensr"], "rollout.sglang.weight_sync='tensr'"),
     "server tp size": ([*SGLANG, "--rollout.sglang.server_tp_size", "0"], "server_tp_size=0"),
+    "tensor sync to a remote server": (["--rollout.engine", "sglang", "--rollout.sglang.urls", "[http://no-such-host.invalid:1]",
+                                        "--rollout.sglang.weight_sync", "tensor"], "is not on this host"),
+    "distributed sync to colocated servers over NCCL": (
+        [*SGLANG, "--rollout.sglang.weight_sync", "distributed", "--rollout.sglang.colocated", "true",
+         "--rollout.sglang.update_backend", "nccl"], "Duplicate GPU detected"),
     "bucket size": (["--rollout.sglang.bucket_mb", "0"], "rollout.sglang.bucket_mb=0.0: must be > 0"),
     "missing train file": (["--data.train_files", "/nonexistent/train.jsonl"], "prompt file not found"),
     "missing eval file": (["--data.eval_files", "/nonexistent/eval.jsonl"], "prompt file not found"),
