@@ -52,8 +52,8 @@ def tool_sft(trainer, steps: int, lr: float, batch_size: int, tool_fraction: flo
     trained, the tool's output, mask 0, not), the others the answer alone."""
     from grpo_megatron.rollout.tools.formats import ToolFormat
     from grpo_megatron.training.actor import Actor
-    from grpo_megatron.training.batch import make_micro_batches
     from grpo_megatron.samples import Sample
+    from grpo_megatron.training.batch import make_micro_batches
 
     import torch
 

@@ -41,10 +41,10 @@ from grpo_megatron.replay.delivery import (
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.data import PromptDataset, PromptLoader
 from grpo_megatron.rollout.functions import RolloutContext, generate_samples
+from grpo_megatron.samples import Sample
 from grpo_megatron.training import checkpoint as ckpt
 from grpo_megatron.training.actor import (
     Actor, combine_minibatch_metrics, data_parallel_info, forward_logprobs)
-from grpo_megatron.samples import Sample
 from grpo_megatron.training.batch import (
     make_micro_batch, make_micro_batches, response_span, samples_of_rank, split_for_rank, token_budget_count)
 from grpo_megatron.training.engine_factory import make_engine

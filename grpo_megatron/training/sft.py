@@ -10,8 +10,8 @@ import dataclasses
 import torch
 
 from grpo_megatron.training.actor import Actor, data_parallel_info
-from grpo_megatron.training.batch import make_micro_batch, make_micro_batches, split_for_rank
 from grpo_megatron.samples import Sample
+from grpo_megatron.training.batch import make_micro_batch, make_micro_batches, split_for_rank
 
 
 def sft_samples(trainer, items) -> list[Sample]:
