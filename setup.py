@@ -15,7 +15,9 @@ setup(
     # was tested with are in requirements-tested.txt (pip install ... -c requirements-tested.txt).
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16",
+        # The tested range (grpo_megatron/platform/megatron_version.py refuses others at start-up): CI runs
+        # 0.16.1 and 0.19.2. 0.17+ declare Python >= 3.12; on 3.11 see scripts/install_megatron_019.sh.
+        "megatron-core>=0.16.1,<0.20",
         # HF <-> megatron-core name mapping, imported by every model build. Its own megatron/transformers
         # requirements sit behind its `megatron` extra (none are required), so nothing else is pinned by it.
         "mbridge>=0.15.1,<0.16",

@@ -71,7 +71,8 @@ def _actor():
 
 
 def _adam_step(actor) -> None:
-    from grpo_megatron.training.batch import Sample, make_micro_batches
+    from grpo_megatron.samples import Sample
+    from grpo_megatron.training.batch import make_micro_batches
 
     g = torch.Generator().manual_seed(0)
     batch = [Sample(prompt_ids=torch.randint(3, 4096, (8,), generator=g).tolist(),

@@ -20,7 +20,8 @@ import torch
 
 from grpo_megatron.replay.delivery import _slice, take_engine_routes
 from grpo_megatron.rollout.sglang.protocol import decode_routed_experts
-from grpo_megatron.training.batch import Sample, make_micro_batch
+from grpo_megatron.samples import Sample
+from grpo_megatron.training.batch import make_micro_batch
 
 MB = 1e6
 

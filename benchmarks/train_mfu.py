@@ -82,7 +82,8 @@ def build(args):
 
 
 def micro_batches(args, vocab: int):
-    from grpo_megatron.training.batch import Sample, make_micro_batches
+    from grpo_megatron.samples import Sample
+    from grpo_megatron.training.batch import make_micro_batches
 
     g = torch.Generator().manual_seed(0)
     n = args.micro_batch * args.micro_batches

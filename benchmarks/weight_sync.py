@@ -82,9 +82,11 @@ def worker(args) -> None:
     from grpo_megatron.models import build_loaded_policy
     from grpo_megatron.models.weight_stream import hf_buckets, plain_alloc
     from grpo_megatron.parallel import control_group, init_distributed, layout_from_args
+    from grpo_megatron.process_setup import share_cpu_tensors_by_name
     from grpo_megatron.rollout.sglang import DiskSync, DistributedSync, ServerPool, TensorSync
 
     rank, world = init_distributed()
+    share_cpu_tensors_by_name()
     model = build_loaded_policy(args.model, layout_from_args(args))
     pool = ServerPool([args.url], timeout_s=900)
     requests = time_requests(pool)

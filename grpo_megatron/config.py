@@ -16,15 +16,12 @@ from typing import Any
 
 import yaml
 
+from grpo_megatron.errors import ConfigError
 from grpo_megatron.parallel import ParallelLayout
 
 
 # rollout.sglang.api_key when the config leaves it unset: a secret kept out of config files and logs.
 API_KEY_ENV = "GRPO_SGLANG_API_KEY"
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key and the fix."""
 
 
 @dataclass

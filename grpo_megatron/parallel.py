@@ -8,10 +8,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from grpo_megatron.errors import UserError
 from grpo_megatron.platform import detect, setup_platform
+from grpo_megatron.ranks import launch_rank
 
 
-class ParallelLayoutError(ValueError):
+class ParallelLayoutError(UserError, ValueError):
     """A parallel layout that cannot work; the message names the fix."""
 
 
@@ -109,7 +111,7 @@ def init_distributed(timeout_minutes: int = 30, control_timeout_minutes: float =
     if dist.is_initialized():
         init_control_group(control_timeout_minutes)
         return dist.get_rank(), dist.get_world_size()
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_rank()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if "MASTER_PORT" in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 import warnings
+
 
 # Fallback notices printed at every start where TransformerEngine/Apex are absent (CPU), and deprecations
 # inside megatron-core/torch we cannot act on. Matched exactly: any other warning still prints.
@@ -32,14 +32,9 @@ def quiet_known_warnings() -> None:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean the run's inputs need fixing; their messages name the fix."""
-    from grpo_megatron.config import ConfigError
-    from grpo_megatron.models.mcore_checkpoint import CheckpointMismatchError
-    from grpo_megatron.parallel import ParallelLayoutError
-    from grpo_megatron.rollout.data import DatasetError
-    from grpo_megatron.training.reward_runner import RewardsFailedError
+    from grpo_megatron.errors import UserError
 
-    return ConfigError, DatasetError, ParallelLayoutError, CheckpointMismatchError, RewardsFailedError, \
-        FileNotFoundError
+    return UserError, FileNotFoundError
 
 
 def error_line(exc: Exception) -> str:
@@ -70,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return train(args.config, overrides)
     except user_errors() as exc:
         # One line from rank 0 instead of a traceback from every rank; exit 2 like argparse's usage errors.
-        if int(os.environ.get("RANK", "0")) == 0:
+        from grpo_megatron.ranks import launch_rank
+
+        if launch_rank() == 0:
             print(error_line(exc), file=sys.stderr)
         return 2
     finally:
@@ -79,8 +76,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(config: str, overrides: list[str]) -> int:
     from grpo_megatron.config import load_config
+    from grpo_megatron.platform.megatron_version import check_megatron_version
+    from grpo_megatron.preflight import check_before_model
+    from grpo_megatron.process_setup import prepare_process
 
+    check_megatron_version()
     cfg = load_config(config, overrides)  # before the heavy imports: a config error shows at once
+    check_before_model(cfg)  # every check that needs no model: a typo costs seconds, not a model load
+    prepare_process(cfg)
     from grpo_megatron.training.loop import Trainer
 
     trainer = Trainer(cfg)

@@ -90,6 +90,7 @@ TARGETS = (
     _alg("registry.py"),
     *(Target(f"grpo_megatron/algorithms/{name}", "algorithms", NEW_LOSS_TESTS)
       for name in ("is_weighted.py", "gmpo.py", "covariance.py", "token_selection.py", "loss_params.py")),
+    Target("grpo_megatron/registry.py", "algorithms", ("tests/test_registry.py", *ALG_TESTS)),  # what config names resolve through
     Target("grpo_megatron/algorithms/evaluation.py", "algorithms",
            ("tests/algorithms/test_rollout_correction_edges.py", "tests/algorithms/test_rollout_correction.py")),
     Target("grpo_megatron/algorithms/rollout_correction.py", "algorithms",
@@ -104,9 +105,8 @@ TARGETS = (
     Target("grpo_megatron/training/opd.py", "loss_path", ("tests/training/test_opd_loss_path.py",),
            ("distillation_advantages", "topk_distillation_loss", "_student_topk_hook",
             "prepare_training_micro_batches", "score_with_teacher")),
-    Target("grpo_megatron/training/batch.py", "loss_path", LOSS_TESTS,
-           ("MicroBatch.num_response_tokens", "response_span", "_aligned", "make_micro_batch",
-            "MicroBatch.to")),
+    Target("grpo_megatron/training/batch.py", "loss_path", LOSS_TESTS, ("response_span", "_aligned", "make_micro_batch")),
+    Target("grpo_megatron/samples.py", "loss_path", LOSS_TESTS, ("MicroBatch.num_response_tokens", "MicroBatch.to")),
     Target("grpo_megatron/training/mismatch.py", "loss_path",
            ("tests/training/test_loss_path.py", "tests/algorithms/test_rollout_correction.py", *LOSS_TESTS[1:])),
     Target("grpo_megatron/training/actor.py", "loss_path", LOSS_TESTS, ("Actor.train_step",)),

@@ -29,6 +29,14 @@ def tiny_hf_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session", autouse=True)
+def share_cpu_tensors():
+    """What the entry point does for weight_sync tensor (process_setup), for the trainers built in-process."""
+    from grpo_megatron.process_setup import share_cpu_tensors_by_name
+
+    share_cpu_tensors_by_name()
+
+
 @pytest.fixture(scope="session")
 def dist_world1():
     """torch.distributed with one gloo process, for in-process megatron tests."""

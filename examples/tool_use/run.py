@@ -52,7 +52,8 @@ def tool_sft(trainer, steps: int, lr: float, batch_size: int, tool_fraction: flo
     trained, the tool's output, mask 0, not), the others the answer alone."""
     from grpo_megatron.rollout.tools.formats import ToolFormat
     from grpo_megatron.training.actor import Actor
-    from grpo_megatron.training.batch import Sample, make_micro_batches
+    from grpo_megatron.samples import Sample
+    from grpo_megatron.training.batch import make_micro_batches
 
     import torch
 
@@ -124,6 +125,7 @@ def main() -> int:
 
     quiet_known_warnings()
     from grpo_megatron.config import load_config
+    from grpo_megatron.process_setup import prepare_process
     from grpo_megatron.rollout.data import PromptDataset
     from grpo_megatron.training.loop import Trainer
 
@@ -137,6 +139,7 @@ def main() -> int:
     if args.no_tool:
         overrides = ["--rollout.function", "single_turn", "--rollout.max_new_tokens", "8", *overrides]
     cfg = load_config(args.config, overrides)
+    prepare_process(cfg)
     trainer = Trainer(cfg)
     held_out = PromptDataset([files["eval"]], trainer.tokenizer, False)
     items = [held_out[i] for i in range(16 if args.quick else len(held_out))]

@@ -19,6 +19,7 @@ import re
 import torch
 import transformers
 
+from grpo_megatron.errors import UserError
 from grpo_megatron.parallel import ParallelLayout
 from grpo_megatron.platform import detect
 
@@ -26,7 +27,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The HF config describes something the mapping cannot reproduce exactly."""
 
 

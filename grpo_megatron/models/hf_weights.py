@@ -19,15 +19,17 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from grpo_megatron.errors import UserError
 from grpo_megatron.models.provider import PolicyModel, build_model, load_hf_config, model_dims
 from grpo_megatron.parallel import ParallelLayout, init_model_parallel
+from grpo_megatron.ranks import is_rank0, multi_rank
 
 # HF tensors that carry no weights of their own (recomputed buffers).
 _IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
 _SHARD_BYTES = 2 * 1024**3
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(UserError, ValueError):
     """HF weights and the megatron model disagree (missing, left-over or mis-shaped tensors)."""
 
 
@@ -116,7 +118,7 @@ def _shard_for_rank(bridge, global_name, hf_names, hf_tensors, param, mpu) -> to
 
 
 def _check_all_used(reader: SafetensorsReader, used: set[str], model: PolicyModel, hf_path) -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_rank():
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, used)
         used = set().union(*everyone)
@@ -166,7 +168,7 @@ def save_hf_checkpoint(
     complete, so an interrupted export never leaves a half-written checkpoint at `output`.
     """
     output = Path(output)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = is_rank0()
     weights = export_hf_weights(model)
     if not rank0:
         for _ in weights:

@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 import transformers
 
+from grpo_megatron.errors import UserError
 from grpo_megatron.models.provider import PolicyModel
+from grpo_megatron.ranks import is_rank0
 
 MODEL_SUBDIR = "model"
 HF_SUBDIR = "hf"
@@ -34,12 +36,11 @@ _KEY_ALIASES = {
 _EXTRA_STATE = "_extra_state"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint lacks weights the model needs (another architecture or layer spec)."""
 
 
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+_is_rank0 = is_rank0
 
 
 def _barrier() -> None:

@@ -9,6 +9,7 @@ import transformers
 
 from grpo_megatron.models.bridge import MOE_MODEL_TYPES, make_bridge, validate_hf_config
 from grpo_megatron.parallel import ParallelLayout, current_device
+from grpo_megatron.ranks import multi_rank
 
 
 def load_hf_config(path: str | Path) -> transformers.PretrainedConfig:
@@ -159,7 +160,7 @@ def _across_ranks(states: dict[str, set[bool]], matched: set[str]) -> tuple[dict
     """The union of `states` and of the matched patterns over all ranks (gloo control group)."""
     import torch.distributed as dist
 
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not multi_rank():
         return states, matched
     from grpo_megatron.parallel import control_group
 
@@ -173,7 +174,7 @@ def _across_ranks(states: dict[str, set[bool]], matched: set[str]) -> tuple[dict
 
 
 def _check_freeze(patterns: list[str], states: dict[str, set[bool]], matched: set[str]) -> None:
-    from grpo_megatron.config import ConfigError
+    from grpo_megatron.errors import ConfigError
 
     unmatched = [p for p in patterns if p not in matched]
     if unmatched:

@@ -17,9 +17,8 @@ import torch
 import torch.distributed as dist
 
 from grpo_megatron.models.provider import PolicyModel
-
-ParamKey = tuple[int, str, int]
-"""(model chunk index, local megatron parameter name, EP rank of a local expert under EP > 1 else 0)."""
+from grpo_megatron.models.weight_keys import ParamKey, chunk_tensors, is_ep_expert
+from grpo_megatron.ranks import multi_rank
 
 _CHUNK = 1 << 20  # elements per partial sum: an 8 MiB int64 temporary
 _INT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -60,22 +59,14 @@ def fingerprint(tensor: torch.Tensor) -> torch.Tensor:
 def local_fingerprints(model: PolicyModel) -> dict[tuple[int, str], int]:
     """(chunk index, local name) -> fingerprint of this rank's shard; frozen parameters (requires_grad False)
     are left out, as they never change. One host sync for all of them."""
-    from grpo_megatron.models.weight_stream import _parameters
-
     keys, values = [], []
     for index, chunk in enumerate(model.unwrapped()):
-        for name, param in _parameters(chunk):
+        for name, param in chunk_tensors(chunk):
             if isinstance(param, torch.nn.Parameter) and not param.requires_grad:
                 continue
             keys.append((index, name))
             values.append(fingerprint(param))
     return dict(zip(keys, torch.stack(values).tolist())) if values else {}
-
-
-def is_ep_expert(name: str, ep_size: int) -> bool:
-    """Whether the parameter of global name `name` (mbridge's, local expert numbers) is a local expert's weight that
-    the stream gathers from its EP group (one HF tensor per EP rank)."""
-    return ".mlp.experts.linear_fc" in name and ep_size > 1
 
 
 class ChangeTracker:
@@ -101,7 +92,7 @@ class ChangeTracker:
         full = full or self._synced is None
         changed = [] if full else [k for k, v in self._pending.items() if self._synced.get(k) != v]
         entries = [(mpu.pp_rank, mpu.ep_rank, changed, full)]
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if multi_rank():
             from grpo_megatron.parallel import control_group
 
             entries = [None] * dist.get_world_size()
@@ -130,8 +121,6 @@ def _ep_experts(model: PolicyModel) -> set[tuple[int, str]]:
 
 def _anchor(model: PolicyModel) -> ParamKey:
     """The last chunk's smallest non-expert parameter (a norm's weight): the same on every rank of the stage."""
-    from grpo_megatron.models.weight_stream import _parameters
-
     index = len(model.chunks) - 1
-    params = [(p.numel(), n) for n, p in _parameters(model.unwrapped()[index]) if ".mlp.experts." not in n]
+    params = [(p.numel(), n) for n, p in chunk_tensors(model.unwrapped()[index]) if ".mlp.experts." not in n]
     return index, min(params, key=lambda item: item[0])[1], 0

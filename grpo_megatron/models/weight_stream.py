@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from grpo_megatron.models.provider import PolicyModel
-from grpo_megatron.models.weight_changes import ParamKey, is_ep_expert
+from grpo_megatron.models.weight_keys import ParamKey, chunk_tensors, is_ep_expert
+from grpo_megatron.ranks import multi_rank
 
 Alloc = Callable[[int, torch.device], torch.Tensor]
 """Makes the flat uint8 buffer of a bucket (nbytes, device): plain memory, or shared memory for tensor mode."""
@@ -155,7 +156,7 @@ def stage_hf_tensors(model: PolicyModel, only: Selection = None) -> Iterator[tup
             "export with expert_parallel=1 needs expert_tensor_parallel equal to tensor_parallel or 1")
     for index, chunk in enumerate(model.unwrapped()):
         global_names = bridge._weight_name_mapping_mcore_local_to_global(chunk, consider_ep=False)
-        for local, param in _parameters(chunk):
+        for local, param in chunk_tensors(chunk):
             name = global_names[local]
             if is_ep_expert(name, mpu.ep_size):
                 ep_ranks = _selected_ep_ranks(only, index, local, mpu.ep_size)
@@ -180,7 +181,7 @@ def stage_hf_bytes(model: PolicyModel, only: Selection = None) -> int:
     mpu, total = model.bridge.mpu, 0
     for index, chunk in enumerate(model.unwrapped()):
         global_names = model.bridge._weight_name_mapping_mcore_local_to_global(chunk, consider_ep=False)
-        for local, param in _parameters(chunk):
+        for local, param in chunk_tensors(chunk):
             expert = ".mlp.experts." in local
             if is_ep_expert(global_names[local], mpu.ep_size):
                 factor = len(_selected_ep_ranks(only, index, local, mpu.ep_size))
@@ -190,14 +191,6 @@ def stage_hf_bytes(model: PolicyModel, only: Selection = None) -> int:
                 factor *= mpu.etp_size if expert and mpu.ep_size > 1 else mpu.tp_size
             total += param.numel() * param.element_size() * factor
     return total
-
-
-def _parameters(chunk: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Named parameters plus the router's expert_bias, a buffer megatron does not register as a parameter."""
-    params = list(chunk.named_parameters())
-    known = {n for n, _ in params}
-    state = chunk.state_dict()
-    return params + [(n, state[n]) for n in state if "expert_bias" in n and "_extra_state" not in n and n not in known]
 
 
 def _expert_tensors(bridge, name: str, param: torch.Tensor, ep_ranks: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -229,7 +222,7 @@ def hf_buckets(model: PolicyModel, bucket_bytes: int, to_every_rank: bool = Fals
     first rank packs and sends, its other ranks take part in the gathers with a dry packer so that they know
     where buckets end. Bucket metadata travels over the gloo control group, the bytes over the default group.
     """
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not multi_rank():
         yield from pack(stage_hf_tensors(model, only), bucket_bytes, alloc, total_bytes=stage_hf_bytes(model, only))
         return
     from grpo_megatron.parallel import control_group

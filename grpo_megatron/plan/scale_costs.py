@@ -37,7 +37,7 @@ class ScaleCosts:
 
 
 def _synthetic_sample(prompt: int, response: int, vocab: int, logprobs: bool, rng: random.Random):
-    from grpo_megatron.training.batch import Sample
+    from grpo_megatron.samples import Sample
 
     return Sample(prompt_ids=[rng.randrange(vocab) for _ in range(prompt)],
                   response_ids=[rng.randrange(vocab) for _ in range(response)], group=0,

@@ -22,10 +22,11 @@ import torch.distributed as dist
 
 from grpo_megatron.models.provider import PolicyModel
 from grpo_megatron.platform import device
+from grpo_megatron.ranks import multi_rank
 from grpo_megatron.replay.routers import (
     LayerReplay, RoutingReplayError, Target, install_layer_replays, moe_layer_numbers)
 from grpo_megatron.replay.tables import RouteTable
-from grpo_megatron.training.batch import MicroBatch, Sample
+from grpo_megatron.samples import MicroBatch, Sample
 
 MODES = ("none", "r2", "r3")
 ROLLOUT_TRAIN = "routing/agree_rollout_train"
@@ -79,7 +80,7 @@ class RoutingReplay:
             raise RoutingReplayError("end_step() without begin_step()")
         replayed, counts = self.replayed, torch.stack([self.counts[ROLLOUT_TRAIN], self.counts[OLD_CURRENT]])
         self.samples = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if multi_rank():
             # the default group is NCCL on GPU: its collectives take device tensors only
             replayed, counts = replayed.to(device()), counts.to(device())
             dist.all_reduce(replayed, op=dist.ReduceOp.MAX)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from grpo_megatron.replay.routers import RoutingReplayError
 from grpo_megatron.replay.tables import RouteTable, storage_dtype
-from grpo_megatron.training.batch import Sample
+from grpo_megatron.samples import Sample
 
 
 @dataclass

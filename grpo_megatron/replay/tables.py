@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from grpo_megatron.replay.routers import RoutingReplayError, Routes
-from grpo_megatron.training.batch import MicroBatch, Sample
+from grpo_megatron.samples import MicroBatch, Sample
 
 
 def storage_dtype(num_experts: int) -> torch.dtype:

@@ -15,12 +15,14 @@ from typing import Any
 
 import transformers
 
+from grpo_megatron.errors import UserError
+
 _PROMPT_FIELDS = ("prompt", "messages")
 _ANSWER_FIELDS = ("answer", "ground_truth")
 PromptItem = dict[str, Any]  # {"prompt_ids": list[int], "answer": str | None, "index": int, "meta": dict}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A prompt file or one of its records cannot be used; the message names the file, the line and the fix."""
 
 
@@ -59,6 +61,52 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
         yield row_number, record
 
 
+def check_record(record: Any, where: str, apply_chat_template: bool) -> tuple[str, Any, str | None]:
+    """("prompt", text, answer) or ("messages", turns, answer) of one record; DatasetError naming the fix.
+
+    Needs no tokenizer, so that a bad record fails before any model is built (grpo_megatron.preflight).
+    """
+    if not isinstance(record, dict):
+        raise DatasetError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    answer = None
+    for name in _ANSWER_FIELDS:
+        if record.get(name) is not None:
+            answer = record[name]
+            if not isinstance(answer, str):
+                raise DatasetError(f"{where}: `{name}` must be a string, got {type(answer).__name__}; "
+                                   f"quote it (e.g. \"{name}\": \"{answer}\")")
+            break
+    if "prompt" in record and record["prompt"] is not None:
+        prompt = record["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DatasetError(f"{where}: `prompt` must be a non-empty string, got {prompt!r}")
+        return "prompt", prompt, answer
+    if "messages" in record and record["messages"] is not None:
+        messages = record["messages"]
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise DatasetError(f"{where}: `messages` must be a non-empty list of "
+                               f"{{\"role\": str, \"content\": str}} objects")
+        if not apply_chat_template:
+            raise DatasetError(f"{where}: chat `messages` need apply_chat_template=True "
+                               f"(or give a plain `prompt` string instead)")
+        return "messages", messages, answer
+    raise DatasetError(f"{where}: no `prompt` or `messages` field (found: {sorted(record)}); "
+                       f"add a `prompt` string or a chat `messages` list")
+
+
+def check_prompt_files(paths: Sequence[str | Path], apply_chat_template: bool) -> None:
+    """Every record of every file readable and usable (no tokenizer); DatasetError for the first that is not."""
+    for path in paths:
+        count = 0
+        for line_number, record in read_records(path):
+            check_record(record, f"{path}:{line_number}", apply_chat_template)
+            count += 1
+        if not count:
+            raise DatasetError(f"no records in {path}; the prompt file is empty")
+
+
 class PromptDataset:
     """Tokenised prompts of one or more files, in file order, each with its answer and metadata.
 
@@ -94,44 +142,18 @@ class PromptDataset:
         return self._items[index]
 
     def _make_item(self, record: Any, where: str) -> PromptItem:
-        if not isinstance(record, dict):
-            raise DatasetError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-        prompt_ids = self._tokenize(record, where)
+        kind, prompt, answer = check_record(record, where, self._apply_chat_template)
+        if kind == "messages":
+            prompt_ids = self._render_chat(prompt)
+        elif self._apply_chat_template:
+            prompt_ids = self._render_chat([{"role": "user", "content": prompt}])
+        else:
+            prompt_ids = self._tokenizer(prompt).input_ids
         if self._max_prompt_tokens is not None and len(prompt_ids) > self._max_prompt_tokens:
             raise DatasetError(f"{where}: prompt has {len(prompt_ids)} tokens, more than max_prompt_tokens="
                                f"{self._max_prompt_tokens}; raise max_prompt_tokens or shorten/remove this record")
-        answer = None
-        for name in _ANSWER_FIELDS:
-            if record.get(name) is not None:
-                answer = record[name]
-                if not isinstance(answer, str):
-                    raise DatasetError(f"{where}: `{name}` must be a string, got {type(answer).__name__}; "
-                                       f"quote it (e.g. \"{name}\": \"{answer}\")")
-                break
         meta = {k: v for k, v in record.items() if k not in _PROMPT_FIELDS + _ANSWER_FIELDS}
         return {"prompt_ids": prompt_ids, "answer": answer, "index": len(self._items), "meta": meta}
-
-    def _tokenize(self, record: dict, where: str) -> list[int]:
-        if "prompt" in record and record["prompt"] is not None:
-            prompt = record["prompt"]
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise DatasetError(f"{where}: `prompt` must be a non-empty string, got {prompt!r}")
-            if not self._apply_chat_template:
-                return self._tokenizer(prompt).input_ids
-            return self._render_chat([{"role": "user", "content": prompt}])
-        if "messages" in record and record["messages"] is not None:
-            messages = record["messages"]
-            if not (isinstance(messages, list) and messages and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in messages)):
-                raise DatasetError(f"{where}: `messages` must be a non-empty list of "
-                                   f"{{\"role\": str, \"content\": str}} objects")
-            if not self._apply_chat_template:
-                raise DatasetError(f"{where}: chat `messages` need apply_chat_template=True "
-                                   f"(or give a plain `prompt` string instead)")
-            return self._render_chat(messages)
-        raise DatasetError(f"{where}: no `prompt` or `messages` field (found: {sorted(record)}); "
-                           f"add a `prompt` string or a chat `messages` list")
 
     def _render_chat(self, messages: list[dict]) -> list[int]:
         text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -20,13 +20,13 @@ prefill per prompt, all of SGLang's concurrency). Each Sample carries:
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from grpo_megatron.registry import Registry, UnknownNameError
 from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
-from grpo_megatron.training.batch import Sample
+from grpo_megatron.samples import Sample
 
 RolloutFunction = Callable[[RolloutEngine, list[dict], SamplingParams, "RolloutContext"], list[list[Sample]]]
 
@@ -64,21 +64,18 @@ def _tool_loop(engine, items, params, context):
     return tool_loop(engine, items, params, context)
 
 
-BUILTIN_FUNCTIONS: dict[str, RolloutFunction] = {"": single_turn, "single_turn": single_turn, "tool_loop": _tool_loop}
+ROLLOUT_FUNCTIONS: Registry = Registry("rollout function", hint=" ('' is single_turn), or 'package.module:function'")
+ROLLOUT_FUNCTIONS.add("", single_turn)
+ROLLOUT_FUNCTIONS.add("single_turn", single_turn)
+ROLLOUT_FUNCTIONS.add("tool_loop", _tool_loop)
 
 
 def resolve_rollout_function(name: str) -> RolloutFunction:
     """A built-in name or "package.module:function"; ValueError naming the fix otherwise."""
-    if name in BUILTIN_FUNCTIONS:
-        return BUILTIN_FUNCTIONS[name]
-    module_name, colon, attr = name.partition(":")
-    if not colon or not module_name or not attr:
-        raise ValueError(f"rollout.function={name!r}: use '' (single turn), 'tool_loop', or 'package.module:function'")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"rollout.function={name!r} cannot be imported ({exc}); give 'package.module:function' "
-                         "importable from the run's environment") from exc
+        fn = ROLLOUT_FUNCTIONS.get(name)
+    except UnknownNameError as err:
+        raise UnknownNameError(f"rollout.function={name!r}: {err}") from None
     if not callable(fn):
         raise ValueError(f"rollout.function={name!r} is not callable; point it at a function")
     return fn

@@ -14,37 +14,42 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from grpo_megatron.registry import Registry
+
 RewardFn = Callable[[str, "str | None", dict], float]
 
-_REGISTRY: dict[str, Callable[..., float]] = {}
+REWARDS: Registry = Registry("reward", hint=" (add one with @register_reward)")
 
 
 def register_reward(name: str) -> Callable[[Callable[..., float]], Callable[..., float]]:
     """Decorator adding a reward function to the registry under `name`."""
-    def add(fn: Callable[..., float]) -> Callable[..., float]:
-        if name in _REGISTRY:
-            raise ValueError(f"reward {name!r} is already registered; pick another name")
-        _REGISTRY[name] = fn
-        return fn
-    return add
+    return REWARDS.register(name)
 
 
 def known_rewards() -> list[str]:
-    return sorted(_REGISTRY)
+    return list(REWARDS.names())
 
 
 def get_reward_fn(name: str, **options: Any) -> RewardFn:
-    """The registered reward `name` with its config options bound, as fn(response_text, answer, meta)."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(known_rewards())} "
-                       f"(add one with @register_reward)")
-    fn = _REGISTRY[name]
+    """The reward `name` (registered, or "package.module:function") with its config options bound, as
+    fn(response_text, answer, meta)."""
+    fn = REWARDS.get(name)
     try:
         inspect.signature(fn).bind("", None, {}, **options)
     except TypeError as err:
         raise ValueError(f"reward {name!r}: bad options {sorted(options)} ({err}); "
                          f"its signature is {name}{inspect.signature(fn)}") from None
     return functools.partial(fn, **options) if options else fn
+
+
+def resolve_reward(name: str, options: dict) -> RewardFn:
+    """A `reward.functions` entry: `remote` (an HTTP reward server, called once per step with every sample,
+    batched; grpo_megatron/rollout/remote_reward.py), a registered reward, or "package.module:function"."""
+    if name == "remote":
+        from grpo_megatron.rollout.remote_reward import RemoteReward
+
+        return RemoteReward(**options)
+    return get_reward_fn(name, **options)
 
 
 def _require_answer(name: str, answer: str | None) -> str:

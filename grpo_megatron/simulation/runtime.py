@@ -63,7 +63,7 @@ def install() -> None:
 
     from grpo_megatron import platform
 
-    if platform._APPLIED:
+    if platform.cpu_shims_applied():
         raise RuntimeError("the CPU shims are applied in this process: they would hide CUDA's rules; "
                            "simulate in a fresh interpreter")
     fake_cuda.fake_cuda_queries()

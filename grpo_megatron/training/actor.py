@@ -17,7 +17,8 @@ from grpo_megatron.algorithms import token_logprobs_and_entropy
 from grpo_megatron.models.provider import PolicyModel
 from grpo_megatron.parallel import control_group
 from grpo_megatron.platform import device
-from grpo_megatron.training.batch import MicroBatch
+from grpo_megatron.ranks import multi_rank
+from grpo_megatron.samples import MicroBatch
 
 LossFn = Callable[[MicroBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 """(micro_batch, logprobs [b, s], entropy [b, s]) -> (loss normalised by the *global* count, metrics)."""
@@ -208,7 +209,7 @@ def reduce_metrics(outputs: list[dict]) -> dict:
             sums[j] += value if key in _SUM_KEYS else value * weight
             mins[j] = min(mins[j], value)
             maxs[j] = max(maxs[j], value)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_rank():
         # the default group is NCCL on GPU: its collectives take device tensors only
         sums, mins, maxs = (t.to(device()) for t in (sums, mins, maxs))
         dist.all_reduce(sums)
@@ -250,7 +251,7 @@ def combine_minibatch_metrics(results: list[dict]) -> dict:
 
 def _agree_on_keys(keys: list[str]) -> list[str]:
     """Ranks that are not the last stage have no metrics; take the key list from those that do."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not multi_rank():
         return keys
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, keys, group=control_group())

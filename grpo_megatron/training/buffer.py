@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from grpo_megatron.training.batch import Sample
+from grpo_megatron.samples import Sample
 
 _SAMPLE_FIELDS = ("prompt_ids", "response_ids", "group", "reward", "truncated", "engine_logprobs", "answer",
                   "meta", "weight_versions", "prompt_index", "draw")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from grpo_megatron.models.mcore_checkpoint import (
     DEFAULT_OPTIMIZER_FORMAT, METADATA_FILE, load_mcore_checkpoint, save_mcore_checkpoint)
+from grpo_megatron.ranks import is_rank0
 
 TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -66,7 +67,7 @@ def save_run_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dic
     state = {"step": step, "rng": rng_state(), **trainer_state}
     save_mcore_checkpoint(model, path, tokenizer_path=tokenizer_path, optimizer=optimizer, optimizer_format=optimizer_format,
                           metadata={"step": step}, extra_files={TRAINER_STATE: json.dumps(state, default=_np_default)})
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():

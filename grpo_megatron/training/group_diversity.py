@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from grpo_megatron.training.batch import Sample
+from grpo_megatron.samples import Sample
 
 logger = logging.getLogger(__name__)
 

@@ -31,20 +31,23 @@ from grpo_megatron.models import build_model, load_hf_config, load_hf_weights, m
 from grpo_megatron.models.mcore_checkpoint import dtype_from_name, load_mcore_checkpoint
 from grpo_megatron.models.tokenizer import load_tokenizer
 from grpo_megatron.platform import device
+from grpo_megatron.process_setup import stop_signal_received
 from grpo_megatron.models.bridge import MOE_MODEL_TYPES
 from grpo_megatron.parallel import control_group, init_distributed, init_model_parallel
+from grpo_megatron.ranks import is_rank0, multi_rank
 from grpo_megatron.replay import attach_routing_replay
 from grpo_megatron.replay.delivery import (
     EngineRoutes, deliver_engine_routes, route_header, take_engine_routes)
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.data import PromptDataset, PromptLoader
 from grpo_megatron.rollout.functions import RolloutContext, generate_samples
+from grpo_megatron.samples import Sample
 from grpo_megatron.training import checkpoint as ckpt
 from grpo_megatron.training import opd
 from grpo_megatron.training.actor import (
     Actor, combine_minibatch_metrics, data_parallel_info, forward_logprobs)
 from grpo_megatron.training.batch import (
-    Sample, make_micro_batch, rank_micro_batches, response_span, samples_of_rank)
+    make_micro_batch, rank_micro_batches, response_span, samples_of_rank)
 from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.metrics import MetricsLogger, PhaseTimer
 from grpo_megatron.training.reference import ReferenceModel
@@ -68,14 +71,13 @@ def _eval_names(files: list[str]) -> dict[str, str]:
     return {(stem if stems.count(stem) == 1 else f"{stem}_{i}"): f for i, (stem, f) in enumerate(zip(stems, files))}
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+_rank0 = is_rank0  # the loop's short name for the shared helper
 
 
 def _broadcast(obj):
     """Rank 0's `obj` on every rank, through the control group: gloo with a timeout long enough for the
     other ranks to wait out a rollout (an NCCL wait that long trips its watchdog)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not multi_rank():
         return obj
     box = [obj if _rank0() else None]
     dist.broadcast_object_list(box, src=0, group=control_group())
@@ -88,7 +90,6 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self._install_signal_handlers()  # first: a pre-emption warning during set-up must not be lost
         init_distributed(control_timeout_minutes=cfg.train.rollout_wait_minutes)
         torch.manual_seed(cfg.train.seed)
         if cfg.train.num_threads:
@@ -139,15 +140,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ set-up
     def _check_replay_config(self) -> None:
-        from grpo_megatron.config import ConfigError
-        from grpo_megatron.models.bridge import MOE_MODEL_TYPES
+        from grpo_megatron.preflight import check_replay
 
-        if self.cfg.algorithm.routing_replay != "none" and self.hf_config.model_type not in MOE_MODEL_TYPES:
-            raise ConfigError(f"algorithm.routing_replay={self.cfg.algorithm.routing_replay} needs an MoE model; "
-                              f"{self.hf_config.model_type} is dense: set routing_replay: none")
-        if self.cfg.algorithm.routing_replay == "r2" and self.cfg.rollout.use_engine_logprobs:
-            raise ConfigError("algorithm.routing_replay=r2 replays the routes of the old-log-prob pass, which "
-                              "rollout.use_engine_logprobs=true skips: use r3, or set use_engine_logprobs: false")
+        check_replay(self.cfg, self.hf_config.model_type)
 
     def _check_minibatch_split(self) -> None:
         from grpo_megatron.config import ConfigError
@@ -445,7 +440,7 @@ class Trainer:
     @staticmethod
     def _from_last_stage(metrics: dict) -> dict:
         """Metrics that only last pipeline stages can compute (the others hold no old log-probs), on every rank."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1) or not metrics:
+        if not multi_rank() or not metrics:
             return metrics
         from megatron.core import parallel_state
 
@@ -553,22 +548,10 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGUSR1/SIGTERM (Slurm's warning before the time limit)."""
-        flag = torch.tensor([float(self._signal_received)])  # a CPU value: reduced over the gloo control group
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([float(stop_signal_received())])  # a CPU value: reduced over the gloo control group
+        if multi_rank():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group())
         return bool(flag.item())
-
-    def _install_signal_handlers(self) -> None:
-        import signal
-
-        self._signal_received = False
-
-        def handler(signum, frame):
-            logger.warning("received signal %d: will checkpoint after this step and exit", signum)
-            self._signal_received = True
-
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, handler)
 
     def train(self) -> list[dict]:
         from tqdm import tqdm

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from grpo_megatron.algorithms.opd import OPD_MODES, opd_advantages, topk_reverse_kl, vocab_logprobs_at, vocab_topk
 from grpo_megatron.config import ConfigError, OPDConfig, RunConfig
-from grpo_megatron.training.batch import MicroBatch, Sample, response_span
+from grpo_megatron.samples import MicroBatch, Sample
+from grpo_megatron.training.batch import response_span
 
 TEACHERS = ("none", "megatron", "sglang")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from grpo_megatron.training.batch import Sample
+from grpo_megatron.samples import Sample
 
 PROMPT_LOG = "prompts.jsonl"
 

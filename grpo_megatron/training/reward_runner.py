@@ -11,36 +11,15 @@ client's): it is called once per step with every sample and batches, retries and
 from __future__ import annotations
 
 import concurrent.futures
-import importlib
 import logging
-from collections.abc import Callable
 
-from grpo_megatron.rollout.rewards import get_reward_fn
+from grpo_megatron.errors import UserError
+from grpo_megatron.rollout.rewards import resolve_reward
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_reward(name: str, options: dict) -> Callable:
-    if name == "remote":  # an HTTP reward server, called once per step with every sample (batched)
-        from grpo_megatron.rollout.remote_reward import RemoteReward
-
-        return RemoteReward(**options)
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"reward function {name!r} cannot be imported ({exc}); "
-                             "give 'package.module:function' importable from the run's environment") from exc
-        if options:
-            import functools
-
-            fn = functools.partial(fn, **options)
-        return fn
-    return get_reward_fn(name, **options)
-
-
-class RewardsFailedError(RuntimeError):
+class RewardsFailedError(UserError, RuntimeError):
     """Every reward call failed for several steps in a row: the reward function itself is broken."""
 
 

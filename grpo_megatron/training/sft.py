@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from grpo_megatron.samples import Sample
 from grpo_megatron.training.actor import data_parallel_info
-from grpo_megatron.training.batch import Sample, make_micro_batch, rank_micro_batches
+from grpo_megatron.training.batch import make_micro_batch, rank_micro_batches
 
 
 def sft_samples(trainer, items) -> list[Sample]:

@@ -8,12 +8,11 @@ first sync in every process and whenever rank 0's engine finds a server not hold
 """
 from __future__ import annotations
 
-import torch.distributed as dist
-
 from grpo_megatron.config import RunConfig
 from grpo_megatron.models.provider import PolicyModel
 from grpo_megatron.models.weight_changes import ChangeTracker
 from grpo_megatron.models.weight_stream import hf_buckets, plain_alloc
+from grpo_megatron.ranks import is_rank0
 from grpo_megatron.rollout.base import RolloutEngine
 
 
@@ -58,5 +57,5 @@ class WeightPush:
 def release_rollout_memory(engine: RolloutEngine | None) -> None:
     """Colocated GPU servers give their memory back for training; the next push takes it again."""
     release = getattr(engine, "release_memory", None)
-    if release is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+    if release is not None and (is_rank0()):
         release()

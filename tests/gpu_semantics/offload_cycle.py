@@ -36,7 +36,7 @@ def measure() -> dict:
     from grpo_megatron.simulation.memory import DeviceMemoryCounter
     from grpo_megatron.simulation.rank import buffer_bytes, optimizer_bytes
     from grpo_megatron.training.actor import Actor
-    from grpo_megatron.training.batch import Sample
+    from grpo_megatron.samples import Sample
     from grpo_megatron.training.offload import TrainStateOffload
 
     hf, layout = tiny_hf_config("qwen3_moe"), ParallelLayout(expert_parallel=2)

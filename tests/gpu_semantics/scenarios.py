@@ -40,7 +40,7 @@ LOSSES = ("grpo", "gspo", "gspo_token")
 
 def _samples(n: int = 8, equal_lengths: bool = False):
     """A step's samples as the trainer holds them (CPU tensors), with every per-token field the losses read."""
-    from grpo_megatron.training.batch import Sample
+    from grpo_megatron.samples import Sample
 
     g = torch.Generator().manual_seed(0)
     samples = []

@@ -71,7 +71,8 @@ def test_plan_matches_the_bytes_of_a_real_cpu_run(planned, dist_world1):
     from grpo_megatron.parallel import init_model_parallel
     from grpo_megatron.platform import setup_platform
     from grpo_megatron.training.actor import Actor
-    from grpo_megatron.training.batch import Sample, make_micro_batches
+    from grpo_megatron.samples import Sample
+    from grpo_megatron.training.batch import make_micro_batches
     from grpo_megatron.training.loop import Trainer
     from tests.training.test_actor import gspo
 

@@ -7,7 +7,8 @@ from grpo_megatron.models import build_loaded_policy
 from grpo_megatron.parallel import ParallelLayout
 from grpo_megatron.replay import attach_routing_replay
 from grpo_megatron.training.actor import _run_schedule, data_parallel_info, forward_logprobs
-from grpo_megatron.training.batch import Sample, make_micro_batches, split_for_rank
+from grpo_megatron.samples import Sample
+from grpo_megatron.training.batch import make_micro_batches, split_for_rank
 
 RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
 

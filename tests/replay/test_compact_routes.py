@@ -11,7 +11,8 @@ import torch
 from grpo_megatron.replay.tables import RouteTable, storage_dtype
 from grpo_megatron.rollout.sglang.errors import MalformedResponseError
 from grpo_megatron.rollout.sglang.protocol import decode_routed_experts
-from grpo_megatron.training.batch import Sample, make_micro_batch
+from grpo_megatron.samples import Sample
+from grpo_megatron.training.batch import make_micro_batch
 
 
 def _encoded(ids: np.ndarray) -> str:

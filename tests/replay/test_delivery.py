@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 from grpo_megatron.parallel import free_port
 from grpo_megatron.replay.delivery import deliver_engine_routes, route_header, take_engine_routes
 from grpo_megatron.replay.routers import RoutingReplayError
-from grpo_megatron.training.batch import Sample, samples_of_rank, split_for_rank
+from grpo_megatron.samples import Sample
+from grpo_megatron.training.batch import samples_of_rank, split_for_rank
 
 LAYERS, TOPK, EXPERTS = 4, 2, 8
 # rank -> (samples it scores, MoE layers of its stage): ranks 0/1 = stage 0 (layers 0-1), rank 2 = stage 1

@@ -9,7 +9,7 @@ from grpo_megatron.rollout.rewards import (
 
 
 def test_unknown_reward_lists_known_ones():
-    with pytest.raises(KeyError, match="known rewards: .*exact_match.*math_answer"):
+    with pytest.raises(ValueError, match="known: .*exact_match.*math_answer"):
         get_reward_fn("accuracy")
 
 

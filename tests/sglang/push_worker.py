@@ -13,6 +13,7 @@ import torch
 from grpo_megatron.config import load_config
 from grpo_megatron.models import build_loaded_policy
 from grpo_megatron.parallel import add_layout_arguments, init_distributed, layout_from_args
+from grpo_megatron.process_setup import prepare_process
 from grpo_megatron.training.engine_factory import make_engine
 from grpo_megatron.training.weight_push import WeightPush
 
@@ -30,6 +31,7 @@ def main() -> None:
             for param in chunk.parameters():
                 param.mul_(2)
     cfg = load_config(None, json.loads(args.config_json))
+    prepare_process(cfg)
     engine = make_engine(cfg, torch.float32) if rank == 0 else None
     push = WeightPush(cfg, engine)
     push.run(model, version=5)

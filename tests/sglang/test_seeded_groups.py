@@ -20,7 +20,7 @@ from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.embedded import EmbeddedEngine
 from grpo_megatron.rollout.seeds import sample_seeds
 from grpo_megatron.rollout.sglang import SGLangEngine, ServerPool, TensorSync
-from grpo_megatron.training.batch import Sample
+from grpo_megatron.samples import Sample
 from grpo_megatron.training.group_diversity import identical_group_fraction, warn_if_identical
 from tests.sglang.seeded_sampler import murmur_hash32, seeded_sample
 

@@ -147,9 +147,11 @@ def test_config_of_written_checkpoint_is_copied(tiny_hf_dir, tmp_path, mock):
 def test_tensor_sync_leaves_no_process_holding_the_trainers_output(mock, tiny_hf_dir):
     """torch's shm daemon outlives the trainer while the server maps its tensors; it must not keep our stdout."""
     script = textwrap.dedent(f"""
+        from grpo_megatron.process_setup import share_cpu_tensors_by_name
         from grpo_megatron.rollout.sglang import ServerPool, TensorSync
         from tests.sglang.test_weight_sync import new_weights
         from pathlib import Path
+        share_cpu_tensors_by_name()  # what the entry point does for weight_sync: tensor
         sync = TensorSync(ServerPool([{mock[0]!r}]), bucket_mb=1, tp_size=1)
         print("pushed", sync.push(new_weights(Path({str(tiny_hf_dir("qwen3_moe"))!r}), seed=3), 1), flush=True)
     """)

@@ -9,7 +9,8 @@ from grpo_megatron.models.tiny import tiny_hf_config
 from grpo_megatron.parallel import ParallelLayout, init_model_parallel
 from grpo_megatron.platform import setup_platform
 from grpo_megatron.training.actor import Actor
-from grpo_megatron.training.batch import Sample, make_micro_batches
+from grpo_megatron.samples import Sample
+from grpo_megatron.training.batch import make_micro_batches
 
 
 def make_actor(lr: float) -> Actor:

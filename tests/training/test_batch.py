@@ -1,7 +1,8 @@
 """Micro-batch construction: row-count and token-budget micro-batches."""
 import pytest
 
-from grpo_megatron.training.batch import Sample, make_micro_batches, split_for_rank, token_budget_count
+from grpo_megatron.samples import Sample
+from grpo_megatron.training.batch import make_micro_batches, split_for_rank, token_budget_count
 
 LENGTHS = [3, 9, 4, 12, 5, 5, 20, 7, 6, 3]
 

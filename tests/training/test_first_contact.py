@@ -102,7 +102,7 @@ def test_consecutive_all_failed_steps_stop_the_run():
 
 def test_rollout_reports_the_error_fraction():
     """The rollout side on stand-ins for the engine and data: reward/error_frac and the stop reach the step."""
-    from grpo_megatron.training.batch import Sample
+    from grpo_megatron.samples import Sample
     from grpo_megatron.training.rollout_worker import RolloutWorker
 
     texts = iter([["x", "1", "x", "1"], ["x"] * 4, ["x"] * 4])

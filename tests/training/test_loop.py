@@ -1,5 +1,6 @@
 """One full RL step per loss variant on a tiny MoE model: finite metrics, weights changed."""
 import math
+import signal
 
 import pytest
 import torch
@@ -40,7 +41,10 @@ def test_one_step_per_loss_variant(loss, clip, make_config, dist_world1):
 
 
 def test_engine_receives_the_updated_weights(make_config, dist_world1):
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     trainer = Trainer(make_config(train={"steps": 2}, reward=VARIED))
+    # process-wide state is the entry point's (process_setup), never a constructor's
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     first = trainer.train_step()
     second = trainer.train_step()
     trainer.close()

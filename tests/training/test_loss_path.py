@@ -16,7 +16,8 @@ from grpo_megatron.config import AlgorithmConfig, RolloutConfig, RunConfig, Trai
 from grpo_megatron.training import actor as actor_module
 from grpo_megatron.training import loop
 from grpo_megatron.training.actor import Actor
-from grpo_megatron.training.batch import Sample, make_micro_batch
+from grpo_megatron.samples import Sample
+from grpo_megatron.training.batch import make_micro_batch
 from grpo_megatron.training.loop import Trainer
 from grpo_megatron.training.metrics import PhaseTimer
 from grpo_megatron.training.mismatch import rollout_correction_metrics, train_rollout_mismatch

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from grpo_megatron.config import RolloutCorrectionConfig
-from grpo_megatron.training.batch import Sample, make_micro_batch
+from grpo_megatron.samples import Sample
+from grpo_megatron.training.batch import make_micro_batch
 from grpo_megatron.training.loop import Trainer
 from grpo_megatron.training.metrics import PhaseTimer
 from tests.algorithms import reference

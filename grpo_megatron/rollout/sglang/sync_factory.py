@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
-from grpo_megatron.config import ConfigError, SGLangConfig
+from grpo_megatron.errors import ConfigError
 from grpo_megatron.parallel import free_port
 from grpo_megatron.rollout.sglang.probe import ProbeCheck
 from grpo_megatron.rollout.sglang.transport import RetryPolicy, ServerPool
 from grpo_megatron.rollout.sglang.weight_sync import DiskSync, DistributedSync, TensorSync, WeightSync
+
+if TYPE_CHECKING:  # the config schema sits above rollout/: a type only, never imported at run time
+    from grpo_megatron.config import SGLangConfig
 
 logger = logging.getLogger(__name__)
 

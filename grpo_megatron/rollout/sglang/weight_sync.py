@@ -33,7 +33,6 @@ import logging
 import os
 import shutil
 import socket
-import sys
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -47,6 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from grpo_megatron.models.weight_stream import Alloc, Bucket, pack, plain_alloc
+from grpo_megatron.ranks import is_rank0, multi_rank, world_size
 from grpo_megatron.rollout.sglang.errors import ServerRequestError
 from grpo_megatron.rollout.sglang.transport import ServerPool
 from grpo_megatron.rollout.sglang.update_group import join_update_group
@@ -172,12 +172,12 @@ class WeightSync(ABC):
 
     def push_buckets(self, buckets: Iterable[Bucket], version: int) -> int:
         """The session envelope around the transfer; called on rank 0 (on every rank when `to_every_rank`)."""
-        leading = not dist.is_initialized() or dist.get_rank() == 0
+        leading = is_rank0()
         if leading:
             for url in self.pool.urls:
                 self._begin(url)
         moved = self.transfer(buckets, str(version))
-        if self.to_every_rank and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.to_every_rank and multi_rank():
             from grpo_megatron.parallel import control_group
 
             dist.barrier(group=control_group())  # every rank's requests done before the session ends
@@ -237,7 +237,7 @@ class TensorSync(WeightSync):
     def __init__(self, pool: ServerPool, bucket_mb: float, tp_size: int, colocated: bool = False):
         super().__init__(pool, bucket_mb, _shared_alloc)
         self.tp_size = tp_size
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = world_size()
         self.to_every_rank = colocated and world > 1
         if self.to_every_rank:
             self.alloc = _shared_alloc  # each rank's pickle outlives its turn (see _transfer_colocated)
@@ -252,10 +252,9 @@ class TensorSync(WeightSync):
                                  f"is not on this host: set rollout.sglang.colocated=true with one server per "
                                  f"server_tp_size trainer ranks, or use weight_sync: distributed or disk")
         self._groups: dict[int, object] = {}
-        # CPU tensors pickled with the default fd strategy need a live connection to the sender;
-        # the file_system strategy lets the server map them by name (see cpu-platform-facts.md).
-        mp.set_sharing_strategy("file_system")
-        _start_shm_manager_detached()
+        if mp.get_sharing_strategy() != "file_system" and not torch.cuda.is_available():
+            raise RuntimeError("weight_sync tensor shares CPU tensors by name: call "
+                               "grpo_megatron.process_setup.share_cpu_tensors_by_name() at start-up")
 
     def transfer(self, buckets: Iterable[Bucket], version: str) -> int:
         if self.to_every_rank:
@@ -508,28 +507,6 @@ def write_safetensors(bucket: Bucket, path: Path) -> None:
 def _bucket_fields(last: bool, version: str) -> dict:
     """Request fields of a bucket: the last one sets the weight version and flushes the server's cache."""
     return {"weight_version": version, "flush_cache": True} if last else {"flush_cache": False}
-
-
-def _start_shm_manager_detached() -> None:
-    """Start torch's shared-memory daemon (torch_shm_manager) with its stdout/stderr on /dev/null.
-
-    The file_system strategy spawns that daemon at the first share, and it inherits the trainer's stdio. It lives
-    as long as a server still maps shared tensors, i.e. past the trainer's exit, so a caller reading the trainer's
-    output through a pipe (CI, `subprocess.run(capture_output=True)`, `| tee`) would wait for the server to stop.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in (1, 2):
-            os.dup2(devnull, fd)
-        torch.empty(1).share_memory_()  # the first share starts the daemon (a no-op once it runs)
-    finally:
-        for fd, old in zip((1, 2), saved):
-            os.dup2(old, fd)
-            os.close(old)
-        os.close(devnull)
 
 
 def _pickle(views: list[tuple[str, torch.Tensor]]) -> str:

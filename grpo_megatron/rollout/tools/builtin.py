@@ -12,7 +12,7 @@ import functools
 import math
 import operator
 
-from grpo_megatron.rollout.tools.registry import Tool, make_tool
+from grpo_megatron.rollout.tools.tool import Tool, make_tool
 from grpo_megatron.rollout.tools.sandbox import run_python
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,

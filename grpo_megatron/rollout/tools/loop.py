@@ -34,7 +34,7 @@ import torch
 from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
 from grpo_megatron.rollout.tools.formats import ToolCall, ToolFormat
 from grpo_megatron.rollout.tools.registry import ToolRunner, resolve_tools
-from grpo_megatron.training.batch import Sample
+from grpo_megatron.samples import Sample
 
 logger = logging.getLogger(__name__)
 

@@ -11,21 +11,17 @@ user tool keeps its daemon thread until it returns; the python tool's child proc
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from grpo_megatron.registry import Registry, UnknownNameError, import_object, is_import_path
+from grpo_megatron.rollout.tools.builtin import builtin_tools
 from grpo_megatron.rollout.tools.formats import ToolCall
+from grpo_megatron.rollout.tools.tool import Tool, make_tool
 
-
-@dataclass
-class Tool:
-    name: str
-    fn: Callable[..., str]
-    main_arg: str  # the parameter a single-string (words format) call fills
+__all__ = ["Tool", "ToolResult", "ToolRunner", "make_tool", "register_tool", "resolve_tools"]
 
 
 @dataclass
@@ -34,49 +30,38 @@ class ToolResult:
     error: str | None = None
 
 
-_REGISTRY: dict[str, Tool] = {}
-
-
-def make_tool(name: str, fn: Callable[..., str]) -> Tool:
-    params = [p.name for p in inspect.signature(fn).parameters.values()
-              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if not params:
-        raise ValueError(f"tool {name!r} takes no named parameter; a tool is fn(**arguments) -> str")
-    return Tool(name, fn, params[0])
+TOOLS: Registry = Registry("tool")
+"""Users' tools added with @register_tool; the built-ins are made per run (their limits come from the config)."""
 
 
 def register_tool(name: str) -> Callable[[Callable[..., str]], Callable[..., str]]:
     """Decorator adding `fn(**arguments) -> str` to the tools `rollout.tools.names` can list."""
     def add(fn: Callable[..., str]) -> Callable[..., str]:
-        if name in _REGISTRY:
+        if name in TOOLS:
             raise ValueError(f"tool {name!r} is already registered; pick another name")
-        _REGISTRY[name] = make_tool(name, fn)
+        TOOLS.add(name, make_tool(name, fn))
         return fn
     return add
 
 
 def resolve_tools(names: list[str], timeout_s: float, memory_mb: int) -> dict[str, Tool]:
     """Name -> Tool for `rollout.tools.names`: built-ins, registered tools, or "package.module:function"."""
-    from grpo_megatron.rollout.tools.builtin import builtin_tools
-
     builtins = builtin_tools(timeout_s, memory_mb)
     tools = {}
     for spec in names:
         if spec in builtins:
             tool = builtins[spec]
-        elif spec in _REGISTRY:
-            tool = _REGISTRY[spec]
-        elif ":" in spec:
-            module_name, _, attr = spec.partition(":")
+        elif spec in TOOLS:
+            tool = TOOLS.get(spec)
+        elif is_import_path(spec):
             try:
-                tool = make_tool(attr, getattr(importlib.import_module(module_name), attr))
-            except (ImportError, AttributeError) as exc:
-                raise ValueError(f"rollout.tools.names: {spec!r} cannot be imported ({exc}); give "
-                                 "'package.module:function' importable from the run's environment") from exc
+                tool = make_tool(spec.partition(":")[2], import_object(spec, "tool"))
+            except UnknownNameError as err:
+                raise UnknownNameError(f"rollout.tools.names: {err}") from None
         else:
-            known = sorted(set(builtins) | set(_REGISTRY))
-            raise ValueError(f"rollout.tools.names: unknown tool {spec!r}; known: {', '.join(known)}, or give "
-                             "'package.module:function'")
+            known = sorted(set(builtins) | set(TOOLS.names()))
+            raise UnknownNameError(f"rollout.tools.names: unknown tool {spec!r}; known: {', '.join(known)}, or give "
+                                   "'package.module:function'")
         tools[tool.name] = tool
     return tools
 

@@ -1,0 +1,76 @@
+"""The data that crosses layers: a rollout `Sample` and a padded `MicroBatch` of them.
+
+Lowest layer, so that rollout functions, routing replay and the trainer share one definition without
+importing each other (the padding and splitting logic is training/batch.py's).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One prompt + response with everything the loss needs; per-token lists cover the response only."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    group: int  # index of the prompt in the step's batch (samples of a group share it)
+    reward: float = 0.0
+    truncated: bool = False
+    engine_logprobs: list[float] | None = None
+    routed_experts: torch.Tensor | None = None  # [len(prompt)+len(response)-1, layers, topk] from the engine
+    loss_mask: list[int] | None = None  # per response token: 1 sampled (trained), 0 inserted (tool output); None: all 1
+    answer: str | None = None
+    meta: dict = field(default_factory=dict)
+    weight_versions: list[int] | None = None  # [R] the weight version each response token was sampled under
+    prompt_index: int = -1  # the prompt's index in the training set
+    draw: int = -1  # serial number of the prompt's draw from the loader (PromptLoader.drawn)
+    # filled by the trainer
+    advantage: float = 0.0
+    old_logprobs: torch.Tensor | None = None  # [R]
+    ref_logprobs: torch.Tensor | None = None  # [R]
+    rollout_weights: torch.Tensor | None = None  # [R] mismatch-correction weights, 0 = dropped from the loss
+    loss_selection: torch.Tensor | None = None  # [R] 1 where a covariance loss (clip_cov, kl_cov) singles out the token
+    teacher_logprobs: torch.Tensor | None = None  # [R] OPD teacher's log-probs of the response tokens
+    teacher_topk_logprobs: torch.Tensor | None = None  # [R, k] OPD top-k: the teacher's k most likely tokens' ...
+    teacher_topk_ids: torch.Tensor | None = None  # [R, k] ... and their ids
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass
+class MicroBatch:
+    indices: list[int]  # which samples of the batch, in row order
+    tokens: torch.Tensor  # [b, s]
+    positions: torch.Tensor  # [b, s]
+    targets: torch.Tensor  # [b, s]: token t+1 at position t
+    response_mask: torch.Tensor  # [b, s]
+    advantages: torch.Tensor  # [b]
+    old_logprobs: torch.Tensor | None = None  # [b, s]
+    ref_logprobs: torch.Tensor | None = None  # [b, s]
+    engine_logprobs: torch.Tensor | None = None  # [b, s]
+    rollout_weights: torch.Tensor | None = None  # [b, s]
+    loss_selection: torch.Tensor | None = None  # [b, s]
+    loss_mask: torch.Tensor | None = None  # [b, s]: 0 at inserted (tool) tokens; None when every sample is all 1
+    teacher_logprobs: torch.Tensor | None = None  # [b, s] (OPD)
+    teacher_topk_logprobs: torch.Tensor | None = None  # [b, s, k] (OPD top-k)
+    teacher_topk_ids: torch.Tensor | None = None  # [b, s, k]
+    # (mb, logits, temperature, tp_group) -> mb with more values read off the logits in `extra` (OPD's top-k)
+    on_logits: Callable | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    def to(self, device: torch.device) -> MicroBatch:
+        """The same micro-batch with every tensor on `device` (built on the CPU; the model's weights are on
+        the platform's device, and megatron's embedding does not move its input)."""
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
