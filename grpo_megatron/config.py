@@ -8,6 +8,7 @@ MEGATRON_FLAGS). The resolved config is written to the run directory as `config.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -338,9 +339,35 @@ class RunConfig:
             raise ConfigError(str(err)) from None
 
     def _validate_opd(self) -> None:
-        from grpo_megatron.training.opd import check_opd_config
+        """One-line errors for algorithm.opd (on-policy distillation), each naming the key to change."""
+        from grpo_megatron.algorithms.opd import OPD_MODES
 
-        check_opd_config(self)
+        cfg = self
+        opd, key = cfg.algorithm.opd, "algorithm.opd"
+        if opd.teacher not in ("none", "megatron", "sglang"):
+            raise ConfigError(f"{key}.teacher={opd.teacher!r}: use none, megatron or sglang")
+        if opd.teacher == "none":
+            return
+        if opd.mode not in OPD_MODES:
+            raise ConfigError(f"{key}.mode={opd.mode!r}: use distill (the teacher's signal alone) or rl (added to the "
+                              "group advantage)")
+        if not (math.isfinite(opd.coef) and opd.coef > 0):
+            raise ConfigError(f"{key}.coef={opd.coef}: must be a finite number > 0 (e.g. 1.0)")
+        if opd.top_k < 0:
+            raise ConfigError(f"{key}.top_k={opd.top_k}: must be 0 (sampled-token signal) or the teacher's top-k size")
+        if opd.top_k == 0 and cfg.algorithm.loss == "gspo":
+            raise ConfigError(f"{key} gives per-token advantages, which algorithm.loss gspo (one ratio per sequence) "
+                              "cannot take: use grpo or gspo_token, or set {key}.top_k > 0")
+        if opd.teacher == "megatron" and not opd.hf_path:
+            raise ConfigError(f"{key}.teacher=megatron needs {key}.hf_path (the teacher's HF checkpoint directory; "
+                              f"weights from {key}.megatron_path if set)")
+        if opd.teacher == "sglang":
+            if not opd.sglang_urls:
+                raise ConfigError(f"{key}.teacher=sglang needs {key}.sglang_urls (e.g. [http://127.0.0.1:30001])")
+            if cfg.rollout.temperature != 1.0:
+                raise ConfigError(f"{key}.teacher=sglang scores at temperature 1 (SGLang 0.5.23 ignores the temperature "
+                                  f"for input log-probs), but rollout.temperature={cfg.rollout.temperature}: set it to 1.0 "
+                                  f"or use {key}.teacher megatron")
 
     def _validate_rollout_mode(self) -> None:
         r = self.rollout

@@ -74,3 +74,10 @@ class MicroBatch:
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
                  if isinstance(getattr(self, f.name), torch.Tensor)}
         return replace(self, **moved)
+
+
+def route_storage_dtype(num_experts: int) -> torch.dtype:
+    """The smallest dtype for expert ids: a byte per id up to 256 experts (routes of a long step are GBs)."""
+    if num_experts <= 256:
+        return torch.uint8
+    return torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32

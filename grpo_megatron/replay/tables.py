@@ -16,13 +16,7 @@ import torch.distributed as dist
 
 from grpo_megatron.replay.routers import RoutingReplayError, Routes
 from grpo_megatron.samples import MicroBatch, Sample
-
-
-def storage_dtype(num_experts: int) -> torch.dtype:
-    """The smallest dtype for expert ids: a byte per id up to 256 experts (routes of a long step are GBs)."""
-    if num_experts <= 256:
-        return torch.uint8
-    return torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
+from grpo_megatron.samples import route_storage_dtype as storage_dtype
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 
 from grpo_megatron.rollout.base import Completion, SamplingParams
 from grpo_megatron.rollout.sglang.errors import MalformedResponseError
+from grpo_megatron.samples import route_storage_dtype
 
 ABORTED = "abort"
 
@@ -81,8 +82,6 @@ def decode_routed_experts(encoded: Any, rows: int, shape: tuple[int, int], url: 
     """base64 int32 -> [rows, layers, topk] in the smallest integer dtype that holds its expert ids (uint8 up to 256
     experts: a 32K-token response of a 48-layer top-8 model is 12.6 MB instead of 50 MB of int32); a wrong size is
     an error, never a silent reshape. Negative ids stay int32, for the replay's range check to report."""
-    from grpo_megatron.replay.tables import storage_dtype
-
     if not isinstance(encoded, str):
         raise MalformedResponseError(f"{url}/generate: meta_info.routed_experts missing; start the server with "
                                      f"--enable-return-routed-experts")
@@ -97,7 +96,7 @@ def decode_routed_experts(encoded: Any, rows: int, shape: tuple[int, int], url: 
             f"x top-{topk} = {rows * layers * topk} (len(prompt) + len(response) - 1 - routed_experts_start_len "
             f"positions)")
     compact = flat.size and int(flat.min()) >= 0
-    dtype = storage_dtype(int(flat.max()) + 1) if compact else torch.int32
+    dtype = route_storage_dtype(int(flat.max()) + 1) if compact else torch.int32
     return torch.from_numpy(flat.astype(_NUMPY[dtype])).view(rows, layers, topk)
 
 
