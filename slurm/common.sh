@@ -298,7 +298,9 @@ grpo_slurm_main() {
     TRAIN_NODES=("${all_nodes[@]:0:train_n}")
     ROLLOUT_NODE_LIST=("${all_nodes[@]:train_n}")
     local world=$((train_n * NPROC_PER_NODE))
-    _grpo_runtime_env "$device" "$train_n"
+    local node addrs=()
+    for node in "${TRAIN_NODES[@]}"; do addrs+=("$(_grpo_node_addr "$node")"); done
+    _grpo_runtime_env "$device" "${addrs[@]}"
 
     # Overrides, in increasing precedence: env paths, TRAIN_ARGS, the script's own arguments.
     local overrides=()

@@ -12,11 +12,14 @@ _grpo_sglang_python() {
 }
 
 # GPU runtime environment: one CUDA hardware queue for megatron's communication ordering, and, for a gloo
-# group across nodes, an interface that is not loopback. Args: device trainer_nodes.
+# group across hosts, an interface that is not loopback. Args: device, then the trainer nodes' addresses
+# (nodes simulated on one host share one address, where loopback is right).
 _grpo_runtime_env() {
-    local device=$1 nodes=$2
+    local device=$1 hosts
+    shift
     [[ "$device" == gpu ]] && export CUDA_DEVICE_MAX_CONNECTIONS=1
-    if (( nodes > 1 )) && [[ -z "${GLOO_SOCKET_IFNAME:-}" ]]; then
+    hosts=$(printf '%s\n' "$@" | sort -u | wc -l)
+    if (( hosts > 1 )) && [[ -z "${GLOO_SOCKET_IFNAME:-}" ]]; then
         local host addr
         host=$(hostname)
         addr=$(getent hosts "$host" | awk '{print $1; exit}')

@@ -48,6 +48,7 @@ def test_disk_updates_have_their_own_bound(mock, tiny_hf_dir, tmp_path):
     short = DiskSync(ServerPool(mock[:1], timeout_s=0.5, retry=FAST), 64, model_dir, tmp_path / "a")
     with pytest.raises(ServerTimeoutError):
         short.push_buckets(pack(weights, short.bucket_bytes), 1)
+    httpx.post(mock[0] + "/end_weight_update", json={}, timeout=30)  # the session the timed-out push left open
     inject(mock[0], "/update_weights_from_disk", "hang", seconds=1.5)
     own = DiskSync(ServerPool(mock[:1], timeout_s=0.5, retry=FAST), 64, model_dir, tmp_path / "b", load_timeout_s=30)
     own.push_buckets(pack(weights, own.bucket_bytes), 2)

@@ -49,7 +49,7 @@ def generate_while_pushing(engine: SGLangEngine, url: str, prompts, params, push
     thread = threading.Thread(target=lambda: box.append(engine.generate(prompts, params, return_routed_experts=True)))
     thread.start()
     deadline = time.monotonic() + 30
-    while running_requests(url) == 0:
+    while running_requests(url) < len(prompts) * params.n:  # one request per sample, all started
         assert time.monotonic() < deadline, "the generation never started"
         time.sleep(0.02)
     for weights, version in pushes:

@@ -54,18 +54,24 @@ ROUTED_HOST = 'hostname() { echo node1; }; getent() { echo "10.0.0.5        node
 
 def test_gpu_jobs_get_one_cuda_connection_and_cpu_jobs_are_left_alone():
     show = '; echo "max=${CUDA_DEVICE_MAX_CONNECTIONS:-unset}"'
-    assert "max=1" in _bash(ROUTED_HOST + "_grpo_runtime_env gpu 1" + show).stdout
-    assert "max=unset" in _bash(ROUTED_HOST + "_grpo_runtime_env cpu 1" + show).stdout
+    assert "max=1" in _bash(ROUTED_HOST + "_grpo_runtime_env gpu 10.0.0.5" + show).stdout
+    assert "max=unset" in _bash(ROUTED_HOST + "_grpo_runtime_env cpu 10.0.0.5" + show).stdout
+
+
+TWO_HOSTS = "10.0.0.5 10.0.0.6"
 
 
 def test_a_hostname_on_loopback_stops_a_multi_node_job_naming_gloo_socket_ifname():
-    out = _bash(LOOPBACK_HOST + "_grpo_runtime_env gpu 2; echo started")
+    out = _bash(LOOPBACK_HOST + f"_grpo_runtime_env gpu {TWO_HOSTS}; echo started")
     assert out.returncode == 2 and "started" not in out.stdout
     errors = out.stderr.strip().splitlines()
     assert len(errors) == 1 and "GLOO_SOCKET_IFNAME" in errors[0] and "127.0.1.1" in errors[0]
-    assert "started" in _bash(LOOPBACK_HOST + "_grpo_runtime_env gpu 2; echo started", GLOO_SOCKET_IFNAME="eth0").stdout
-    assert "started" in _bash(LOOPBACK_HOST + "_grpo_runtime_env gpu 1; echo started").stdout  # one node: no gloo
-    assert "started" in _bash(ROUTED_HOST + "_grpo_runtime_env gpu 2; echo started").stdout
+    assert "started" in _bash(LOOPBACK_HOST + f"_grpo_runtime_env gpu {TWO_HOSTS}; echo started",
+                              GLOO_SOCKET_IFNAME="eth0").stdout
+    assert "started" in _bash(LOOPBACK_HOST + "_grpo_runtime_env gpu 10.0.0.5; echo started").stdout  # one node
+    # nodes simulated on one host (tests/slurm/cluster.py): loopback is where the other ranks are
+    assert "started" in _bash(LOOPBACK_HOST + "_grpo_runtime_env cpu 127.0.0.1 127.0.0.1; echo started").stdout
+    assert "started" in _bash(ROUTED_HOST + f"_grpo_runtime_env gpu {TWO_HOSTS}; echo started").stdout
 
 
 def test_sglang_in_the_trainer_environment_on_gpu_is_warned_about(tmp_path):
