@@ -158,3 +158,9 @@ def test_one_token_batch_selects_its_token(variant):
     _, _, metrics = loss_grad_metrics(logp, logp - 0.1, torch.tensor([1.0], dtype=torch.float64), variant,
                                       mask=torch.tensor([[1.0, 0.0]]), params=params)
     assert metrics["cov_selected_frac"].item() == 1.0
+
+
+def test_loss_params_defaults_are_the_papers():
+    """SAPO tau_pos 1.0 / tau_neg 1.05; Clip-Cov r 2e-4 in (1, 5); KL-Cov k 2e-4, beta 1."""
+    assert LossParams() == LossParams(sapo_tau_pos=1.0, sapo_tau_neg=1.05, clip_cov_ratio=2e-4, clip_cov_lb=1.0,
+                                      clip_cov_ub=5.0, kl_cov_ratio=2e-4, kl_cov_coef=1.0)
