@@ -105,7 +105,7 @@ def test_all_masked_batch_gives_zero_loss_gradient_and_metrics(variant):
 
 
 def test_loss_params_accept_their_boundary_values():
-    LossParams(clip_cov_ratio=1.0, kl_cov_ratio=1.0, kl_cov_coef=0.0).check()
+    LossParams(sapo_tau_pos=0.5, sapo_tau_neg=0.5, clip_cov_ratio=1.0, kl_cov_ratio=1.0, kl_cov_coef=0.0).check()
     with pytest.raises(ValueError, match="sapo_tau_pos and sapo_tau_neg must be > 0"):
         LossParams(sapo_tau_pos=0.0).check()
 
