@@ -105,7 +105,7 @@ def test_all_masked_batch_gives_zero_loss_gradient_and_metrics(variant):
 
 
 def test_loss_params_accept_their_boundary_values():
-    LossParams(clip_cov_ratio=1.0, kl_cov_ratio=1.0, kl_cov_coef=0.0).check()
+    LossParams(sapo_tau_pos=0.5, sapo_tau_neg=0.5, clip_cov_ratio=1.0, kl_cov_ratio=1.0, kl_cov_coef=0.0).check()
     with pytest.raises(ValueError, match="sapo_tau_pos and sapo_tau_neg must be > 0"):
         LossParams(sapo_tau_pos=0.0).check()
 
@@ -158,3 +158,16 @@ def test_one_token_batch_selects_its_token(variant):
     _, _, metrics = loss_grad_metrics(logp, logp - 0.1, torch.tensor([1.0], dtype=torch.float64), variant,
                                       mask=torch.tensor([[1.0, 0.0]]), params=params)
     assert metrics["cov_selected_frac"].item() == 1.0
+
+
+def test_loss_params_defaults_are_the_papers():
+    """SAPO tau_pos 1.0 / tau_neg 1.05; Clip-Cov r 2e-4 in (1, 5); KL-Cov k 2e-4, beta 1."""
+    assert LossParams() == LossParams(sapo_tau_pos=1.0, sapo_tau_neg=1.05, clip_cov_ratio=2e-4, clip_cov_lb=1.0,
+                                      clip_cov_ub=5.0, kl_cov_ratio=2e-4, kl_cov_coef=1.0)
+
+
+def test_covariance_of_a_lone_token_is_zero():
+    """Centred on its own mean, one token's covariance is 0 whatever its log-prob and advantage."""
+    from grpo_megatron.algorithms import covariance_scores
+    scores = covariance_scores(torch.tensor([[-0.5, 3.0]]), torch.tensor([2.0]), torch.tensor([[1.0, 0.0]]))
+    assert scores[0, 0].item() == 0.0
