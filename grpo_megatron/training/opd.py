@@ -165,6 +165,5 @@ def distillation_advantages(opd: OPDConfig, mb: MicroBatch, old_logprobs: torch.
 def topk_distillation_loss(opd: OPDConfig, mb: MicroBatch, aggregate) -> tuple[torch.Tensor, dict]:
     """coef * the tail-aware top-k reverse KL, aggregated like the policy loss (`aggregate`: its mask, loss_agg and
     normaliser), and opd/topk_kl: its mean over the loss's tokens."""
-    per_token = topk_reverse_kl(mb.extra["student_topk_logprobs"], mb.teacher_topk_logprobs)
-    per_token = per_token.masked_fill(~mb.response_mask.bool(), 0.0)
+    per_token = topk_reverse_kl(mb.extra["student_topk_logprobs"], mb.teacher_topk_logprobs)  # finite on padding
     return opd.coef * aggregate(per_token), {"opd/topk_kl": _masked_mean(per_token, mb.response_mask.bool()).detach()}

@@ -120,3 +120,26 @@ def test_topk_reverse_kl_is_zero_for_equal_distributions_and_finite_when_topk_ho
     full, all_ids = vocab_topk(logits, 4)  # tail mass 0: the floor keeps it finite
     value = topk_reverse_kl(vocab_logprobs_at(logits + 0.1 * torch.arange(4.0), all_ids), full)
     assert torch.isfinite(value).all()
+
+
+def test_vocab_parallel_branch_on_a_one_rank_group_equals_the_plain_one(dist_world1):
+    """The process-group code path without a process launch (TP=2 itself: test_opd_tp.py, slow)."""
+    import torch.distributed as dist
+
+    gen = torch.Generator().manual_seed(3)
+    logits = 3 * torch.randn(2, 3, 11, generator=gen, dtype=torch.float64)
+    logits[0, 0, 10] = 9.0  # the last id among the top-k
+    for temperature in (1.0, 0.6):
+        want_lp, want_ids = vocab_topk(logits, 4, temperature)
+        got_lp, got_ids = vocab_topk(logits, 4, temperature, dist.group.WORLD)
+        torch.testing.assert_close(got_lp, want_lp)
+        assert torch.equal(got_ids, want_ids) and int(want_ids[0, 0, 0]) == 10
+        local = logits.clone().requires_grad_()
+        whole = logits.clone().requires_grad_()
+        weights = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+        got = topk_reverse_kl(vocab_logprobs_at(local, want_ids, temperature, dist.group.WORLD), want_lp)
+        want = topk_reverse_kl(vocab_logprobs_at(whole, want_ids, temperature), want_lp)
+        torch.testing.assert_close(got, want)
+        (weights * got).sum().backward()
+        (weights * want).sum().backward()
+        torch.testing.assert_close(local.grad, whole.grad)

@@ -11,7 +11,9 @@ import torch
 from grpo_megatron.algorithms.opd import vocab_logprobs_at
 from grpo_megatron.config import OPDConfig
 from grpo_megatron.rollout.sglang.teacher import TeacherScores
+from grpo_megatron.training.batch import make_micro_batch
 from grpo_megatron.training.metrics import PhaseTimer
+from grpo_megatron.training.opd import prepare_training_micro_batches
 from tests.algorithms import reference
 from tests.training.test_loss_path import (
     CASES, G, MAX_NEW_TOKENS, FakeActor, current_logprobs, make_samples, make_trainer, recomputed_old)
@@ -198,3 +200,10 @@ def test_student_topk_hook_reads_the_logits_at_the_teachers_ids():
     ids = torch.randint(0, VOCAB, (2, 5, TOP_K))
     want = torch.log_softmax(logits / 0.8, -1).gather(-1, ids)
     torch.testing.assert_close(vocab_logprobs_at(logits, ids, 0.8), want)
+
+
+@pytest.mark.parametrize("teacher, top_k, hooked", [("sglang", 3, True), ("sglang", 0, False), ("none", 3, False)])
+def test_only_the_top_k_mode_reads_the_students_logits_at_the_teachers_ids(teacher, top_k, hooked):
+    mb = make_micro_batch(make_samples(), [0, 1], pad_id=0)
+    prepare_training_micro_batches(OPDConfig(teacher=teacher, top_k=top_k), [mb])
+    assert (mb.on_logits is not None) == hooked
