@@ -15,6 +15,8 @@ no values, so:
 """
 from __future__ import annotations
 
+import inspect
+
 import math
 
 import numpy as np
@@ -64,25 +66,30 @@ def _static_masked_select(values: torch.Tensor, mask: torch.Tensor, count: int) 
     return values.reshape(-1).narrow(0, 0, count).clone()
 
 
-def _balanced_permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, drop_and_pad=False):
-    """`moe_utils.permute` with the dropless branch's sizes from `num_out_tokens` (tokens x topk)."""
+def _balanced_permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, drop_and_pad=False,
+                      **newer):
+    """`moe_utils.permute` with the dropless branch's sizes from `num_out_tokens` (tokens x topk). megatron-core
+    0.19 added `tokens_per_expert`/`align_size` (`newer`) and returns (…, pad_offsets, tokens_per_expert)."""
     if drop_and_pad or fused or num_out_tokens is None:
-        return _ORIGINAL["permute"](tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad)
+        return _ORIGINAL["permute"](tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad, **newer)
     num_tokens = tokens.size(0)
     token_indices = torch.arange(num_tokens, device=routing_map.device).unsqueeze(0).expand(routing_map.size(1), -1)
     sorted_indices = _static_masked_select(token_indices, routing_map, num_out_tokens)
     permuted_probs = None
     if probs is not None:
         permuted_probs = _static_masked_select(probs.T.contiguous(), routing_map, num_out_tokens)
-    return tokens.index_select(0, sorted_indices), permuted_probs, sorted_indices
+    permuted = (tokens.index_select(0, sorted_indices), permuted_probs, sorted_indices)
+    if "tokens_per_expert" in inspect.signature(_ORIGINAL["permute"]).parameters:  # megatron-core >= 0.19
+        return (*permuted, None, newer.get("tokens_per_expert"))
+    return permuted
 
 
 def _balanced_unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None, routing_map=None, fused=False,
-                        drop_and_pad=False):
+                        drop_and_pad=False, **newer):
     """`moe_utils.unpermute` with the dropless branch's probability gather at static size."""
     if probs is None or drop_and_pad or fused:
         return _ORIGINAL["unpermute"](permuted_tokens, sorted_indices, restore_shape, probs, routing_map, fused,
-                                      drop_and_pad)
+                                      drop_and_pad, **newer)
     permuted_probs = _static_masked_select(probs.T.contiguous(), routing_map, sorted_indices.size(0))
     weighted = permuted_tokens * permuted_probs.unsqueeze(-1)
     return _ORIGINAL["unpermute"](weighted, sorted_indices, restore_shape, None, None, False, False)
