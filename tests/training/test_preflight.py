@@ -50,7 +50,7 @@ def run_cli(task_files, tmp_path, monkeypatch, capsys):
 SGLANG = ["--rollout.engine", "sglang", "--rollout.sglang.urls", "[http://127.0.0.1:1]"]
 
 CASES = {
-    "loss name": (["--algorithm.loss", "gspo_tokn"], "algorithm.loss='gspo_tokn': unknown policy loss"),
+    "loss name": (["--algorithm.loss", "gspo_tokn"], "algorithm.loss='gspo_tokn': use cispo, clip_cov"),
     "advantage estimator": (["--algorithm.advantage", "grpoo"], "algorithm.advantage='grpoo'"),
     "KL estimator": (["--algorithm.kl_estimator", "k9"], "algorithm.kl_estimator='k9'"),
     "loss aggregation": (["--algorithm.loss_agg", "mean"], "algorithm.loss_agg='mean'"),
