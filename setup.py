@@ -28,6 +28,7 @@ setup(
         "pyyaml",
         "tqdm",
         "psutil",
+        "packaging",  # the megatron-core version check at start-up
         "einops",
         # HTTP client of the remote reward service (rollout/remote_reward.py) and the SGLang client.
         "httpx",

@@ -211,7 +211,7 @@ _grpo_start_sglang() {
         # SGLang's overlapped streams.
         srun --overlap --nodes=1 --ntasks=1 --nodelist="$node" --kill-on-bad-exit=1 \
             bash -c "${SITE_SETUP:+source '$SITE_SETUP';} unset CUDA_DEVICE_MAX_CONNECTIONS; \
-                exec '$PYTHON' '$GRPO_REPO/grpo_megatron/rollout/sglang/keeper.py' \
+                exec '$SGLANG_PYTHON' '$GRPO_REPO/grpo_megatron/rollout/sglang/keeper.py' \
                 --dir '$SGLANG_RESTART_DIR' --name '$node' --url '$url' --log '$logfile' -- \
                 '$SGLANG_PYTHON' -m sglang.launch_server \
                 --model-path '$MODEL_HF_PATH' --host 0.0.0.0 --port $port $flags" >"${logfile%.log}.keeper.log" 2>&1 &
