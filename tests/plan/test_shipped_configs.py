@@ -17,6 +17,7 @@ from tests.plan.shipped import shipped_jobs
 
 FULL_SIZE = {"gspo_moe.yaml", "grpo_routing_replay.yaml", "gspo_qwen3_235b.yaml"}
 AGREEMENT = 1e-3  # extrapolated vs full bytes at full size (measured: within 1 KiB of 35-49 GiB)
+LOGPROB_MARGIN = 0.15  # the forward-only log-prob peak is not linear in the layers (test_layers_extrapolate.py)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,6 @@ def test_shipped_config_fits_simulated_at_full_size_and_the_extrapolation_agrees
     _, short, _ = run(job.argv() + ["--no-fix"], simulate=extrapolating)
     for whole, line in zip(plan.ranks, short.ranks, strict=True):
         assert not whole.rank.extra["extrapolated"] and line.rank.extra["extrapolated"]
-        for name in ("static_bytes", "peak_bytes", "logprob_peak_bytes", "param_bytes", "grad_bytes",
-                     "optimizer_bytes"):
+        for name in ("static_bytes", "peak_bytes", "param_bytes", "grad_bytes", "optimizer_bytes"):
             assert getattr(line.rank, name) == pytest.approx(getattr(whole.rank, name), rel=AGREEMENT), name
+        assert line.rank.logprob_peak_bytes == pytest.approx(whole.rank.logprob_peak_bytes, rel=LOGPROB_MARGIN)
