@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-fix", action="store_true", help="do not search for a change when it does not fit")
     parser.add_argument("--compare-recompute", action="store_true",
                         help="also simulate each rank with recompute toggled (activations with and without it)")
+    parser.add_argument("--layers-extrapolate", action="store_true",
+                        help="simulate each rank with 1 and 2 layers per pipeline stage and extend the line to its "
+                             "real layer count (seconds instead of minutes per rank; benchmarks/README.md gives the "
+                             "agreement with the full simulation)")
     parser.add_argument("--no-cache", action="store_true",
                         help="simulate even when a result is cached (GRPO_PLAN_CACHE, ~/.cache/grpo_megatron/plan)")
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
@@ -108,7 +112,8 @@ def run(argv: list[str] | None = None, simulate=None) -> tuple[int, object, bool
     if simulate is None:
         from grpo_megatron.plan.simulate import CachedSimulator
 
-        simulate = CachedSimulator(compare_recompute=args.compare_recompute, use_disk=not args.no_cache)
+        simulate = CachedSimulator(compare_recompute=args.compare_recompute, use_disk=not args.no_cache,
+                                   extrapolate_layers=args.layers_extrapolate)
     plan = make_plan(job, simulate)
     if not plan.fits and not args.no_fix:
         plan.fix = find_fix(job, simulate)

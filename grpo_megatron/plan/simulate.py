@@ -14,10 +14,12 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from grpo_megatron.plan import constants
-from grpo_megatron.plan.job import Job
+from grpo_megatron.plan import constants, extrapolate
+from grpo_megatron.plan.job import Job, PlanInputError
 from grpo_megatron.plan.positions import RankPosition
 from grpo_megatron.plan.trainer_rank import TrainerRank
 
@@ -77,15 +79,19 @@ class CachedSimulator:
     """`simulate(job, position) -> TrainerRank`, each distinct RankSpec simulated once.
 
     `compare_recompute` also simulates the step with recompute toggled, for the report's "other recompute" row
-    (the activation memory with and without recompute)."""
+    (the activation memory with and without recompute). `extrapolate_layers` simulates each rank with 1 and 2
+    layers per pipeline chunk (both at once) and extends the line to its real layer count (plan/extrapolate.py)."""
 
-    def __init__(self, compare_recompute: bool = False, timeout_s: float = 1800.0, use_disk: bool = True):
+    def __init__(self, compare_recompute: bool = False, timeout_s: float = 1800.0, use_disk: bool = True,
+                 extrapolate_layers: bool = False):
         self.compare_recompute = compare_recompute
+        self.extrapolate_layers = extrapolate_layers
         self.timeout_s = timeout_s
         self.use_disk = use_disk
         self.simulated = 0  # simulations run by this object (not found in a cache)
         self._cache: dict[str, object] = {}
         self._from_disk: set[str] = set()
+        self._lock = threading.Lock()
 
     def _memory(self, spec):
         from grpo_megatron.simulation import RankMemory, simulate_rank
@@ -100,7 +106,8 @@ class CachedSimulator:
         else:
             memory = simulate_rank(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)},
                                    timeout=self.timeout_s)
-            self.simulated += 1
+            with self._lock:
+                self.simulated += 1
             if self.use_disk:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 partial = path.with_suffix(f".{os.getpid()}.tmp")
@@ -109,12 +116,27 @@ class CachedSimulator:
         self._cache[key] = memory
         return memory
 
+    def _memory_at_size(self, spec):
+        """The rank's memory at its real layer count: simulated, or extrapolated from 1 and 2 layers per chunk."""
+        per_chunk = extrapolate.layers_per_chunk(spec)
+        if not self.extrapolate_layers or per_chunk <= 2:
+            return self._memory(spec), False
+        try:
+            short = [extrapolate.reduced_spec(spec, n) for n in (1, 2)]
+        except extrapolate.LayersNotUniform as exc:
+            raise PlanInputError(str(exc)) from None
+        with ThreadPoolExecutor(len(short)) as pool:  # each simulation is a process of its own
+            one, two = pool.map(self._memory, short)
+        return extrapolate.extrapolate(one, two, per_chunk), all(s.to_json() in self._from_disk for s in short)
+
     def __call__(self, job: Job, position: RankPosition) -> TrainerRank:
         spec = rank_spec(job, position)
-        memory = self._memory(spec)
+        memory, cached = self._memory_at_size(spec)
         other = None
         if self.compare_recompute:
-            other = self._memory(rank_spec(job, position, not job.cfg.model.recompute_activations)).peak_bytes
+            other = self._memory_at_size(rank_spec(job, position, not job.cfg.model.recompute_activations))[0]
+            other = other.peak_bytes
         rank = to_trainer_rank(memory, job.dtype_bytes, other)
-        rank.extra["cached"] = spec.to_json() in self._from_disk
+        rank.extra["cached"] = cached
+        rank.extra["extrapolated"] = self.extrapolate_layers and extrapolate.layers_per_chunk(spec) > 2
         return rank

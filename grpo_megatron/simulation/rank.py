@@ -177,6 +177,7 @@ def simulate_rank_here(spec: RankSpec) -> RankMemory:
         if spec.moe_dispatch == "capacity":
             overrides.update(moe.capacity_overrides(spec.capacity_factor))
     counter = DeviceMemoryCounter()
+    samples = _samples(spec)  # real host tensors: the batch builder reads their values (a fake one answers per item)
     with fake_gpu_rank(spec.rank, spec.world_size, counter, require_shim=True):
         init_model_parallel(spec.layout, seed=0, **dims)
         ddp = dict(use_distributed_optimizer=spec.distributed_optimizer, overlap_grad_reduce=True,
@@ -189,7 +190,6 @@ def simulate_rank_here(spec: RankSpec) -> RankMemory:
             actor = Actor(model, cfg.train, total_steps=1)
             materialise_adam_state(actor.optimizer)
         static = counter.snapshot()
-        samples = _samples(spec)
         micro = make_micro_batches(samples, list(range(len(samples))), spec.micro_batch_size, pad_id=0)
         normalizer = loss_normalizer(torch.ones(len(samples), spec.seq_len), cfg.algorithm.loss_agg,
                                      cfg.rollout.max_new_tokens)
