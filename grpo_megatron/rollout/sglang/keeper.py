@@ -45,6 +45,27 @@ def read_states(control_dir: str | Path) -> dict[str, dict]:
     return states
 
 
+
+def kill_process_group(process: subprocess.Popen) -> None:
+    """SIGKILL a server's process group at once (it forks scheduler/detokenizer children, which may outlive the
+    leader; SIGKILL also ends a stopped one), then reap the leader."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM a running server's process group, SIGKILL after grace_s."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        kill_process_group(process)
+
 class Keeper:
     def __init__(self, control_dir: Path, name: str, url: str, log: Path, command: list[str],
                  env: dict[str, str] | None = None):
@@ -64,23 +85,12 @@ class Keeper:
         self._record(None)
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        elif self.process is not None:
-            try:  # the leader is gone; its children (scheduler, detokenizer) may not be
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if self.process is not None:
+            kill_process_group(self.process)
 
     def stop(self, grace_s: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self.process is not None:
+            stop_process_group(self.process, grace_s)
 
     def serve(self) -> None:
         request = request_file(self.control_dir, self.name)

@@ -6,7 +6,6 @@ environment's interpreter: $SGLANG_PYTHON when set (as for the Slurm scripts), e
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
+from grpo_megatron.rollout.sglang.keeper import kill_process_group, stop_process_group
 
 # What SGLang needs to run on a CPU without a GPU kernel library (cpu-platform-facts.md, "SGLang on CPU").
 CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
@@ -130,20 +130,10 @@ class SGLangServer:
 
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM the server's process group (it forks scheduler/detokenizer children), SIGKILL after grace_s."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self.process is not None:
+            stop_process_group(self.process, grace_s)
 
     def kill(self) -> None:
         """SIGKILL the process group at once (a restart of a dead or hung server: SIGKILL ends a stopped one too)."""
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
+        if self.process is not None:
+            kill_process_group(self.process)
