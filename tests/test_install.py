@@ -66,3 +66,16 @@ def test_the_scan_sees_lazy_imports():
     imports = third_party_imports(PACKAGE.rglob("*.py"))
     assert imports["mbridge"] is False  # inside make_bridge
     assert imports["yaml"] is True
+
+
+def test_package_main_modules_run_only_as_main():
+    """scripts/check_imports.py imports every module of the package (pkgutil.walk_packages includes
+    `__main__` modules): a `__main__.py` whose body runs its command exits the install check with its usage
+    error, as `grpo_megatron/plan/__main__.py` once did in CI."""
+    for main in PACKAGE.rglob("__main__.py"):
+        body = ast.parse(main.read_text()).body
+        acts = [node for node in body if not isinstance(node, (ast.Import, ast.ImportFrom, ast.If))
+                and not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
+        guards = [node for node in body if isinstance(node, ast.If)]
+        assert not acts, f"{main.relative_to(REPO)} runs code at import; put it under `if __name__ == \"__main__\":`"
+        assert all(ast.unparse(g.test) == "__name__ == '__main__'" for g in guards), main

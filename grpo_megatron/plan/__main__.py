@@ -3,4 +3,5 @@ import sys
 
 from grpo_megatron.plan.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the package's modules (scripts/check_imports.py) must not run it
+    sys.exit(main())
