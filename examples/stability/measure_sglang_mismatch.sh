@@ -4,7 +4,7 @@
 # then the per-step train_rollout/* and rollout_correction/* metrics are summarised.
 #
 #   examples/stability/measure_sglang_mismatch.sh                                    # the study's tiny MoE, bf16
-#   MODEL=runs/stability/v2probe/larger_hf OUT=runs/stability/mismatch/larger examples/stability/measure_sglang_mismatch.sh
+#   MODEL=runs/stability/sglang_bf16_probe/larger_hf OUT=runs/stability/mismatch/larger examples/stability/measure_sglang_mismatch.sh
 #   DTYPE=float16 OUT=runs/stability/mismatch/fp16 examples/stability/measure_sglang_mismatch.sh
 #
 # Environment: MODEL (an HF checkpoint in the tiny tokenizer's vocabulary; default the study's, made by
