@@ -155,8 +155,8 @@ def init_model_parallel(layout: ParallelLayout, seed: int = 1234, **model_dims) 
 
     world_size = dist.get_world_size()
     layout.validate(world_size, **model_dims)
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
+    before = set(dist.distributed_c10d._world.pg_map)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_parallel,
         pipeline_model_parallel_size=layout.pipeline_parallel,
@@ -166,13 +166,31 @@ def init_model_parallel(layout: ParallelLayout, seed: int = 1234, **model_dims) 
         expert_tensor_parallel_size=layout.etp,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    _MEGATRON_GROUPS.extend(g for g in dist.distributed_c10d._world.pg_map if g not in before)
 
 
-def destroy() -> None:
+# The process groups megatron's last initialize_model_parallel created. Its destroy_model_parallel only drops
+# its own references; torch keeps every group (and a gloo group's three threads) alive until
+# destroy_process_group, so a process that re-initialises (the tests build many trainers) leaked ~17 groups
+# and ~50 threads each time.
+_MEGATRON_GROUPS: list = []
+
+
+def destroy_model_parallel() -> None:
+    """Tear down megatron's model-parallel state and destroy the process groups it created."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    while _MEGATRON_GROUPS:
+        group = _MEGATRON_GROUPS.pop()
+        if group in dist.distributed_c10d._world.pg_map:  # not already gone with one it shares a backend with
+            dist.destroy_process_group(group)
+
+
+def destroy() -> None:
+    """Everything init_distributed and init_model_parallel created, the default group last."""
+    destroy_model_parallel()
     global _CONTROL_GROUP
     _CONTROL_GROUP = None
     if dist.is_initialized():
