@@ -64,11 +64,11 @@ def test_background_rollouts_probe_each_push_after_giving_the_engine_back(mock, 
         "logging": {"progress_bar": False, "tensorboard": False},
     })
     trainer = Trainer(cfg)
-    probe, checks = trainer.engine.probe, []
+    probe, checks = trainer.rollouts.engine.probe, []
     check = probe.check
 
     def recording(pool, version, complete=True):
-        checks.append((version, trainer.worker._holds))
+        checks.append((version, trainer.rollouts.worker._holds))
         return check(pool, version, complete)
 
     probe.check = recording

@@ -16,7 +16,7 @@ CORRECTION = {"mode": "mis", "level": "token", "low": 0.8, "high": 1.25, "veto":
 def perturbed_rollout(trainer, sigma=0.4):
     """The step's samples with the engine's log-probs moved by fixed noise: a real train-rollout mismatch
     (as a bf16 or fp8 engine would give), the same for every trainer built with the same seed."""
-    batch, _ = trainer.rollout()
+    batch, _ = trainer.rollouts.rollout_now(trainer.step)
     g = torch.Generator().manual_seed(0)
     for s in batch:
         noise = sigma * torch.randn(len(s.engine_logprobs), generator=g)
@@ -33,7 +33,7 @@ def run_step(make_config, train, correction=CORRECTION, capture=None):
         original = trainer._loss_fn
         trainer._loss_fn = lambda normalizer, first: (capture.append(normalizer), original(normalizer, first))[1]
     batch = perturbed_rollout(trainer)
-    metrics = trainer.train_on(batch, PhaseTimer())
+    metrics = trainer.learner.update(batch, trainer.step, PhaseTimer())
     weights = policy_weights(trainer)
     trainer.close()
     return batch, metrics, weights
