@@ -105,10 +105,8 @@ def test_dynamic_sampling_fills_with_constant_groups_when_rounds_run_out(make_co
 
 
 def test_sft_warmup_lowers_answer_loss(make_config, dist_world1):
-    from grpo_megatron.training.sft import sft_warmup
-
     trainer = Trainer(make_config(train={"sft_warmup_steps": 6, "sft_lr": 3e-3}))
-    losses = sft_warmup(trainer)
+    losses = trainer.learner.sft_warmup()
     trainer.close()
     assert losses[-1] < losses[0]
 
