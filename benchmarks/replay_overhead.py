@@ -48,16 +48,16 @@ def set_mode(trainer, mode: str, hooks: dict) -> None:
     for router, hook in hooks.items():
         router.router_replay = None if mode == "off" else hook
     if mode == "off":
-        trainer.routing = trainer.policy.extra.pop("routing_replay", None) and None
+        trainer.learner.routing = trainer.learner.policy.extra.pop("routing_replay", None) and None
     else:
-        trainer.routing = attach_routing_replay(trainer.policy, mode)
+        trainer.learner.routing = attach_routing_replay(trainer.learner.policy, mode)
         hooks.update(_routers(trainer))
 
 
 def _routers(trainer) -> dict:
     from megatron.core.transformer.moe.router import TopKRouter
 
-    return {m: m.router_replay for c in trainer.policy.chunks for m in c.modules() if isinstance(m, TopKRouter)}
+    return {m: m.router_replay for c in trainer.learner.policy.chunks for m in c.modules() if isinstance(m, TopKRouter)}
 
 
 def main() -> int:
@@ -70,24 +70,24 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = make_trainer(Path(args.cache), Path(run_dir), args.threads)
-        batch, _ = trainer.rollout()
+        batch, _ = trainer.rollouts.rollout_now(trainer.step)
         hooks = _routers(trainer)
         times = {mode: [] for mode in MODES}
         agreement = {mode: [] for mode in MODES}
         generation = {False: [], True: []}
-        items = [trainer.loader.next_batch() for _ in range(1)][0]
-        params = trainer.sampling_params(0)
+        items = [trainer.rollouts.worker.loader.next_batch() for _ in range(1)][0]
+        params = trainer.rollouts.sampling_params(0)
         for repeat in range(args.repeats + 1):  # the first round warms up
             for mode in MODES if repeat % 2 else MODES[::-1]:
                 set_mode(trainer, mode, hooks)
                 start = time.perf_counter()
-                metrics = trainer.train_on(copy.deepcopy(batch), PhaseTimer())
+                metrics = trainer.learner.update(copy.deepcopy(batch), trainer.step, PhaseTimer())
                 if repeat:
                     times[mode].append(time.perf_counter() - start)
                     agreement[mode].append(metrics.get("routing/agree_old_current", float("nan")))
             for routes in (False, True):
                 start = time.perf_counter()
-                trainer.engine.generate([it["prompt_ids"] for it in items], params, return_routed_experts=routes)
+                trainer.rollouts.engine.generate([it["prompt_ids"] for it in items], params, return_routed_experts=routes)
                 if repeat:
                     generation[routes].append(time.perf_counter() - start)
         trainer.close()

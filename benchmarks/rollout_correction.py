@@ -72,9 +72,9 @@ def run(args, correction: dict, run_dir: Path) -> list[dict]:
         "logging": {"progress_bar": False, "tensorboard": False},
     })
     trainer = Trainer(cfg)
-    trainer.engine.shutdown()
-    trainer.engine = QuantisedEngine(cfg.model.hf_path, dtype=torch.bfloat16, seed=cfg.train.seed)
-    trainer.engine.fp8, trainer.engine.temperature = args.engine == "fp8", args.engine_temperature
+    trainer.rollouts.engine.shutdown()
+    trainer.rollouts.engine = QuantisedEngine(cfg.model.hf_path, dtype=torch.bfloat16, seed=cfg.train.seed)
+    trainer.rollouts.engine.fp8, trainer.rollouts.engine.temperature = args.engine == "fp8", args.engine_temperature
     trainer.sft_warmup()
     trainer.sync_weights()
     history = [trainer.train_step() for _ in range(args.steps)]

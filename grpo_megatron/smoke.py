@@ -52,7 +52,7 @@ def _trainer(files: dict, run_dir: Path, **sections):
 
 
 def _params(trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for c in trainer.policy.chunks for n, p in c.named_parameters()}
+    return {n: p.detach().clone() for c in trainer.learner.policy.chunks for n, p in c.named_parameters()}
 
 
 def check_sft_warm_start(files: dict, workdir: Path) -> dict:
@@ -76,10 +76,10 @@ def check_sft_warm_start(files: dict, workdir: Path) -> dict:
 
 def check_group_diversity(files: dict, workdir: Path) -> dict:
     trainer = _trainer(files, workdir / "diversity", rollout={"temperature": 1.0, "group_size": 8})
-    items = [trainer.train_data[i] for i in range(8)]
-    params = trainer.sampling_params(seed_offset=1)
-    groups = trainer.engine.generate([it["prompt_ids"] for it in items], params)
-    again = trainer.engine.generate([it["prompt_ids"] for it in items], params)
+    items = [trainer.learner.train_data[i] for i in range(8)]
+    params = trainer.rollouts.sampling_params(seed_offset=1)
+    groups = trainer.rollouts.engine.generate([it["prompt_ids"] for it in items], params)
+    again = trainer.rollouts.engine.generate([it["prompt_ids"] for it in items], params)
     trainer.close()
     responses = [[tuple(o.response_ids) for o in group] for group in groups]
     identical = sum(len(set(group)) == 1 for group in responses)

@@ -111,9 +111,9 @@ TARGETS = (
     Target("grpo_megatron/training/mismatch.py", "loss_path",
            ("tests/training/test_loss_path.py", "tests/algorithms/test_rollout_correction.py", *LOSS_TESTS[1:])),
     Target("grpo_megatron/training/actor.py", "loss_path", LOSS_TESTS, ("Actor.train_step",)),
-    Target("grpo_megatron/training/loop.py", "loss_path", LOSS_TESTS,
-           ("Trainer._advantages", "Trainer._loss_fn", "Trainer.train_on", "Trainer._loss_mask",
-            "Trainer._select_tokens", "Trainer._old_logprobs_are_current")),
+    Target("grpo_megatron/training/update_math.py", "loss_path", LOSS_TESTS,
+           ("assign_advantages", "policy_loss_fn", "loss_mask", "select_minibatch_tokens", "old_logprobs_are_current")),
+    Target("grpo_megatron/training/learner.py", "loss_path", LOSS_TESTS, ("Learner.update",)),
     Target("grpo_megatron/config.py", "loss_path", ("tests/training/test_loss_config.py",), ("RunConfig._validate_loss",)),
 )
 
@@ -474,7 +474,7 @@ def main() -> None:
                         "rerun (valid while tests were only added since; a changed file makes new mutants)")
     parser.add_argument("--timeout-factor", type=float, default=5.0, help="mutant timeout / baseline test time")
     parser.add_argument("--functions", nargs="*", default=[], help="only mutants inside these functions (qualified "
-                        "names, e.g. resolve_clip Trainer._select_tokens): the changed code of a file already measured")
+                        "names, e.g. resolve_clip select_minibatch_tokens): the changed code of a file already measured")
     args = parser.parse_args()
     targets = [replace(t, tests=tuple(args.tests) or t.tests) for t in TARGETS if (args.area in (None, t.area))
                and (not args.only or any(t.path.endswith(o) for o in args.only))]

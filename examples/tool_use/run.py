@@ -57,17 +57,17 @@ def tool_sft(trainer, steps: int, lr: float, batch_size: int, tool_fraction: flo
 
     import torch
 
-    cfg, tok, tools = trainer.cfg, trainer.tokenizer, trainer.cfg.rollout.tools
+    cfg, tok, tools = trainer.cfg, trainer.learner.tokenizer, trainer.cfg.rollout.tools
     fmt = ToolFormat(tools.format, tok, *tools.call_markers, tools.response_template)
-    actor = Actor(trainer.policy, dataclasses.replace(cfg.train, lr=lr, lr_warmup_steps=0, lr_decay_style="constant"),
+    actor = Actor(trainer.learner.policy, dataclasses.replace(cfg.train, lr=lr, lr_warmup_steps=0, lr_decay_style="constant"),
                   total_steps=steps)
     generator, losses = torch.Generator().manual_seed(cfg.train.seed), []
     for _ in range(steps):
-        picks = torch.randint(len(trainer.train_data), (batch_size,), generator=generator).tolist()
+        picks = torch.randint(len(trainer.learner.train_data), (batch_size,), generator=generator).tolist()
         samples = []
         uses_tool = (torch.rand(batch_size, generator=generator) < tool_fraction).tolist()
         for group, (index, use_tool) in enumerate(zip(picks, uses_tool)):
-            item = trainer.train_data[index]
+            item = trainer.learner.train_data[index]
             call, output, answer = transcript(item["meta"]["a"], item["meta"]["b"])
             call_ids = tok(call, add_special_tokens=False).input_ids if use_tool else []
             tool_ids = fmt.render(output, tools.max_output_tokens) if use_tool else []
@@ -76,7 +76,7 @@ def tool_sft(trainer, steps: int, lr: float, batch_size: int, tool_fraction: flo
             samples.append(Sample(prompt_ids=list(item["prompt_ids"]), response_ids=call_ids + tool_ids + answer_ids,
                                   group=group, loss_mask=mask))
         normalizer = float(sum(sum(s.loss_mask) for s in samples))
-        micro = make_micro_batches(samples, list(range(len(samples))), cfg.train.micro_batch_size, trainer.pad_id)
+        micro = make_micro_batches(samples, list(range(len(samples))), cfg.train.micro_batch_size, trainer.learner.pad_id)
 
         def nll(mb, logprobs, entropy):
             mask = mb.response_mask * mb.loss_mask
@@ -84,7 +84,7 @@ def tool_sft(trainer, steps: int, lr: float, batch_size: int, tool_fraction: flo
             return loss, {"sft_loss": loss.detach() * normalizer / max(float(mask.sum()), 1.0)}
 
         losses.append(actor.train_step(micro, nll, temperature=1.0)["sft_loss"])
-    trainer.actor.install_schedule_hooks()
+    trainer.learner.actor.install_schedule_hooks()
     trainer.sync_weights()
     return losses
 
@@ -94,11 +94,11 @@ def evaluate(trainer, items: list[dict]) -> dict[str, float]:
     tool-call rate (responses that call the tool), tool-error rate."""
     from grpo_megatron.rollout.functions import RolloutContext, generate_samples
 
-    results, context = {}, RolloutContext(trainer.tokenizer, trainer.cfg.rollout)
-    for name, params in (("", trainer.sampling_params(0, greedy=True, n=1)),
-                         ("sampled_", trainer.sampling_params(1 << 29, n=1))):
-        samples = generate_samples(trainer.engine, items, params, context, first_group=0)
-        texts = trainer.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+    results, context = {}, RolloutContext(trainer.learner.tokenizer, trainer.cfg.rollout)
+    for name, params in (("", trainer.rollouts.sampling_params(0, greedy=True, n=1)),
+                         ("sampled_", trainer.rollouts.sampling_params(1 << 29, n=1))):
+        samples = generate_samples(trainer.rollouts.engine, items, params, context, first_group=0)
+        texts = trainer.learner.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
         n = len(samples)
         results.update({
             f"{name}accuracy": sum(is_correct(t, s.answer) for t, s in zip(texts, samples)) / n,
@@ -141,7 +141,7 @@ def main() -> int:
     cfg = load_config(args.config, overrides)
     prepare_process(cfg)
     trainer = Trainer(cfg)
-    held_out = PromptDataset([files["eval"]], trainer.tokenizer, False)
+    held_out = PromptDataset([files["eval"]], trainer.learner.tokenizer, False)
     items = [held_out[i] for i in range(16 if args.quick else len(held_out))]
     results = {"initial": evaluate(trainer, items)}
     sft = tool_sft(trainer, 3 if args.quick else args.sft_steps, args.sft_lr, batch_size=64,

@@ -1,7 +1,7 @@
 """Costs that grow with the job's size but are not GPU memory: the per-step sample broadcast, R3 route delivery,
 and the weight-sync payload.
 
-The sample broadcast is what the trainer does today (training/loop.py `_broadcast`): rank 0 pickles the whole
+The sample broadcast is what the trainer does today (training/rollout_side.py `broadcast_from_rank0`): rank 0 pickles the whole
 batch and `broadcast_object_list` sends it over the gloo control group to every rank, whose binomial tree
 (gloo/broadcast.cc) takes ceil(log2 world) rounds of the whole message; every rank then unpickles all of it.
 Pickle sizes and (un)pickling speed are measured here on a synthetic full-length batch; the network hop is

@@ -139,7 +139,7 @@ def _samples(spec: RankSpec):
 
 
 def _loss_fn(cfg, normalizer: float):
-    """The trainer's policy loss (training/loop.py `Trainer._loss_fn`) with the run's algorithm settings."""
+    """The trainer's policy loss (training/update_math.py `policy_loss_fn`) with the run's algorithm settings."""
     from grpo_megatron.algorithms.policy_loss import compute_policy_loss
 
     alg = cfg.algorithm

@@ -64,15 +64,15 @@ def build_teacher(cfg: RunConfig, dtype: torch.dtype, student_vocab: int):
     return None
 
 
-def score_with_teacher(trainer, samples: list[Sample]) -> None:
+def score_with_teacher(learner, samples: list[Sample]) -> None:
     """Set every sample's teacher log-probs (and top-k ids and log-probs) on every rank."""
-    top_k = trainer.cfg.algorithm.opd.top_k
-    if isinstance(trainer.teacher, MegatronTeacher):
-        with trainer.teacher.on_device() as model:
-            scores = _megatron_scores(trainer, model, samples, top_k)
+    top_k = learner.cfg.algorithm.opd.top_k
+    if isinstance(learner.teacher, MegatronTeacher):
+        with learner.teacher.on_device() as model:
+            scores = _megatron_scores(learner, model, samples, top_k)
     else:
-        scores = _from_rank0(trainer.teacher.score([(s.prompt_ids, s.response_ids) for s in samples])
-                             if not isinstance(trainer.teacher, str) else None)
+        scores = _from_rank0(learner.teacher.score([(s.prompt_ids, s.response_ids) for s in samples])
+                             if not isinstance(learner.teacher, str) else None)
         scores = dict(enumerate(scores))
     for i, s in enumerate(samples):
         n = len(s.response_ids)
@@ -98,7 +98,7 @@ def _teacher_topk_hook(k: int, mb: MicroBatch, logits: torch.Tensor, temperature
     return dataclasses.replace(mb, extra={**mb.extra, "topk_logprobs": logprobs, "topk_ids": ids})
 
 
-def _megatron_scores(trainer, model, samples: list[Sample], top_k: int) -> dict:
+def _megatron_scores(learner, model, samples: list[Sample], top_k: int) -> dict:
     """The teacher's forward pass over every sample (like the trainer's reference pass: each sample on one DP rank,
     then one all-reduce of a flat buffer), on last pipeline stages."""
     from megatron.core import parallel_state
@@ -107,11 +107,11 @@ def _megatron_scores(trainer, model, samples: list[Sample], top_k: int) -> dict:
     from grpo_megatron.rollout.sglang.teacher import TeacherScores
     from grpo_megatron.training.actor import data_parallel_info, forward_logprobs
 
-    micro = trainer._micro_batches(samples, list(range(len(samples))))
+    micro = learner.micro_batches(samples, list(range(len(samples))))
     if top_k:
         for mb in micro:
             mb.on_logits = partial(_teacher_topk_hook, top_k)
-    outputs = forward_logprobs(model, micro, trainer.cfg.rollout.temperature or 1.0)
+    outputs = forward_logprobs(model, micro, learner.cfg.rollout.temperature or 1.0)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return {}
     offsets = [0, *itertools.accumulate(len(s.response_ids) for s in samples)]

@@ -42,7 +42,7 @@ GenerateGroups = Callable[[list[PromptItem], SamplingParams, int], list[Sample]]
 class RolloutWorker:
     """Draws prompts (re-issued ones first, then the loader), generates and scores them, and assembles step
     batches with dynamic sampling. `generate_groups`, `score` and `sampling_params` are the trainer's
-    (Trainer._generate_groups is where prompts become samples); `end_step` counts failed reward calls."""
+    (RolloutSide.generate_groups is where prompts become samples); `end_step` counts failed reward calls."""
 
     def __init__(self, cfg: RunConfig, loader: PromptLoader, generate_groups: GenerateGroups,
                  score: Callable[[list[Sample]], tuple[int, int]], sampling_params: Callable[[int], SamplingParams],

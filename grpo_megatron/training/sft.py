@@ -17,23 +17,23 @@ from grpo_megatron.training.actor import data_parallel_info
 from grpo_megatron.training.batch import make_micro_batch, rank_micro_batches
 
 
-def sft_samples(trainer, items) -> list[Sample]:
-    eos = trainer.tokenizer.eos_token_id
+def sft_samples(tokenizer, items) -> list[Sample]:
+    eos = tokenizer.eos_token_id
     samples = []
     for group, item in enumerate(items):
         if item["answer"] is None:
             raise ValueError("train.sft_warmup_steps > 0 needs an `answer` in every training record")
-        answer_ids = trainer.tokenizer(item["answer"], add_special_tokens=False).input_ids + [eos]
+        answer_ids = tokenizer(item["answer"], add_special_tokens=False).input_ids + [eos]
         samples.append(Sample(prompt_ids=list(item["prompt_ids"]), response_ids=answer_ids, group=group))
     return samples
 
 
-def sft_warmup(trainer) -> list[float]:
+def sft_warmup(learner) -> list[float]:
     """`train.sft_warmup_steps` steps at the constant `train.sft_lr`; RL then starts with the actor's LR schedule
     where it was and fresh Adam moments, as with an optimizer of its own, but from masters that hold the SFT result."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    cfg, actor = trainer.cfg, trainer.actor
+    cfg, actor = learner.cfg, learner.actor
     rl_scheduler = actor.scheduler
     groups = actor.optimizer.param_groups
     rl_bounds = [{key: group.pop(key) for key in ("max_lr", "min_lr") if key in group} for group in groups]
@@ -45,7 +45,7 @@ def sft_warmup(trainer) -> list[float]:
         lr_decay_steps=max(cfg.train.sft_warmup_steps, 1), lr_decay_style="constant", start_wd=wd, end_wd=wd,
         wd_incr_steps=max(cfg.train.sft_warmup_steps, 1), wd_incr_style="constant")
     try:
-        losses = _sft_steps(trainer, actor)
+        losses = _sft_steps(learner, actor)
     finally:
         actor.scheduler = rl_scheduler
         for group, bounds in zip(groups, rl_bounds):
@@ -65,18 +65,18 @@ def forget_optimizer_state(optimizer) -> None:
             inner.state.clear()
 
 
-def _sft_steps(trainer, actor) -> list[float]:
-    cfg = trainer.cfg
+def _sft_steps(learner, actor) -> list[float]:
+    cfg, data = learner.cfg, learner.train_data
     batch_size = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     generator = torch.Generator().manual_seed(cfg.train.seed)
     losses = []
     dp_rank, dp_size = data_parallel_info()
     for _ in range(cfg.train.sft_warmup_steps):
-        picks = torch.randint(len(trainer.train_data), (batch_size,), generator=generator).tolist()
-        samples = sft_samples(trainer, [trainer.train_data[i] for i in picks])
-        normalizer = float(make_micro_batch(samples, list(range(len(samples))), trainer.pad_id).num_response_tokens)
+        picks = torch.randint(len(data), (batch_size,), generator=generator).tolist()
+        samples = sft_samples(learner.tokenizer, [data[i] for i in picks])
+        normalizer = float(make_micro_batch(samples, list(range(len(samples))), learner.pad_id).num_response_tokens)
         micro = rank_micro_batches(samples, list(range(len(samples))), dp_rank, dp_size, cfg.train.micro_batch_size,
-                                   trainer.pad_id, trainer._pad_multiple())
+                                   learner.pad_id, learner.pad_multiple())
 
         def nll(mb, logprobs, entropy):
             loss = -(logprobs * mb.response_mask).sum() / normalizer

@@ -54,13 +54,13 @@ def _samples(n: int = 8, equal_lengths: bool = False):
     return samples
 
 
-def _trainer(cfg, layout):
-    """A Trainer with only what its log-prob pass, loss and stop flag read (no engine, no model loading)."""
-    from grpo_megatron.training.loop import Trainer
+def _learner(cfg):
+    """A Learner with only what its log-prob pass and route delivery read (no policy, engine or model loading)."""
+    from types import SimpleNamespace
 
-    trainer = object.__new__(Trainer)
-    trainer.cfg, trainer.pad_id, trainer.tp_size, trainer._signal_received = cfg, 0, layout.tensor_parallel, False
-    return trainer
+    from grpo_megatron.training.learner import Learner
+
+    return Learner(cfg, policy=None, actor=None, memory=None, tokenizer=SimpleNamespace(pad_token_id=0), train_data=None)
 
 
 def _on_cuda(tensors) -> None:
@@ -75,6 +75,7 @@ def run_layout(name: str) -> dict[str, str]:
     from grpo_megatron.parallel import ParallelLayout, init_model_parallel
     from grpo_megatron.simulation import moe
     from grpo_megatron.training import actor
+    from grpo_megatron.training.loop import stop_requested
     from grpo_megatron.training.metrics import PhaseTimer
 
     world, family, kwargs = LAYOUTS[name]
@@ -100,7 +101,7 @@ def run_layout(name: str) -> dict[str, str]:
         init_model_parallel(layout, seed=0, **model_dims(hf))
         cfg = RunConfig()
         cfg.parallel, cfg.train.micro_batch_size, cfg.algorithm.kl_coef = layout, 4, 0.1
-        trainer = _trainer(cfg, layout)
+        learner = _learner(cfg)
         samples = _samples(equal_lengths=pipelined)
         state = {}
 
@@ -112,12 +113,12 @@ def run_layout(name: str) -> dict[str, str]:
 
         def logprobs():
             with torch.no_grad():
-                state["logprobs"] = trainer._logprob_pass(state["model"], samples)
+                state["logprobs"] = learner.logprobs(state["model"], samples)
 
         def loss(variant):
             def run():
                 cfg.algorithm.loss = variant
-                state["outputs"] = _train_pass(state["model"], trainer, samples)
+                state["outputs"] = _train_pass(state["model"], learner, samples)
             return run
 
         def metrics():
@@ -130,8 +131,8 @@ def run_layout(name: str) -> dict[str, str]:
             assert harness.SYNCS["count"] == before + 2, "PhaseTimer did not synchronise CUDA at its boundaries"
 
         def optimizer_step():
-            micro = trainer._micro_batches(samples, list(range(len(samples))))
-            state["actor"].train_step(micro, _loss_fn(trainer, samples), 1.0)
+            micro = learner.micro_batches(samples, list(range(len(samples))))
+            state["actor"].train_step(micro, _loss_fn(learner, samples), 1.0)
 
         check("build", build)
         check("logprob_gather", logprobs)
@@ -139,12 +140,12 @@ def run_layout(name: str) -> dict[str, str]:
             check(f"loss_{variant}", loss(variant))
         check("metric_reduction", metrics)
         check("optimizer_step", optimizer_step)
-        check("stop_flag", lambda: trainer._stop_requested())
+        check("stop_flag", stop_requested)
         check("phase_timer", phase_timer)
         if moe_model:
-            check("route_delivery", lambda: _engine_routes(state["model"], trainer, samples, "r3"))
-            check("routing_replay_r3", lambda: _replay(state["model"], trainer, samples, "r3"))
-            check("routing_replay_r2", lambda: _replay(state["model"], trainer, samples, "r2"))
+            check("route_delivery", lambda: _engine_routes(state["model"], learner, samples, "r3"))
+            check("routing_replay_r3", lambda: _replay(state["model"], learner, samples, "r3"))
+            check("routing_replay_r2", lambda: _replay(state["model"], learner, samples, "r2"))
     # The weight-sync sender is rank 0, the first stage's leader, which packs and posts the buckets.
     with harness.fake_gpu_rank(0, world, require_shim=True):
         init_model_parallel(layout, seed=0, **model_dims(hf))
@@ -163,21 +164,23 @@ def _pipeline_stage_of_rank(world: int, layout) -> dict[int, int]:
     return {rank: stage for group in generator.get_ranks("pp") for stage, rank in enumerate(group)}
 
 
-def _loss_fn(trainer, samples):
+def _loss_fn(learner, samples):
     """The trainer's loss for a pass over all `samples` (normalised over the whole batch)."""
     from grpo_megatron.algorithms import loss_normalizer
     from grpo_megatron.training.batch import make_micro_batch
+    from grpo_megatron.training.update_math import policy_loss_fn
 
     whole = make_micro_batch(samples, list(range(len(samples))), 0)
-    normalizer = loss_normalizer(whole.response_mask, trainer.cfg.algorithm.loss_agg, trainer.cfg.rollout.max_new_tokens)
-    return trainer._loss_fn(normalizer, first_minibatch=True)
+    normalizer = loss_normalizer(whole.response_mask, learner.cfg.algorithm.loss_agg, learner.cfg.rollout.max_new_tokens)
+    return policy_loss_fn(learner.cfg.algorithm, learner.cfg.rollout.max_new_tokens, normalizer, first_minibatch=True,
+                          distilling=False)
 
 
-def _train_pass(model, trainer, samples) -> list[dict]:
+def _train_pass(model, learner, samples) -> list[dict]:
     """A training pass (forward and backward through megatron's schedule, grads into DDP's buffers)."""
     from grpo_megatron.training import actor
 
-    loss_fn = _loss_fn(trainer, samples)
+    loss_fn = _loss_fn(learner, samples)
 
     def with_tokens(mb, lp, ent):
         value, metrics = loss_fn(mb, lp, ent)
@@ -186,7 +189,7 @@ def _train_pass(model, trainer, samples) -> list[dict]:
 
     for chunk in model.chunks:
         chunk.zero_grad_buffer()
-    micro = trainer._micro_batches(samples, list(range(len(samples))))
+    micro = learner.micro_batches(samples, list(range(len(samples))))
     outputs = actor._run_schedule(model, micro, with_tokens, 1.0, forward_only=False)
     grads = [p.main_grad for c in model.chunks for p in c.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads), "parameters without a main_grad after the backward"
@@ -210,7 +213,7 @@ def _weight_sync_buckets(model, stage_of: dict[int, int]) -> None:
         _on_cuda(b.flat for b in buckets)
 
 
-def _engine_routes(model, trainer, samples, mode: str):
+def _engine_routes(model, learner, samples, mode: str):
     """This rank's share of the engine routes, received as the trainer receives it: rank 0 takes them out of
     the broadcast samples, the other ranks get theirs over the gloo control group (CPU tensors only)."""
     from grpo_megatron.parallel import control_group
@@ -223,21 +226,21 @@ def _engine_routes(model, trainer, samples, mode: str):
         s.routed_experts = torch.randint(0, config.num_moe_experts, (s.length - 1, config.num_layers, config.moe_router_topk),
                                          generator=g, dtype=torch.int32)
     routing = attach_routing_replay(model, mode)
-    trainer.routing = routing
-    header = route_header(trainer._take_engine_routes(samples))  # what rank 0 broadcasts with the samples
+    learner.routing = routing
+    header = route_header(learner.take_engine_routes(samples))  # what rank 0 broadcasts with the samples
     assert all(s.routed_experts is None for s in samples), "routes left in the broadcast samples"
-    engine = deliver_engine_routes(header, samples, trainer._samples_of_this_rank(samples), routing.local_layers,
+    engine = deliver_engine_routes(header, samples, learner.samples_of_this_rank(samples), routing.local_layers,
                                    routing.topk, routing.num_experts, control_group())
     return routing, engine
 
 
-def _replay(model, trainer, samples, mode: str) -> None:
+def _replay(model, learner, samples, mode: str) -> None:
     """R2/R3 bookkeeping over an old-log-prob pass: engine routes in, routes recorded, counts reduced."""
-    routing, engine = _engine_routes(model, trainer, samples, mode)
+    routing, engine = _engine_routes(model, learner, samples, mode)
     routing.begin_step(samples, engine)
     with torch.no_grad():
-        trainer._logprob_pass(model, samples)
-    _train_pass(model, trainer, samples)  # replays the old (R2) or engine (R3) routes, forward and backward
+        learner.logprobs(model, samples)
+    _train_pass(model, learner, samples)  # replays the old (R2) or engine (R3) routes, forward and backward
     # pass_over raised if a layer left replay data unused; end_step's "every sample replayed somewhere" flag is
     # all-reduced over ranks, a value fake mode cannot know: it answers True
     with harness.placeholder_bools(True):

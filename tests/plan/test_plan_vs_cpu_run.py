@@ -1,5 +1,5 @@
 """The plan against a real run: the tiny MoE config planned on fake CUDA, and the same rank built and stepped for
-real on this CPU by the trainer's own code (Trainer._build, Actor.train_step), with every live CPU tensor
+real on this CPU by the trainer's own code (training/builder.py's build_policy_model, Actor.train_step), with every live CPU tensor
 storage counted. Parameters, grad buffers and optimizer state must agree within 2%; the simulated activation
 peak must be within ACTIVATION_MARGIN of the CPU run's measured one (the CPU run computes attention with
 torch's CPU kernels where the simulation pins the GPU's flash kernel, and the MoE dispatch sees real routes
@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import weakref
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,7 +72,7 @@ def test_plan_matches_the_bytes_of_a_real_cpu_run(planned, dist_world1):
     from grpo_megatron.training.actor import Actor
     from grpo_megatron.samples import Sample
     from grpo_megatron.training.batch import make_micro_batches
-    from grpo_megatron.training.loop import Trainer
+    from grpo_megatron.training.builder import build_policy_model
     from tests.training.test_actor import gspo
 
     job, plan = planned
@@ -82,8 +81,7 @@ def test_plan_matches_the_bytes_of_a_real_cpu_run(planned, dist_world1):
     hf = load_hf_config(cfg.model.hf_path)
     init_model_parallel(cfg.parallel, seed=0, **model_dims(hf))
     torch.manual_seed(0)
-    trainer = SimpleNamespace(cfg=cfg, hf_config=hf, dtype=dtype_from_name(cfg.model.dtype))
-    policy = Trainer._build(trainer, wrap_ddp=True)
+    policy = build_policy_model(cfg, hf, dtype_from_name(cfg.model.dtype), wrap_ddp=True)
     actor = Actor(policy, cfg.train, total_steps=1)
     samples = [Sample(prompt_ids=[1] * 4, response_ids=[5] * (job.sequence - 4), group=i, advantage=1.0)
                for i in range(job.micro_batch_rows)]

@@ -64,11 +64,11 @@ def test_background_rollouts_probe_each_push_after_giving_the_engine_back(mock, 
         "logging": {"progress_bar": False, "tensorboard": False},
     })
     trainer = Trainer(cfg)
-    probe, checks = trainer.engine.probe, []
+    probe, checks = trainer.rollouts.engine.probe, []
     check = probe.check
 
     def recording(pool, version, complete=True):
-        checks.append((version, trainer.worker._holds))
+        checks.append((version, trainer.rollouts.worker._holds))
         return check(pool, version, complete)
 
     probe.check = recording
@@ -152,16 +152,16 @@ def test_async_partial_rollouts_train_within_max_staleness(mock, tiny_hf_dir, tm
     for url in mock:
         set_token_delay(url, delay)
     trainer = Trainer(cfg)
-    push = trainer.sync_weights
+    push = trainer.rollouts.weight_push.run
 
-    def push_mid_generation(verify: bool = True):
+    def push_mid_generation(model, version: int, verify: bool = True):
         deadline = time.monotonic() + 10
         while not any(running_requests(url) for url in mock) and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(3 * delay)  # a few tokens out, most of the 16 still to come
-        push(verify)
+        push(model, version, verify)
 
-    trainer.sync_weights = push_mid_generation
+    trainer.rollouts.weight_push.run = push_mid_generation
     history = trainer.train()
     trainer.close()
     assert len(history) == 3 and all(math.isfinite(m["train/pg_loss"]) for m in history)

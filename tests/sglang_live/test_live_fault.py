@@ -67,10 +67,10 @@ class Fault:
 
     def __init__(self, trainer: Trainer, url: str, control: Path, sig: signal.Signals, after_s: float = 0.3):
         self.url, self.control, self.sig, self.after_s = url, control, sig, after_s
-        self.supervisor = trainer.engine.supervisor
+        self.supervisor = trainer.rollouts.engine.supervisor
         self.started = threading.Event()
         self.at = self.detected = None
-        engine = trainer.engine
+        engine = trainer.rollouts.engine
         original = engine.generate
 
         def generate(*args, **kwargs):
@@ -121,7 +121,7 @@ def test_killed_and_hung_servers_recover_and_every_draw_trains_once(live_model, 
             "logging": {"progress_bar": False, "tensorboard": False},
         })
         trainer = Trainer(cfg)
-        supervisor = trainer.engine.supervisor
+        supervisor = trainer.rollouts.engine.supervisor
         steps = [trainer.train_step()]
 
         killed = Fault(trainer, urls[0], control, signal.SIGKILL)

@@ -19,11 +19,11 @@ from grpo_megatron.training.loop import Trainer
 
 
 def step_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {n: p.main_grad.detach().cpu().clone() for n, p in trainer.policy.unwrapped()[0].named_parameters()}
+    return {n: p.main_grad.detach().cpu().clone() for n, p in trainer.learner.policy.unwrapped()[0].named_parameters()}
 
 
 def step_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in trainer.policy.unwrapped()[0].named_parameters()}
+    return {n: p.detach().cpu().clone() for n, p in trainer.learner.policy.unwrapped()[0].named_parameters()}
 
 
 def main(config_path: str, out: str) -> None:
@@ -31,7 +31,7 @@ def main(config_path: str, out: str) -> None:
     metrics = trainer.train_step()
     if dist.get_rank() == 0:
         torch.save({"grads": step_gradients(trainer), "weights": step_weights(trainer), "metrics": metrics,
-                    "distributed_optimizer": uses_distributed_optimizer(trainer.policy)}, out)
+                    "distributed_optimizer": uses_distributed_optimizer(trainer.learner.policy)}, out)
     trainer.close()
 
 

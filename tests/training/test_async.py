@@ -17,13 +17,13 @@ TIS = {"rollout_correction": {"mode": "tis"}}
 def run(make_config, steps: int, trained_versions: list | None = None, **overrides):
     trainer = Trainer(make_config(train={"steps": steps}, **{"reward": VARIED, **overrides}))
     if trained_versions is not None:
-        train_on = trainer.train_on
+        update = trainer.learner.update
 
-        def recording(samples, timer, routes=None):
-            trained_versions.append((trainer.step, sorted({v for s in samples for v in s.weight_versions})))
-            return train_on(samples, timer, routes)
+        def recording(samples, step, timer=None, routes=None):
+            trained_versions.append((step, sorted({v for s in samples for v in s.weight_versions})))
+            return update(samples, step, timer, routes)
 
-        trainer.train_on = recording
+        trainer.learner.update = recording
     history = trainer.train()
     trainer.close()
     return history
@@ -102,9 +102,9 @@ def test_background_modes_on_mock_sglang_servers(mode, mock, tiny_hf_dir, tmp_pa
     })
     versions = []
     trainer = Trainer(cfg)
-    train_on = trainer.train_on
-    trainer.train_on = lambda samples, timer, routes=None: versions.append(
-        (trainer.step, {v for s in samples for v in s.weight_versions})) or train_on(samples, timer, routes)
+    update = trainer.learner.update
+    trainer.learner.update = lambda samples, step, timer=None, routes=None: versions.append(
+        (step, {v for s in samples for v in s.weight_versions})) or update(samples, step, timer, routes)
     history = trainer.train()
     trainer.close()
     for url in mock:

@@ -69,13 +69,13 @@ def test_async_partial_rollouts_train_with_r3_and_the_correction(make_config, di
                       algorithm={"routing_replay": "r3", "rollout_correction": {"mode": "tis"}})
     trainer = Trainer(cfg)
     seen = []
-    begin = trainer.routing.begin_step
+    begin = trainer.learner.routing.begin_step
 
     def recording(samples, engine=None):  # the engine's routes as this rank received them (replay/delivery.py)
         seen.extend((s.weight_versions, engine.routes[i].clone()) for i, s in enumerate(samples))
         return begin(samples, engine)
 
-    trainer.routing.begin_step = recording
+    trainer.learner.routing.begin_step = recording
     history = trainer.train()
     trainer.close()
     assert all(m["train/pg_loss"] == m["train/pg_loss"] for m in history)

@@ -92,23 +92,23 @@ def test_a_rank_without_samples_is_refused_with_the_numbers():
 def test_the_trainers_ranks_make_equal_micro_batch_counts(make_config, dist_world1, monkeypatch):
     """The trainer's own split (log-prob and training passes), as each of 2 data-parallel ranks computes it
     for a mini-batch of 9 samples at micro_batch_size 4: shares of 5 and 4 rows."""
-    from grpo_megatron.training import loop
+    from grpo_megatron.training import learner
     from grpo_megatron.training.loop import Trainer
 
     trainer = Trainer(make_config(train={"micro_batch_size": 4}))
     batch = samples((LENGTHS * 2)[:9])
     counts = []
     for rank in range(2):
-        monkeypatch.setattr(loop, "data_parallel_info", lambda rank=rank: (rank, 2))
-        counts.append(len(trainer._micro_batches(batch, list(range(9)))))
+        monkeypatch.setattr(learner, "data_parallel_info", lambda rank=rank: (rank, 2))
+        counts.append(len(trainer.learner.micro_batches(batch, list(range(9)))))
     trainer.close()
     assert counts == [2, 2]
 
 
 def test_a_minibatch_smaller_than_the_data_parallel_size_is_refused(make_config, dist_world1, monkeypatch):
     from grpo_megatron.config import ConfigError
-    from grpo_megatron.training import loop
+    from grpo_megatron.training import builder, loop
 
-    monkeypatch.setattr(loop, "data_parallel_info", lambda: (0, 16))
+    monkeypatch.setattr(builder, "data_parallel_info", lambda: (0, 16))
     with pytest.raises(ConfigError, match="mini-batch of 8 samples leaves some of the 16 data-parallel ranks"):
         loop.Trainer(make_config())

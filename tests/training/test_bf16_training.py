@@ -16,13 +16,13 @@ OPTIMIZERS = {"float16": False, "distributed": True}
 
 
 def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.policy.chunks[0].named_parameters()}
+    return {n: p.detach().clone() for n, p in trainer.learner.policy.chunks[0].named_parameters()}
 
 
 def _bf16_trainer(make_config, distributed: bool, **train) -> Trainer:
     trainer = Trainer(make_config(model={"dtype": "bfloat16"}, train={
         "steps": 1, "num_minibatches": 1, "distributed_optimizer": distributed, **train}))
-    inner = trainer.actor.optimizer.chained_optimizers[0]
+    inner = trainer.learner.actor.optimizer.chained_optimizers[0]
     expected = "DistributedOptimizer" if distributed else "Float16OptimizerWithFloat16Params"
     assert type(inner).__name__ == expected
     return trainer
@@ -36,8 +36,8 @@ def test_zero_lr_rl_step_keeps_the_sft_warm_start(optimizer, make_config, dist_w
     after_sft = _params(trainer)
     moved = max(float((after_sft[n].float() - before[n].float()).abs().max()) for n in before)
     assert moved > 1e-3, "the warm start did not change the model"
-    assert trainer.actor.lr == 0.0, "the RL schedule's learning rate is not back after the warm start"
-    assert not any(w.optimizer.state for w in trainer.actor.optimizer.chained_optimizers), "SFT's Adam moments kept"
+    assert trainer.learner.actor.lr == 0.0, "the RL schedule's learning rate is not back after the warm start"
+    assert not any(w.optimizer.state for w in trainer.learner.actor.optimizer.chained_optimizers), "SFT's Adam moments kept"
     trainer.train_step()
     for name, value in _params(trainer).items():
         torch.testing.assert_close(value, after_sft[name], rtol=0, atol=0, msg=name)
@@ -71,6 +71,6 @@ def test_bf16_rl_steps_update_the_model_through_fp32_masters(optimizer, make_con
     assert all(p.dtype == torch.bfloat16 for p in after.values())
     changed = [n for n in start if not torch.equal(start[n], after[n])]
     assert len(changed) > len(start) // 2, f"only {len(changed)} of {len(start)} parameters changed"
-    _masters_in_sync(trainer.actor.optimizer)
+    _masters_in_sync(trainer.learner.actor.optimizer)
     # the engine generated step 2 from the pushed bf16 weights: the trainer's log-probs agree with its own
     assert metrics["train_rollout/logprob_abs_diff"] < 1e-2

@@ -1,4 +1,4 @@
-"""The covariance losses in the trainer's loss path (fake model of test_loss_path): their tokens are selected
+"""The covariance losses in the learner's loss path (fake model of test_loss_path): their tokens are selected
 once per mini-batch, over all of its tokens (every micro-batch and data-parallel rank), from the old
 log-probs, so that neither the micro-batch size nor the DP split changes the step."""
 from __future__ import annotations
@@ -8,10 +8,10 @@ import torch
 
 from grpo_megatron.algorithms import LossParams
 from grpo_megatron.config import LossParamsConfig
-from grpo_megatron.training import loop
+from grpo_megatron.training import learner as learner_module
 from grpo_megatron.training.metrics import PhaseTimer
 from tests.algorithms import reference, reference_losses
-from tests.training.test_loss_path import G, MAX_NEW_TOKENS, current_logprobs, make_samples, make_trainer, recomputed_old
+from tests.training.test_loss_path import G, MAX_NEW_TOKENS, current_logprobs, make_samples, make_learner, recomputed_old
 
 PARAMS = {"kl_cov_ratio": 0.2, "kl_cov_coef": 0.5, "clip_cov_ratio": 0.2, "clip_cov_lb": 0.0, "clip_cov_ub": 5.0}
 
@@ -20,12 +20,12 @@ def run(monkeypatch, loss: str, num_minibatches: int, micro_batch_size: int, dp:
     samples = make_samples()
     algorithm = {"loss": loss, "loss_agg": "token_mean", "clip_low": None, "clip_high": None,
                  "loss_params": LossParamsConfig(**PARAMS)}
-    trainer = make_trainer(monkeypatch, samples, algorithm, {"use_engine_logprobs": False}, num_minibatches, False)
-    trainer.cfg.train.micro_batch_size, trainer.step = micro_batch_size, 3
-    monkeypatch.setattr(loop, "data_parallel_info", lambda: dp)
-    trainer.train_on(samples, PhaseTimer())
+    learner = make_learner(monkeypatch, samples, algorithm, {"use_engine_logprobs": False}, num_minibatches, False)
+    learner.cfg.train.micro_batch_size = micro_batch_size
+    monkeypatch.setattr(learner_module, "data_parallel_info", lambda: dp)
+    learner.update(samples, 3, PhaseTimer())
     selected = {i: s.loss_selection.tolist() for i, s in enumerate(samples)}
-    return [c["loss"] for c in trainer.actor.calls], selected, samples
+    return [c["loss"] for c in learner.actor.calls], selected, samples
 
 
 def expected_kl_cov_loss(samples, rows) -> float:
@@ -84,9 +84,9 @@ def test_clip_cov_draws_anew_each_step_and_seed(monkeypatch):
     def draw(step: int, seed: int) -> dict:
         samples = make_samples()
         algorithm = {"loss": "clip_cov", "loss_agg": "token_mean", "loss_params": LossParamsConfig(**PARAMS)}
-        trainer = make_trainer(monkeypatch, samples, algorithm, {"use_engine_logprobs": False}, 1, False)
-        trainer.cfg.train.seed, trainer.step = seed, step
-        trainer.train_on(samples, PhaseTimer())
+        learner = make_learner(monkeypatch, samples, algorithm, {"use_engine_logprobs": False}, 1, False)
+        learner.cfg.train.seed = seed
+        learner.update(samples, step, PhaseTimer())
         return {i: s.loss_selection.tolist() for i, s in enumerate(samples)}
 
     first = draw(3, 1234)

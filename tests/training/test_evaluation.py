@@ -13,8 +13,8 @@ def test_each_eval_file_on_its_own_with_avg_and_pass_at_k(make_config, task_file
                       eval={"num_prompts": 8, "num_samples": 4, "temperature": 1.0})
     trainer = Trainer(cfg)
     calls = []
-    score = trainer.rewards.score
-    trainer.rewards.score = lambda *args: calls.append(score(*args)) or calls[-1]
+    score = trainer.rollouts.rewards.score
+    trainer.rollouts.rewards.score = lambda *args: calls.append(score(*args)) or calls[-1]
     metrics = trainer.evaluate()
     trainer.close()
     for name, n in (("eval", 8), ("hard", 6)):

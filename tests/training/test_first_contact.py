@@ -14,7 +14,7 @@ import pytest
 
 from grpo_megatron.config import RewardConfig, RewardFunctionConfig, RolloutConfig
 from grpo_megatron.train import KNOWN_HARMLESS_WARNINGS, quiet_known_warnings
-from grpo_megatron.training.loop import Trainer
+from grpo_megatron.training.rollout_side import RolloutSide
 from grpo_megatron.training.reward_runner import RewardRunner, RewardsFailedError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,7 +113,7 @@ def test_rollout_reports_the_error_fraction():
     loader = SimpleNamespace(next_items=lambda count: [{"index": 0}] * count, drawn=0)
     worker = RolloutWorker(
         cfg, loader, lambda items, params, first_group: [Sample("p", t, group=0) for t in next(texts)],
-        lambda samples: Trainer._score(fake, samples), lambda seed_offset: None, fake.rewards.end_step, lambda: 0)
+        lambda samples: RolloutSide.score(fake, samples), lambda seed_offset: None, fake.rewards.end_step, lambda: 0)
     assert worker.rollout_now(0)[1]["reward/error_frac"] == 0.5
     assert worker.rollout_now(1)[1]["reward/error_frac"] == 1.0
     with pytest.raises(RewardsFailedError):

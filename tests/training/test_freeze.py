@@ -13,7 +13,7 @@ FROZEN = ["embedding.*", "output_layer.*", "*.self_attention.linear_proj.*"]
 
 
 def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.policy.unwrapped()[0].named_parameters()}
+    return {n: p.detach().clone() for n, p in trainer.learner.policy.unwrapped()[0].named_parameters()}
 
 
 def _is_frozen(name: str) -> bool:
@@ -28,8 +28,8 @@ def test_frozen_parameters_stay_bitwise_equal_across_steps_and_a_resume(make_con
 
     first = Trainer(config(resume=False))
     initial = _params(first)
-    optimized = {id(p) for group in first.actor.optimizer.param_groups for p in group["params"]}
-    chunk = first.policy.unwrapped()[0]
+    optimized = {id(p) for group in first.learner.actor.optimizer.param_groups for p in group["params"]}
+    chunk = first.learner.policy.unwrapped()[0]
     assert not any(id(p) in optimized for n, p in chunk.named_parameters() if _is_frozen(n))
     first.train_step()
     first.train_step()

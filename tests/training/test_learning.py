@@ -8,6 +8,7 @@ one is off-policy and the loss variants differ in what they compute.
 """
 import pytest
 
+from grpo_megatron.training import learner as learner_module
 from grpo_megatron.training.loop import Trainer
 
 STEPS = 12
@@ -19,7 +20,7 @@ def digit_fraction(response_text: str, answer, meta) -> float:
     return sum(word.isdigit() for word in response_text.split()) / 4
 
 
-def _run(make_config, loss: str, flip_advantages: bool) -> tuple[float, float]:
+def _run(make_config, loss: str, flip_advantages: bool, monkeypatch) -> tuple[float, float]:
     clip = (0.2, 0.28) if loss == "grpo" else (3e-4, 4e-4)
     cfg = make_config(
         rollout={"prompts_per_step": 8, "group_size": 8, "max_new_tokens": 4},
@@ -30,14 +31,14 @@ def _run(make_config, loss: str, flip_advantages: bool) -> tuple[float, float]:
     )
     trainer = Trainer(cfg)
     if flip_advantages:
-        estimate = trainer._advantages
+        estimate = learner_module.assign_advantages
 
-        def flipped(samples):
-            estimate(samples)
+        def flipped(samples, estimator, group_size):
+            estimate(samples, estimator, group_size)
             for sample in samples:
                 sample.advantage = -sample.advantage
 
-        trainer._advantages = flipped
+        monkeypatch.setattr(learner_module, "assign_advantages", flipped)
     before = trainer.evaluate()["eval/reward_mean"]
     for _ in range(STEPS):
         trainer.train_step()
@@ -47,12 +48,12 @@ def _run(make_config, loss: str, flip_advantages: bool) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("loss", ["grpo", "gspo"])
-def test_rl_raises_held_out_reward(loss, make_config, dist_world1):
-    before, after = _run(make_config, loss, flip_advantages=False)
+def test_rl_raises_held_out_reward(loss, make_config, dist_world1, monkeypatch):
+    before, after = _run(make_config, loss, False, monkeypatch)
     assert after >= before + MARGIN, (before, after)
 
 
 @pytest.mark.parametrize("loss", ["grpo", "gspo"])
-def test_flipped_advantages_do_not_raise_reward(loss, make_config, dist_world1):
-    before, after = _run(make_config, loss, flip_advantages=True)
+def test_flipped_advantages_do_not_raise_reward(loss, make_config, dist_world1, monkeypatch):
+    before, after = _run(make_config, loss, True, monkeypatch)
     assert after <= before, (before, after)

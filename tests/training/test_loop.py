@@ -17,7 +17,7 @@ VARIED = {"functions": [{"name": f"{__name__}:varied_reward"}]}
 
 
 def policy_weights(trainer):
-    return {n: p.detach().clone() for c in trainer.policy.unwrapped() for n, p in c.named_parameters()}
+    return {n: p.detach().clone() for c in trainer.learner.policy.unwrapped() for n, p in c.named_parameters()}
 
 
 @pytest.mark.parametrize("loss, clip", [("grpo", (0.2, 0.28)), ("gspo", (3e-4, 4e-4)), ("gspo_token", (3e-4, 4e-4))])
@@ -37,7 +37,7 @@ def test_one_step_per_loss_variant(loss, clip, make_config, dist_world1):
         assert key in metrics and math.isfinite(metrics[key]), key
     # The engine and the trainer hold the same weights before the update: log-probs agree.
     assert metrics["train_rollout/logprob_abs_diff"] < 1e-4
-    assert trainer.engine is not None and trainer.engine.weight_version == 1
+    assert trainer.rollouts.engine is not None and trainer.rollouts.engine.weight_version == 1
 
 
 def test_engine_receives_the_updated_weights(make_config, dist_world1):
@@ -53,7 +53,7 @@ def test_engine_receives_the_updated_weights(make_config, dist_world1):
     assert first["train/grad_norm"] > 0
     assert second["train_rollout/logprob_abs_diff"] < 1e-4
     # Exporting must not leave autograd history on the parameters (the bridge broadcasts in place).
-    assert all(p.is_leaf and p.grad_fn is None for c in trainer.policy.chunks for p in c.parameters())
+    assert all(p.is_leaf and p.grad_fn is None for c in trainer.learner.policy.chunks for p in c.parameters())
 
 
 def test_token_budget_micro_batches_give_the_same_step(make_config, dist_world1):
@@ -80,7 +80,7 @@ def test_dynamic_sampling_draws_more_prompts_and_keeps_varied_groups(make_config
     cfg = make_config(rollout={"dynamic_sampling": True, "max_sampling_rounds": 4},
                       reward={"functions": [{"name": f"{__name__}:half_constant_reward"}]})
     trainer = Trainer(cfg)
-    batch, metrics = trainer.rollout()
+    batch, metrics = trainer.rollouts.rollout_now(trainer.step)
     trainer.close()
     G, prompts = cfg.rollout.group_size, cfg.rollout.prompts_per_step
     groups = [batch[g * G:(g + 1) * G] for g in range(len(batch) // G)]
@@ -96,7 +96,7 @@ def test_dynamic_sampling_fills_with_constant_groups_when_rounds_run_out(make_co
     cfg = make_config(rollout={"dynamic_sampling": True, "max_sampling_rounds": 1},
                       reward={"functions": [{"name": f"{__name__}:half_constant_reward"}]})
     trainer = Trainer(cfg)
-    batch, metrics = trainer.rollout()
+    batch, metrics = trainer.rollouts.rollout_now(trainer.step)
     trainer.close()
     G = cfg.rollout.group_size
     constant = sum(len({s.reward for s in batch[g:g + G]}) == 1 for g in range(0, len(batch), G))
@@ -105,10 +105,8 @@ def test_dynamic_sampling_fills_with_constant_groups_when_rounds_run_out(make_co
 
 
 def test_sft_warmup_lowers_answer_loss(make_config, dist_world1):
-    from grpo_megatron.training.sft import sft_warmup
-
     trainer = Trainer(make_config(train={"sft_warmup_steps": 6, "sft_lr": 3e-3}))
-    losses = sft_warmup(trainer)
+    losses = trainer.learner.sft_warmup()
     trainer.close()
     assert losses[-1] < losses[0]
 
@@ -116,7 +114,7 @@ def test_sft_warmup_lowers_answer_loss(make_config, dist_world1):
 def test_reference_model_is_frozen_and_starts_equal_to_the_policy(make_config, dist_world1):
     trainer = Trainer(make_config(algorithm={"kl_coef": 0.1}, train={"steps": 2, "num_minibatches": 1},
                                   reward=VARIED))
-    reference = trainer.reference.model
+    reference = trainer.learner.reference.model
     before = {n: p.detach().clone() for c in reference.chunks for n, p in c.named_parameters()}
     first = trainer.train_step()  # one optimizer step per batch: the step's log-probs are pre-update
     second = trainer.train_step()

@@ -1,4 +1,4 @@
-"""The trainer's loss path without a model, each piece against a computation written out here (or the
+"""The learner's loss path without a model, each piece against a computation written out here (or the
 seed-formula loops of tests/algorithms/reference.py): which tokens are in the loss, the normaliser over a
 whole mini-batch, where old and reference log-probs come from, the actor's loss scale, and the
 train-vs-rollout metrics. Megatron is replaced by fakes, so these run in milliseconds (and keep the
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,11 +15,12 @@ import torch
 from grpo_megatron.algorithms import Correction
 from grpo_megatron.config import AlgorithmConfig, RolloutConfig, RunConfig, TrainConfig
 from grpo_megatron.training import actor as actor_module
-from grpo_megatron.training import loop
+from grpo_megatron.training import learner as learner_module
 from grpo_megatron.training.actor import Actor
 from grpo_megatron.samples import Sample
 from grpo_megatron.training.batch import make_micro_batch
-from grpo_megatron.training.loop import Trainer
+from grpo_megatron.training.learner import Learner
+from grpo_megatron.training.update_math import loss_mask
 from grpo_megatron.training.metrics import PhaseTimer
 from grpo_megatron.training.mismatch import rollout_correction_metrics, train_rollout_mismatch
 from tests.algorithms import reference
@@ -106,24 +108,24 @@ class FakeReference:
         yield self.model
 
 
-def make_trainer(monkeypatch, samples, algorithm: dict, rollout: dict, num_minibatches: int,
-                 with_reference: bool) -> Trainer:
-    monkeypatch.setattr(loop, "data_parallel_info", lambda: (0, 1))
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg = RunConfig(
+def make_learner(monkeypatch, samples, algorithm: dict, rollout: dict, num_minibatches: int,
+                 with_reference: bool) -> Learner:
+    """A Learner over fakes: a policy whose log-probs are `current_logprobs`, the passes' values fixed."""
+    monkeypatch.setattr(learner_module, "data_parallel_info", lambda: (0, 1))
+    cfg = RunConfig(
         algorithm=AlgorithmConfig(**{"loss": "grpo", "clip_low": 0.2, "clip_high": 0.28, **algorithm}),
         rollout=RolloutConfig(group_size=G, max_new_tokens=MAX_NEW_TOKENS, **rollout),
         train=TrainConfig(num_minibatches=num_minibatches, micro_batch_size=3))
-    trainer.pad_id, trainer.tp_size, trainer.policy = 0, 1, "policy"
-    trainer.actor, trainer.routing = FakeActor(samples), FakeRouting()
-    trainer.reference = FakeReference() if with_reference else None
+    learner = Learner(cfg, policy="policy", actor=FakeActor(samples), memory=None,
+                      tokenizer=SimpleNamespace(pad_token_id=0), train_data=None, routing=FakeRouting(),
+                      reference=FakeReference() if with_reference else None)
     passes = {"policy": recomputed_old(samples), "reference": reference_logprobs(samples)}
-    trainer._logprob_pass = lambda model, batch: passes[model]
-    return trainer
+    learner.logprobs = lambda model, batch: passes[model]
+    return learner
 
 
 def reference_minibatch_loss(samples, rows, alg: AlgorithmConfig, old: dict, ref: dict | None) -> float:
-    """The seed-formula loss of the mini-batch `rows`, from per-sample lists (no trainer code)."""
+    """The seed-formula loss of the mini-batch `rows`, from per-sample lists (no learner code)."""
     adv = reference.group_advantages([s.reward for s in samples], G, normalize_std=alg.advantage == "grpo", eps=1e-6)
     width = max(len(samples[i].response_ids) for i in rows)
     shape = (len(rows), width)
@@ -158,11 +160,11 @@ CASES = {
 def test_train_on_gives_each_minibatch_its_reference_loss(case, monkeypatch):
     algorithm, rollout, num_minibatches, with_reference = CASES[case]
     samples = make_samples()
-    trainer = make_trainer(monkeypatch, samples, algorithm, rollout, num_minibatches, with_reference)
-    metrics = trainer.train_on(samples, PhaseTimer())
+    learner = make_learner(monkeypatch, samples, algorithm, rollout, num_minibatches, with_reference)
+    metrics = learner.update(samples, 0, PhaseTimer())
 
-    alg, calls = trainer.cfg.algorithm, trainer.actor.calls
-    if trainer.cfg.rollout.use_engine_logprobs:
+    alg, calls = learner.cfg.algorithm, learner.actor.calls
+    if learner.cfg.rollout.use_engine_logprobs:
         old = {i: s.engine_logprobs for i, s in enumerate(samples)}
     elif num_minibatches == 1:
         old = {i: current_logprobs(i, len(s.response_ids)) for i, s in enumerate(samples)}
@@ -174,20 +176,20 @@ def test_train_on_gives_each_minibatch_its_reference_loss(case, monkeypatch):
     for m, call in enumerate(calls):
         expected = reference_minibatch_loss(samples, call["rows"], alg, old, ref)
         assert call["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7), (case, m)
-        assert call["temperature"] == (trainer.cfg.rollout.temperature or 1.0)
+        assert call["temperature"] == (learner.cfg.rollout.temperature or 1.0)
         # the train-vs-rollout comparison belongs to the first mini-batch only (policy == rollout weights)
         assert all(("train_rollout/k3_kl" in mbm) == (m == 0) for mbm in call["metrics"])
     assert metrics["train/lr"] == FakeActor.lr and metrics["replay/agreement"] == 0.5
     assert metrics["train/pg_loss"] == pytest.approx(sum(c["loss"] for c in calls) / len(calls))
-    assert trainer.routing.begun is samples
+    assert learner.routing.begun is samples
 
 
 def test_decoupled_old_logprobs_report_their_divergence_from_the_rollout(monkeypatch):
     """chi2_token = mean over response tokens of (pi_old / pi_rollout)^2 - 1, written out per token."""
     samples = make_samples()
     algorithm, rollout, num_minibatches, with_reference = CASES["recomputed_old"]
-    metrics = make_trainer(monkeypatch, samples, algorithm, rollout, num_minibatches, with_reference).train_on(
-        samples, PhaseTimer())
+    metrics = make_learner(monkeypatch, samples, algorithm, rollout, num_minibatches, with_reference).update(
+        samples, 0, PhaseTimer())
     old = recomputed_old(samples)
     terms = [math.exp(2 * (float(o) - e)) - 1 for i, s in enumerate(samples) for o, e in zip(old[i], s.engine_logprobs)]
     assert metrics["rollout_correction/chi2_token"] == pytest.approx(sum(terms) / len(terms), rel=1e-5)
@@ -198,9 +200,9 @@ def test_loss_mask_drops_filtered_samples_and_zero_weight_tokens():
                Sample(prompt_ids=[1], response_ids=[3, 4, 5], group=0, meta={"_in_loss": False}),
                Sample(prompt_ids=[1, 2, 3], response_ids=[4, 5], group=1, meta={"_in_loss": True})]
     mb = make_micro_batch(samples, [0, 1, 2], pad_id=0)  # 3 rows of width 5
-    assert Trainer._loss_mask(samples, mb).tolist() == [[0, 1, 1, 0, 0], [0] * 5, [0, 0, 1, 1, 0]]
+    assert loss_mask(samples, mb).tolist() == [[0, 1, 1, 0, 0], [0] * 5, [0, 0, 1, 1, 0]]
     mb.rollout_weights = torch.tensor([[0, 0.5, 0, 0, 0], [0, 1, 1, 1, 0], [0, 0, 2, 1e-3, 0]])
-    assert Trainer._loss_mask(samples, mb).tolist() == [[0, 1, 0, 0, 0], [0] * 5, [0, 0, 1, 1, 0]]
+    assert loss_mask(samples, mb).tolist() == [[0, 1, 0, 0, 0], [0] * 5, [0, 0, 1, 1, 0]]
 
 
 def test_tool_tokens_leave_the_loss_mask():
@@ -210,7 +212,7 @@ def test_tool_tokens_leave_the_loss_mask():
                Sample(prompt_ids=[1], response_ids=[3, 4], group=0)]
     mb = make_micro_batch(samples, [0, 1], pad_id=0)  # 2 rows of width 5
     assert mb.loss_mask.tolist() == [[0, 1, 0, 1, 0], [1, 1, 0, 0, 0]]
-    assert Trainer._loss_mask(samples, mb).tolist() == [[0, 1, 0, 1, 0], [1, 1, 0, 0, 0]]
+    assert loss_mask(samples, mb).tolist() == [[0, 1, 0, 1, 0], [1, 1, 0, 0, 0]]
     assert make_micro_batch(samples, [1], pad_id=0).loss_mask is None  # all 1: no tensor at all
 
 
@@ -291,7 +293,7 @@ def _mismatch_reference(train, engine, mask) -> tuple[float, float, float]:
 ])
 def test_train_rollout_mismatch_matches_a_token_loop(mask):
     # token (0, 2) sits exactly on the 2x bound (not outside), token (0, 1) is e times more likely under the
-    # trainer (outside 2x, inside 3x), token (1, 1) below 1/2; padding is garbage
+    # learner (outside 2x, inside 3x), token (1, 1) below 1/2; padding is garbage
     train = torch.tensor([[-1.0, -0.5, math.log(2.0), 50.0], [-40.0, -2.0, 7.0, 9.0]], dtype=torch.float64)
     engine = torch.tensor([[-1.25, -1.5, 0.0, -60.0], [3.0, -0.5, -8.0, 1.0]], dtype=torch.float64)
     mask = torch.tensor(mask, dtype=torch.float64)

@@ -1,5 +1,5 @@
 """Tool tokens (loss mask 0) carry no gradient and are not in the loss normaliser, KL, the train-vs-rollout
-metrics or the mismatch correction: with garbage log-probs at exactly those positions the trainer's loss is
+metrics or the mismatch correction: with garbage log-probs at exactly those positions the learner's loss is
 the seed-formula loss with them masked out. Megatron is faked as in test_loss_path."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 from grpo_megatron.config import RolloutCorrectionConfig
 from grpo_megatron.samples import Sample
 from grpo_megatron.training.batch import make_micro_batch
-from grpo_megatron.training.loop import Trainer
+from grpo_megatron.training.update_math import loss_mask
 from grpo_megatron.training.metrics import PhaseTimer
 from tests.algorithms import reference
 from tests.training.test_loss_path import (
-    CASES, G, MAX_NEW_TOKENS, current_logprobs, make_samples, make_trainer, recomputed_old, reference_logprobs)
+    CASES, G, MAX_NEW_TOKENS, current_logprobs, make_samples, make_learner, recomputed_old, reference_logprobs)
 
 GARBAGE = 7.5  # a log-prob no sampled token has: anywhere in the loss it would dominate it
 
@@ -53,13 +53,13 @@ def expected_loss(samples, rows, alg, old, ref) -> float:
 def test_tool_tokens_are_out_of_the_loss_normaliser_and_kl(loss, loss_agg, monkeypatch):
     samples = with_tool_tokens(make_samples())
     algorithm, rollout, num_minibatches, _ = CASES["recomputed_old"]
-    trainer = make_trainer(monkeypatch, samples, {**algorithm, "loss": loss, "loss_agg": loss_agg}, rollout,
+    learner = make_learner(monkeypatch, samples, {**algorithm, "loss": loss, "loss_agg": loss_agg}, rollout,
                            num_minibatches, with_reference=True)
     clean = {"policy": recomputed_old(samples), "reference": reference_logprobs(samples)}
-    trainer._logprob_pass = lambda model, batch: garbled(clean[model], samples)
-    metrics = trainer.train_on(samples, PhaseTimer())
-    for call in trainer.actor.calls:
-        want = expected_loss(samples, call["rows"], trainer.cfg.algorithm, clean["policy"], clean["reference"])
+    learner.logprobs = lambda model, batch: garbled(clean[model], samples)
+    metrics = learner.update(samples, 0, PhaseTimer())
+    for call in learner.actor.calls:
+        want = expected_loss(samples, call["rows"], learner.cfg.algorithm, clean["policy"], clean["reference"])
         assert call["loss"] == pytest.approx(want, rel=1e-5, abs=1e-7)
     assert all(abs(v) < 5 for k, v in metrics.items() if k.startswith("train_rollout/"))
 
@@ -70,8 +70,8 @@ def test_tool_tokens_are_out_of_the_mismatch_correction(monkeypatch):
     algorithm, rollout, num_minibatches, _ = CASES["recomputed_old"]
     correction = RolloutCorrectionConfig(mode="tis", high=2.0, veto=1e-4)
     algorithm = {**algorithm, "kl_coef": 0.0, "rollout_correction": correction}
-    metrics = make_trainer(monkeypatch, samples, algorithm, rollout, num_minibatches,
-                           with_reference=False).train_on(samples, PhaseTimer())
+    metrics = make_learner(monkeypatch, samples, algorithm, rollout, num_minibatches,
+                           with_reference=False).update(samples, 0, PhaseTimer())
     assert metrics["rollout_correction/frac_rejected"] == 0.0
 
 
@@ -80,5 +80,5 @@ def test_micro_batch_loss_mask_sits_on_the_response_positions():
                Sample(prompt_ids=[1], response_ids=[3, 4], group=0)]
     mb = make_micro_batch(samples, [0, 1], pad_id=0)  # width 5; response of row 0 at positions 1..3
     assert mb.loss_mask.tolist() == [[0, 1, 0, 1, 0], [1, 1, 0, 0, 0]]
-    assert Trainer._loss_mask(samples, mb).tolist() == [[0, 1, 0, 1, 0], [1, 1, 0, 0, 0]]
+    assert loss_mask(samples, mb).tolist() == [[0, 1, 0, 1, 0], [1, 1, 0, 0, 0]]
     assert make_micro_batch(samples, [1], pad_id=0).loss_mask is None  # no tool tokens: nothing changes

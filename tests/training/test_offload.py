@@ -91,23 +91,23 @@ def test_trainer_steps_with_offload_around_generation_match_steps_without(make_c
 
     def run(offloading: bool) -> tuple[dict, Trainer]:
         trainer = Trainer(make_config(model={"dtype": "bfloat16"}, reward=VARIED, train={"steps": 2, "lr": 1e-2}))
-        assert trainer.memory.offload is None  # embedded engine: nothing shares the device
+        assert trainer.learner.memory.offload is None  # embedded engine: nothing shares the device
         if offloading:
-            trainer.memory = GenerationMemory(trainer.policy.chunks, trainer.actor.optimizer, active=True,
+            trainer.learner.memory = GenerationMemory(trainer.learner.policy.chunks, trainer.learner.actor.optimizer, active=True,
                                               offload_params=True)
         for _ in range(2):
             trainer.train_step()
         if offloading:  # a checkpoint reads the optimizer state: back first
-            assert all(t.untyped_storage().nbytes() == 0 for t in _optimizer_tensors(trainer.actor.optimizer))
+            assert all(t.untyped_storage().nbytes() == 0 for t in _optimizer_tensors(trainer.learner.actor.optimizer))
             trainer.save_checkpoint()
         trainer.close()
-        return {n: p.detach().clone() for n, p in trainer.policy.chunks[0].named_parameters()}, trainer
+        return {n: p.detach().clone() for n, p in trainer.learner.policy.chunks[0].named_parameters()}, trainer
 
     expected, _ = run(offloading=False)
     got, trainer = run(offloading=True)
     for name, value in got.items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
-    assert all(t.untyped_storage().nbytes() > 0 for t in _optimizer_tensors(trainer.actor.optimizer))
+    assert all(t.untyped_storage().nbytes() > 0 for t in _optimizer_tensors(trainer.learner.actor.optimizer))
 
 
 def test_background_rollouts_with_colocated_gpu_servers_are_refused(make_config):

@@ -1,4 +1,4 @@
-"""OPD in the trainer's loss path, megatron faked as in test_loss_path: each mini-batch's loss is the seed-formula
+"""OPD in the learner's loss path, megatron faked as in test_loss_path: each mini-batch's loss is the seed-formula
 loss (tests/algorithms/reference.py) with the advantages written out here from the OPD formulas, for both modes,
 the old log-probs of each source, tool tokens masked, and the top-k loss term."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from grpo_megatron.training.metrics import PhaseTimer
 from grpo_megatron.training.opd import prepare_training_micro_batches
 from tests.algorithms import reference
 from tests.training.test_loss_path import (
-    CASES, G, MAX_NEW_TOKENS, FakeActor, current_logprobs, make_samples, make_trainer, recomputed_old)
+    CASES, G, MAX_NEW_TOKENS, FakeActor, current_logprobs, make_samples, make_learner, recomputed_old)
 from tests.training.test_multiturn_loss_mask import GARBAGE, garbled, with_tool_tokens
 
 VOCAB, TOP_K = 24, 3
@@ -76,15 +76,15 @@ class TopKFakeActor(FakeActor):
 def opd_trainer(monkeypatch, samples, case: str, opd: OPDConfig, loss: str = "grpo", actor=None):
     algorithm, rollout, num_minibatches, _ = CASES[case]
     algorithm = {**algorithm, "loss": loss, "kl_coef": 0.0, "opd": opd}
-    trainer = make_trainer(monkeypatch, samples, algorithm, rollout, num_minibatches, with_reference=False)
-    trainer.teacher = FakeTeacher(samples, opd.top_k)
+    learner = make_learner(monkeypatch, samples, algorithm, rollout, num_minibatches, with_reference=False)
+    learner.teacher = FakeTeacher(samples, opd.top_k)
     if actor is not None:
-        trainer.actor = actor
-    return trainer
+        learner.actor = actor
+    return learner
 
 
-def old_logprobs_of(trainer, samples, case: str) -> dict:
-    if trainer.cfg.rollout.use_engine_logprobs:
+def old_logprobs_of(learner, samples, case: str) -> dict:
+    if learner.cfg.rollout.use_engine_logprobs:
         return {i: s.engine_logprobs for i, s in enumerate(samples)}
     if CASES[case][2] == 1:
         return {i: current_logprobs(i, len(s.response_ids)) for i, s in enumerate(samples)}
@@ -134,14 +134,14 @@ def expected(samples, rows, alg, old, opd: OPDConfig, topk_kl=None) -> tuple[flo
 def test_each_minibatch_gets_the_opd_reference_loss(mode, case, loss, monkeypatch):
     samples = make_samples()
     opd = OPDConfig(teacher="sglang", mode=mode, coef=0.8)
-    trainer = opd_trainer(monkeypatch, samples, case, opd, loss)
+    learner = opd_trainer(monkeypatch, samples, case, opd, loss)
     timer = PhaseTimer()
-    trainer.train_on(samples, timer)
+    learner.update(samples, 0, timer)
     assert "time/teacher" in timer.times
-    assert len(trainer.teacher.asked) == 1  # one scoring per step, of every sample
-    old = old_logprobs_of(trainer, samples, case)
-    for call in trainer.actor.calls:
-        want, kl = expected(samples, call["rows"], trainer.cfg.algorithm, old, opd)
+    assert len(learner.teacher.asked) == 1  # one scoring per step, of every sample
+    old = old_logprobs_of(learner, samples, case)
+    for call in learner.actor.calls:
+        want, kl = expected(samples, call["rows"], learner.cfg.algorithm, old, opd)
         assert call["loss"] == pytest.approx(want, rel=1e-5, abs=1e-7), (mode, case)
         tokens = [float(m["opd/teacher_kl"]) for m in call["metrics"]]
         assert len(tokens) == len(call["metrics"])
@@ -151,19 +151,19 @@ def test_tool_tokens_are_out_of_the_opd_signal_and_metric(monkeypatch):
     """GARBAGE teacher and old log-probs at tool tokens: loss and teacher KL are the ones with them masked out."""
     samples = with_tool_tokens(make_samples())
     opd = OPDConfig(teacher="sglang", mode="rl", coef=0.5)
-    trainer = opd_trainer(monkeypatch, samples, "recomputed_old", opd, "grpo")
+    learner = opd_trainer(monkeypatch, samples, "recomputed_old", opd, "grpo")
     clean = recomputed_old(samples)
-    trainer._logprob_pass = lambda model, batch: garbled(clean, samples)
+    learner.logprobs = lambda model, batch: garbled(clean, samples)
     micro_rows = []
-    train_step = trainer.actor.train_step
-    trainer.actor.train_step = lambda micro, *args: (micro_rows.append([mb.indices for mb in micro]),
+    train_step = learner.actor.train_step
+    learner.actor.train_step = lambda micro, *args: (micro_rows.append([mb.indices for mb in micro]),
                                                      train_step(micro, *args))[1]
-    trainer.train_on(samples, PhaseTimer())
-    for call, rows_of_micro in zip(trainer.actor.calls, micro_rows):
-        want, _ = expected(samples, call["rows"], trainer.cfg.algorithm, clean, opd)
+    learner.update(samples, 0, PhaseTimer())
+    for call, rows_of_micro in zip(learner.actor.calls, micro_rows):
+        want, _ = expected(samples, call["rows"], learner.cfg.algorithm, clean, opd)
         assert call["loss"] == pytest.approx(want, rel=1e-5, abs=1e-7)
         for metrics, rows in zip(call["metrics"], rows_of_micro):  # the mean over each micro-batch's loss tokens
-            _, kl = expected(samples, rows, trainer.cfg.algorithm, clean, opd)
+            _, kl = expected(samples, rows, learner.cfg.algorithm, clean, opd)
             assert float(metrics["opd/teacher_kl"]) == pytest.approx(kl, rel=1e-5, abs=1e-6)
 
 
@@ -186,11 +186,11 @@ def _topk_kl_reference(samples, temperature: float):
 def test_topk_mode_adds_the_tail_aware_reverse_kl_over_the_teachers_topk(mode, monkeypatch):
     samples = make_samples()
     opd = OPDConfig(teacher="sglang", mode=mode, coef=0.6, top_k=TOP_K)
-    trainer = opd_trainer(monkeypatch, samples, "recomputed_old", opd, "gspo", actor=TopKFakeActor(samples))
-    trainer.train_on(samples, PhaseTimer())
-    for call in trainer.actor.calls:
-        want, _ = expected(samples, call["rows"], trainer.cfg.algorithm, recomputed_old(samples), opd,
-                           _topk_kl_reference(samples, trainer.cfg.rollout.temperature))
+    learner = opd_trainer(monkeypatch, samples, "recomputed_old", opd, "gspo", actor=TopKFakeActor(samples))
+    learner.update(samples, 0, PhaseTimer())
+    for call in learner.actor.calls:
+        want, _ = expected(samples, call["rows"], learner.cfg.algorithm, recomputed_old(samples), opd,
+                           _topk_kl_reference(samples, learner.cfg.rollout.temperature))
         assert call["loss"] == pytest.approx(want, rel=1e-4, abs=1e-6), mode
         assert all(float(m["opd/topk_kl"]) > 0 for m in call["metrics"])
 

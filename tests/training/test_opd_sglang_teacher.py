@@ -29,24 +29,24 @@ def test_trainer_with_an_sglang_teacher_that_is_the_student(make_config, mock, d
 def test_async_rollouts_are_scored_on_their_tokens_as_sampled(make_config, mock, dist_world1):
     trainer = _trainer(make_config, mock, rollout={"mode": "async", "max_staleness": 2}, train={"steps": 3})
     scored, stale = [], []
-    score = trainer.teacher.score
+    score = trainer.learner.teacher.score
 
     def recording(pairs):
         scored.append(pairs)
         return score(pairs)
 
-    trainer.teacher.score = recording
-    train_on = trainer.train_on
+    trainer.learner.teacher.score = recording
+    update = trainer.learner.update
 
-    def checking(samples, timer, routes=None):
-        stale.append(any(v < trainer.step for s in samples for v in s.weight_versions))
-        result = train_on(samples, timer, routes)
+    def checking(samples, step, timer=None, routes=None):
+        stale.append(any(v < step for s in samples for v in s.weight_versions))
+        result = update(samples, step, timer, routes)
         assert [(s.prompt_ids, s.response_ids) for s in samples] == scored[-1]
         for s in samples:  # the teacher's values sit on those tokens
             assert s.teacher_logprobs.shape == (len(s.response_ids),)
         return result
 
-    trainer.train_on = checking
+    trainer.learner.update = checking
     try:
         history = trainer.train()
     finally:

@@ -64,7 +64,7 @@ def test_megatron_teacher_of_another_size_in_top_k_mode(make_config, dense_teach
     trainer, history = _train(make_config, 2, algorithm={
         "loss": "gspo", "opd": {"teacher": "megatron", "hf_path": str(dense_teacher), "mode": "rl", "top_k": 4}},
         rollout={"temperature": 0.8})
-    assert trainer.teacher.frozen.model.hf_config.hidden_size == 96  # the student: 64
+    assert trainer.learner.teacher.frozen.model.hf_config.hidden_size == 96  # the student: 64
     for metrics in history:
         assert metrics["opd/teacher_kl"] != 0.0 and math.isfinite(metrics["opd/teacher_kl"])
         assert metrics["opd/topk_kl"] > 0 and metrics["train/grad_norm"] > 0

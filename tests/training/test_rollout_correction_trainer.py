@@ -7,6 +7,7 @@ import torch
 
 from grpo_megatron.config import ConfigError
 from grpo_megatron.training.loop import Trainer
+from grpo_megatron.training import learner as learner_module
 from grpo_megatron.training.metrics import PhaseTimer
 from tests.training.test_loop import VARIED, policy_weights
 
@@ -16,7 +17,7 @@ CORRECTION = {"mode": "mis", "level": "token", "low": 0.8, "high": 1.25, "veto":
 def perturbed_rollout(trainer, sigma=0.4):
     """The step's samples with the engine's log-probs moved by fixed noise: a real train-rollout mismatch
     (as a bf16 or fp8 engine would give), the same for every trainer built with the same seed."""
-    batch, _ = trainer.rollout()
+    batch, _ = trainer.rollouts.rollout_now(trainer.step)
     g = torch.Generator().manual_seed(0)
     for s in batch:
         noise = sigma * torch.randn(len(s.engine_logprobs), generator=g)
@@ -24,16 +25,17 @@ def perturbed_rollout(trainer, sigma=0.4):
     return batch
 
 
-def run_step(make_config, train, correction=CORRECTION, capture=None):
+def run_step(make_config, train, correction=CORRECTION, capture=None, monkeypatch=None):
     trainer = Trainer(make_config(train={"steps": 1, **train}, reward=VARIED,
                                   algorithm={"loss": "grpo", "clip_low": 0.2, "clip_high": 0.28,
                                              "loss_agg": "token_mean", "kl_coef": 0.01,
                                              "rollout_correction": correction}))
-    if capture is not None:
-        original = trainer._loss_fn
-        trainer._loss_fn = lambda normalizer, first: (capture.append(normalizer), original(normalizer, first))[1]
+    if capture is not None:  # each mini-batch's loss normaliser, as the learner hands it to the loss
+        original = learner_module.policy_loss_fn
+        monkeypatch.setattr(learner_module, "policy_loss_fn", lambda alg, max_len, normalizer, *args: (
+            capture.append(normalizer), original(alg, max_len, normalizer, *args))[1])
     batch = perturbed_rollout(trainer)
-    metrics = trainer.train_on(batch, PhaseTimer())
+    metrics = trainer.learner.update(batch, trainer.step, PhaseTimer())
     weights = policy_weights(trainer)
     trainer.close()
     return batch, metrics, weights
@@ -52,9 +54,9 @@ def test_corrected_step_does_not_depend_on_the_micro_batch_split(make_config, di
         assert math.isfinite(value), key
 
 
-def test_dropped_tokens_leave_the_normaliser(make_config, dist_world1):
+def test_dropped_tokens_leave_the_normaliser(make_config, dist_world1, monkeypatch):
     normalizers = []
-    batch, metrics, _ = run_step(make_config, {"num_minibatches": 2}, capture=normalizers,
+    batch, metrics, _ = run_step(make_config, {"num_minibatches": 2}, capture=normalizers, monkeypatch=monkeypatch,
                                  correction={"mode": "mis", "low": 0.8, "high": 1.25})
     half = len(batch) // 2
     kept = [sum(int((s.rollout_weights > 0).sum()) for s in part) for part in (batch[:half], batch[half:])]

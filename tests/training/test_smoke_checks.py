@@ -18,10 +18,10 @@ def test_sft_check_passes_and_catches_an_undone_warm_start(task_files, dist_worl
     result = smoke.check_sft_warm_start(task_files, tmp_path)
     assert set(result) == {"float16", "distributed"} and all(r["sft_max_change"] > 0 for r in result.values())
 
-    def refresh_masters_too_late(trainer):  # the defect: masters copied before SFT are written back at RL's step
-        stale = [[p.detach().clone() for p in group["params"]] for group in trainer.actor.optimizer.param_groups]
-        losses = sft_warmup(trainer)
-        for group, saved in zip(trainer.actor.optimizer.param_groups, stale):
+    def refresh_masters_too_late(learner):  # the defect: masters copied before SFT are written back at RL's step
+        stale = [[p.detach().clone() for p in group["params"]] for group in learner.actor.optimizer.param_groups]
+        losses = sft_warmup(learner)
+        for group, saved in zip(learner.actor.optimizer.param_groups, stale):
             for p, value in zip(group["params"], saved):
                 p.data.copy_(value)
         return losses

@@ -12,13 +12,17 @@ comparison could not pass with the option ignored.
 """
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 
+from grpo_megatron.config import RunConfig, load_config
+from grpo_megatron.rollout.data import PromptLoader
+from grpo_megatron.training.learner import Learner
 from grpo_megatron.training.loop import Trainer
 from grpo_megatron.training.metrics import PhaseTimer
+from grpo_megatron.training.reward_runner import RewardRunner
+from grpo_megatron.training.rollout_side import RolloutSide
 from tests.algorithms import reference
 
 MAX_NEW_TOKENS = 4
@@ -61,19 +65,42 @@ def _perturb(parameters, scale: float, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
-def _trainer(make_config, algorithm: dict, extra: dict) -> Trainer:
+def _config(task_files, run_dir, algorithm: dict, extra: dict) -> RunConfig:
     rollout = {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": MAX_NEW_TOKENS,
                "use_engine_logprobs": extra.get("use_engine_logprobs", True),
                "stop_token_ids": list(range(14, 30))}  # letters: a mix of finished and truncated samples
     reward = {"functions": [{"name": f"{__name__}:varied_reward"}], "overlong_penalty": extra.get("overlong_penalty", False),
               "overlong_cache_tokens": CACHE_TOKENS}
-    cfg = make_config(algorithm={**BASE, **algorithm}, rollout=rollout, reward=reward,
-                      train={"steps": 1, "num_minibatches": 1, "micro_batch_size": 4, "lr": 0.0, "clip_grad": 0.0})
-    trainer = Trainer(cfg)
-    _perturb(trainer.engine._model.parameters(), 0.3, seed=1)  # the behaviour policy differs from the trainer's
-    if trainer.reference is not None:
-        _perturb((p for c in trainer.reference.model.chunks for p in c.parameters()), 0.1, seed=2)
-    return trainer
+    return load_config(None, {
+        "run_dir": str(run_dir), "model": {"hf_path": str(task_files["hf"])},
+        "data": {"train_files": [str(task_files["train"])], "eval_files": []},
+        "algorithm": {**BASE, **algorithm}, "rollout": rollout, "reward": reward,
+        "train": {"steps": 1, "num_minibatches": 1, "micro_batch_size": 4, "lr": 0.0, "clip_grad": 0.0,
+                  "num_threads": 1},
+        "logging": {"progress_bar": False, "tensorboard": False}})
+
+
+@pytest.fixture(scope="module")
+def built(task_files, tmp_path_factory, dist_world1):
+    """One stack for every case (lr 0: the weights never move), with a reference model for the KL cases."""
+    run_dir = tmp_path_factory.mktemp("trainer_math")
+    trainer = Trainer(_config(task_files, run_dir, {"kl_coef": 0.5}, {}))
+    _perturb(trainer.rollouts.engine._model.parameters(), 0.3, seed=1)  # the behaviour policy differs from the trainer's
+    _perturb((p for c in trainer.learner.reference.model.chunks for p in c.parameters()), 0.1, seed=2)
+    yield trainer, run_dir
+    trainer.close()
+
+
+def _case(built, task_files, algorithm: dict, extra: dict) -> tuple[Learner, RolloutSide]:
+    """The shared models under this case's config: a learner and a rollout side that differ only in it."""
+    trainer, run_dir = built
+    cfg = _config(task_files, run_dir, algorithm, extra)
+    learner = trainer.learner
+    case_learner = Learner(cfg, learner.policy, learner.actor, learner.memory, learner.tokenizer, learner.train_data,
+                           routing=learner.routing, reference=learner.reference if cfg.algorithm.kl_coef > 0 else None)
+    loader = PromptLoader(learner.train_data, cfg.rollout.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    rollouts = RolloutSide(cfg, trainer.rollouts.engine, learner.tokenizer, loader, RewardRunner(cfg.reward), {})
+    return case_learner, rollouts
 
 
 def _sequence_logprobs(model, sample) -> torch.Tensor:
@@ -86,11 +113,11 @@ def _sequence_logprobs(model, sample) -> torch.Tensor:
     return logp
 
 
-def _expected_rewards(trainer, samples, overlong_penalty: bool) -> list[float]:
+def _expected_rewards(learner, samples, overlong_penalty: bool) -> list[float]:
     """The reward function on the decoded response, plus DAPO's soft overlong penalty from its formula."""
     rewards = []
     for s in samples:
-        r = varied_reward(trainer.tokenizer.decode(s.response_ids, skip_special_tokens=True), None, {})
+        r = varied_reward(learner.tokenizer.decode(s.response_ids, skip_special_tokens=True), None, {})
         length = len(s.response_ids)
         if overlong_penalty and length > MAX_NEW_TOKENS - CACHE_TOKENS:
             r += ((MAX_NEW_TOKENS - CACHE_TOKENS) - length) / CACHE_TOKENS if length <= MAX_NEW_TOKENS else -1.0
@@ -98,10 +125,10 @@ def _expected_rewards(trainer, samples, overlong_penalty: bool) -> list[float]:
     return rewards
 
 
-def _reference_grads(trainer, samples, alg: dict, extra: dict) -> dict[str, torch.Tensor]:
-    policy = trainer.policy.unwrapped()[0]
-    rewards = _expected_rewards(trainer, samples, extra.get("overlong_penalty", False))
-    adv = reference.group_advantages(rewards, trainer.cfg.rollout.group_size,
+def _reference_grads(learner, samples, alg: dict, extra: dict) -> dict[str, torch.Tensor]:
+    policy = learner.policy.unwrapped()[0]
+    rewards = _expected_rewards(learner, samples, extra.get("overlong_penalty", False))
+    adv = reference.group_advantages(rewards, learner.cfg.rollout.group_size,
                                      normalize_std=alg["advantage"] == "grpo", eps=1e-6)
     width = max(len(s.response_ids) for s in samples)
     rows = []
@@ -117,9 +144,9 @@ def _reference_grads(trainer, samples, alg: dict, extra: dict) -> dict[str, torc
         mask[i, :n] = 0.0 if (alg["overlong_filter"] and s.truncated) else 1.0
         old[i, :n] = (torch.tensor(s.engine_logprobs, dtype=torch.float64) if extra.get("use_engine_logprobs", True)
                       else logp[i, :n].detach())
-        if trainer.reference is not None:
+        if learner.reference is not None:
             with torch.no_grad():
-                ref[i, :n] = _sequence_logprobs(trainer.reference.model.unwrapped()[0], s)
+                ref[i, :n] = _sequence_logprobs(learner.reference.model.unwrapped()[0], s)
     loss = reference.policy_loss(logp, old, torch.tensor(adv, dtype=torch.float64), mask, alg["loss"],
                                  alg["clip_low"], alg["clip_high"], alg["loss_agg"], ref=ref, kl_coef=alg["kl_coef"],
                                  kl_estimator=alg["kl_estimator"], dual_c=alg["dual_clip_c"], max_len=MAX_NEW_TOKENS)
@@ -138,22 +165,21 @@ def _close(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("name, algorithm, extra, baseline", CASES, ids=[c[0] for c in CASES])
-def test_trainer_gradient_matches_the_reference(name, algorithm, extra, baseline, make_config, dist_world1):
-    trainer = _trainer(make_config, algorithm, extra)
-    samples, _ = trainer.rollout()
+def test_trainer_gradient_matches_the_reference(name, algorithm, extra, baseline, built, task_files):
+    learner, rollouts = _case(built, task_files, algorithm, extra)
+    samples, _ = rollouts.rollout_now(0)
     assert any(s.truncated for s in samples) and not all(s.truncated for s in samples)
-    metrics = trainer.train_on(samples, PhaseTimer())
-    got = {n: p.main_grad.detach().clone() for n, p in trainer.policy.unwrapped()[0].named_parameters()}
+    metrics = learner.update(samples, 0, PhaseTimer())
+    got = {n: p.main_grad.detach().clone() for n, p in learner.policy.unwrapped()[0].named_parameters()}
     alg = {**BASE, **algorithm}
-    expected = _reference_grads(trainer, samples, alg, extra)
-    trainer.close()
+    expected = _reference_grads(learner, samples, alg, extra)
     assert max(float(g.abs().max()) for g in got.values()) > 1e-6, "no gradient at all"
     for n in expected:
         assert _relative_error(got[n], expected[n]) < 1e-4, (name, n, _relative_error(got[n], expected[n]))
     # The option matters for this batch: switched back, the reference gradient is different.
     switched_alg = {**alg, **{k: v for k, v in baseline.items() if k in alg}}
     switched_extra = {**extra, **{k: v for k, v in baseline.items() if k not in alg}}
-    assert not _close(expected, _reference_grads(trainer, samples, switched_alg, switched_extra)), name
+    assert not _close(expected, _reference_grads(learner, samples, switched_alg, switched_extra)), name
     if alg["dual_clip_c"] is not None:
         assert metrics["train/clip_frac_tokens"] > metrics["train/clip_frac_low"] + metrics["train/clip_frac_high"]
 
