@@ -62,7 +62,7 @@ NEW_LOSS_TESTS = ("tests/algorithms/test_more_losses_edges.py", "tests/algorithm
                   "tests/algorithms/test_properties.py", "tests/training/test_covariance_loss_path.py")
 """The newer losses' own tests first: they kill most of their mutants within a second."""
 LOSS_TESTS = ("tests/training/test_loss_path.py", "tests/training/test_batch.py", "tests/training/test_actor.py",
-              "tests/training/test_covariance_loss_path.py")
+              "tests/training/test_covariance_loss_path.py", "tests/training/test_opd_loss_path.py")
 """Fast tests only: the trainer-level ones (test_trainer_math.py, test_loop.py) take minutes per mutant here."""
 
 
