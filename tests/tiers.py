@@ -28,14 +28,16 @@ IMPLIES_MULTIPROCESS = ("distributed", "gpu_semantics")
 
 
 def tier_of(item: pytest.Item) -> str:
-    """Its own tier marker, else multiprocess if a process-launching marker says so, else its folder's tier."""
+    """Its own tier marker, else an e2e folder's, else multiprocess if a process-launching marker says so, else its
+    folder's tier."""
     for tier in reversed(TIERS):
         if item.get_closest_marker(tier):
             return tier
-    if any(item.get_closest_marker(name) for name in IMPLIES_MULTIPROCESS):
-        return "multiprocess"
     parts = Path(str(item.fspath)).resolve().relative_to(TESTS).parts
-    return FOLDER_TIER.get(parts[0], "unit") if len(parts) > 1 else "unit"
+    folder = FOLDER_TIER.get(parts[0], "unit") if len(parts) > 1 else "unit"
+    if folder != "e2e" and any(item.get_closest_marker(name) for name in IMPLIES_MULTIPROCESS):
+        return "multiprocess"
+    return folder
 
 
 class TierClock:
@@ -46,6 +48,7 @@ class TierClock:
         self.outcomes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.start = time.monotonic()
 
+    @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         for item in items:
             tier = tier_of(item)
