@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 
 from grpo_megatron.parallel import free_port
+from tests import tiers
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """The test tiers' markers and their time report at the end of the run (tests/tiers.py)."""
+    tiers.register(config)
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.multiprocess  # import-linter in its own interpreter
 def test_the_import_layers_hold_and_no_package_has_a_cycle():
     run = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
                           "sys.exit(lint_imports_command(['--no-cache', '--config', '.importlinter']))"],

@@ -1,4 +1,5 @@
 """Bad inputs to the conversion each fail with a message naming the problem, writing nothing."""
+import importlib.util
 import json
 import shutil
 
@@ -11,7 +12,7 @@ from grpo_megatron.models import (
     validate_hf_config)
 from grpo_megatron.models.tiny import tiny_hf_config
 from grpo_megatron.parallel import ParallelLayout, init_model_parallel
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 def edited_checkpoint(src, dst, edit_weights=None, edit_config=None):
@@ -82,6 +83,7 @@ def test_shape_mismatch_is_named(tiny_hf_dir, tmp_path, dist_world1):
         load_into_new_model(hf)
 
 
+@pytest.mark.multiprocess
 def test_cli_failure_leaves_nothing_at_output(tiny_hf_dir, tmp_path):
     hf = edited_checkpoint(tiny_hf_dir("mixtral"), tmp_path / "hf",
                            edit_weights=lambda w: w.pop("model.layers.0.block_sparse_moe.experts.2.w3.weight"))
@@ -91,6 +93,7 @@ def test_cli_failure_leaves_nothing_at_output(tiny_hf_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.multiprocess
 def test_cli_layout_that_does_not_fit_the_world(tiny_hf_dir, tmp_path):
     result = run_cli(["tools/convert_hf_to_megatron.py", "--hf-path", str(tiny_hf_dir("qwen3_moe")),
                       "--output", str(tmp_path / "out"), "--tp", "2"])
@@ -99,10 +102,21 @@ def test_cli_layout_that_does_not_fit_the_world(tiny_hf_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_help_and_missing_checkpoint(tmp_path):
-    for tool in ("tools/convert_hf_to_megatron.py", "tools/convert_megatron_to_hf.py"):
-        result = run_cli([tool, "--help"])
-        assert result.returncode == 0 and "--output" in result.stdout
-    result = run_cli(["tools/convert_megatron_to_hf.py", "--megatron-path", str(tmp_path / "nope"),
-                      "--output", str(tmp_path / "hf")])
-    assert result.returncode != 0 and "is not a grpo_megatron megatron checkpoint" in result.stderr
+def load_tool(name: str):
+    """A tools/ script as a module, to call its main in this process (the scripts' own runs are the tests above)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_help_and_missing_checkpoint(tmp_path, capsys):
+    for tool in ("convert_hf_to_megatron", "convert_megatron_to_hf"):
+        with pytest.raises(SystemExit) as help_exit:
+            load_tool(tool).main(["--help"])
+        assert help_exit.value.code == 0 and "--output" in capsys.readouterr().out
+    # fails reading the checkpoint, before any process group is made
+    with pytest.raises(FileNotFoundError, match="is not a grpo_megatron megatron checkpoint"):
+        load_tool("convert_megatron_to_hf").main(["--megatron-path", str(tmp_path / "nope"),
+                                                  "--output", str(tmp_path / "hf")])
+    assert not (tmp_path / "hf").exists()

@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.multiprocess
 def test_preflight_stops_a_job_that_does_not_fit_and_names_the_fix(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_ARGS", "SGLANG_MEM_FRACTION", "SGLANG_TP")}
     env["PYTHONPATH"] = str(REPO)

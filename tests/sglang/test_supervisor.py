@@ -13,6 +13,8 @@ from grpo_megatron.rollout.sglang.health import HealthPolicy, Verdict
 from grpo_megatron.rollout.sglang.supervisor import RestartPolicy, ServerSupervisor, State
 from grpo_megatron.rollout.sglang.transport import ServerPool
 
+pytestmark = pytest.mark.unit  # the supervisor's policy on stand-in servers: no process, no model
+
 URLS = ["http://10.0.0.1:30000", "http://10.0.0.2:30000"]
 OFF = HealthPolicy(interval_s=0)  # no watcher thread: verdicts come from the test
 

@@ -88,6 +88,7 @@ def test_mismatched_runs_warn_and_still_compare(tmp_path):
     assert "## Warnings" in (out / "summary.md").read_text()
 
 
+@pytest.mark.multiprocess  # the script's real command line
 def test_run_dir_without_metrics_is_an_error_naming_it(tmp_path):
     good = make_run(tmp_path / "good", "grpo", 1)
     empty = tmp_path / "not_a_run"
@@ -98,11 +99,13 @@ def test_run_dir_without_metrics_is_an_error_naming_it(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_help_lists_the_definitions():
-    result = run_cli(["tools/compare_runs.py", "--help"])
-    assert result.returncode == 0
+def test_help_lists_the_definitions(capsys):
+    with pytest.raises(SystemExit) as help_exit:
+        compare_runs.main(["--help"])
+    assert help_exit.value.code == 0
+    out = capsys.readouterr().out
     for text in ("--output", "spikes", "--target", "tokens consumed"):
-        assert text in result.stdout
+        assert text in out
 
 
 def test_max_accuracy_drop():

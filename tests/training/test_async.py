@@ -113,6 +113,7 @@ def test_background_modes_on_mock_sglang_servers(mode, mock, tiny_hf_dir, tmp_pa
     assert all(math.isfinite(m["train/pg_loss"]) for m in history)
 
 
+@pytest.mark.e2e  # the example's whole run (minutes); the async loop's own checks are the tests above
 def test_cpu_example_runs_asynchronously(tmp_path):
     """The README's CPU example, quick, with the embedded engine generating on its rollout thread."""
     from tests.conftest import run_cli

@@ -38,15 +38,30 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.mark.parametrize("args, message", [
     (["--config", "missing.yaml"], "error: config file missing.yaml does not exist"),
-    pytest.param([*EXAMPLE, "--train.no_such_key", "1"],  # the message itself: tests/training/test_config_and_failures.py
-                 "error: unknown config key(s) train.no_such_key; known keys in train:", marks=pytest.mark.slow),
-    ([*EXAMPLE, "--model.megatron_path", "/nonexistent/ckpt"], "error: /nonexistent/ckpt is not a grpo_megatron"),
+    ([*EXAMPLE, "--train.no_such_key", "1"], "error: unknown config key(s) train.no_such_key; known keys in train:"),
 ])
-def test_a_user_error_is_one_line_and_status_2(args, message, tmp_path):
-    lines = error_lines(train(*args, tmp_path=tmp_path))
+def test_a_config_error_is_one_line_and_status_2(args, message, tmp_path, monkeypatch, capsys):
+    """In-process (the entry point's main, no model built); the real command line is in the subprocess tests."""
+    from grpo_megatron import parallel, process_setup, train as train_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(process_setup, "prepare_process", lambda cfg: None)  # no signal handlers in pytest
+    monkeypatch.setattr(parallel, "destroy", lambda: None)  # the suite's one-process gloo world stays up
+    monkeypatch.setattr(Trainer, "__init__", lambda self, cfg: pytest.fail("the error came after the model build"))
+    status = train_cli.main([*args, "--run_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and lines[0].startswith(message), lines
 
 
+@pytest.mark.multiprocess  # the real command line, in its own interpreter
+def test_an_error_of_the_model_load_is_one_line_and_status_2(tmp_path):
+    lines = error_lines(train(*EXAMPLE, "--model.megatron_path", "/nonexistent/ckpt", tmp_path=tmp_path))
+    assert len(lines) == 1 and lines[0].startswith("error: /nonexistent/ckpt is not a grpo_megatron"), lines
+
+
+@pytest.mark.multiprocess
 def test_a_layout_error_after_start_up_prints_no_fallback_notices(tmp_path):
     result = train(*EXAMPLE, "--tensor-model-parallel-size", "2", tmp_path=tmp_path)
     lines = error_lines(result)
