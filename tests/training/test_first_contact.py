@@ -14,6 +14,7 @@ import pytest
 
 from grpo_megatron.config import RewardConfig, RewardFunctionConfig, RolloutConfig
 from grpo_megatron.train import KNOWN_HARMLESS_WARNINGS, quiet_known_warnings
+from grpo_megatron.training.loop import Trainer
 from grpo_megatron.training.rollout_side import RolloutSide
 from grpo_megatron.training.reward_runner import RewardRunner, RewardsFailedError
 
@@ -47,7 +48,7 @@ def test_a_config_error_is_one_line_and_status_2(args, message, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(process_setup, "prepare_process", lambda cfg: None)  # no signal handlers in pytest
     monkeypatch.setattr(parallel, "destroy", lambda: None)  # the suite's one-process gloo world stays up
-    monkeypatch.setattr(Trainer, "__init__", lambda self, cfg: pytest.fail("the error came after the model build"))
+    monkeypatch.setattr(Trainer, "__init__", lambda self, cfg, parts=None: pytest.fail("the error came after the model build"))
     status = train_cli.main([*args, "--run_dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err, err
