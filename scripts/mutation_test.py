@@ -114,7 +114,7 @@ TARGETS = (
     Target("grpo_megatron/training/loop.py", "loss_path", LOSS_TESTS,
            ("Trainer._advantages", "Trainer._loss_fn", "Trainer.train_on", "Trainer._loss_mask",
             "Trainer._select_tokens", "Trainer._old_logprobs_are_current")),
-    Target("grpo_megatron/config.py", "loss_path", ("tests/training/test_loss_config.py",), ("RunConfig._validate_loss",)),
+    Target("grpo_megatron/config/validation.py", "loss_path", ("tests/training/test_loss_config.py",), ("_validate_loss",)),
 )
 
 # ---------------------------------------------------------------------------------------------- mutations
