@@ -48,13 +48,13 @@ from grpo_megatron.training.actor import (
     Actor, combine_minibatch_metrics, data_parallel_info, forward_logprobs)
 from grpo_megatron.training.batch import (
     make_micro_batch, rank_micro_batches, response_span, samples_of_rank)
-from grpo_megatron.training.engine_factory import make_engine
+from grpo_megatron.rollout.engines import make_engine
 from grpo_megatron.training.metrics import MetricsLogger, PhaseTimer
 from grpo_megatron.training.reference import ReferenceModel
 from grpo_megatron.training.mismatch import rollout_correction_metrics, train_rollout_mismatch
 from grpo_megatron.training.offload import GenerationMemory
 from grpo_megatron.training.prompt_log import PromptLog
-from grpo_megatron.training.reward_runner import RewardRunner
+from grpo_megatron.rollout.rewards.runner import RewardRunner
 from grpo_megatron.training.weight_push import release_rollout_memory
 from grpo_megatron.training.rollout_worker import RolloutWorker
 
