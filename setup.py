@@ -30,7 +30,7 @@ setup(
         "psutil",
         "packaging",  # the megatron-core version check at start-up
         "einops",
-        # HTTP client of the remote reward service (rollout/remote_reward.py) and the SGLang client.
+        # HTTP client of the remote reward service (rollout/rewards/remote.py) and the SGLang client.
         "httpx",
     ],
     extras_require={

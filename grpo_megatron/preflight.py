@@ -58,7 +58,7 @@ def check_sampling(cfg: RunConfig) -> None:
 
 def check_rewards(cfg: RunConfig) -> None:
     """Every reward name resolves (registered, `remote`, or an importable "package.module:function") with its options."""
-    from grpo_megatron.rollout.rewards import resolve_reward
+    from grpo_megatron.rollout.rewards.functions import resolve_reward
 
     for i, spec in enumerate(cfg.reward.functions):
         try:

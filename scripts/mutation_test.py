@@ -114,7 +114,7 @@ TARGETS = (
     Target("grpo_megatron/training/update_math.py", "loss_path", LOSS_TESTS,
            ("assign_advantages", "policy_loss_fn", "loss_mask", "select_minibatch_tokens", "old_logprobs_are_current")),
     Target("grpo_megatron/training/learner.py", "loss_path", LOSS_TESTS, ("Learner.update",)),
-    Target("grpo_megatron/config.py", "loss_path", ("tests/training/test_loss_config.py",), ("RunConfig._validate_loss",)),
+    Target("grpo_megatron/config/validation.py", "loss_path", ("tests/training/test_loss_config.py",), ("_validate_loss",)),
 )
 
 # ---------------------------------------------------------------------------------------------- mutations

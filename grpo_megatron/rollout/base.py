@@ -1,4 +1,7 @@
-"""The interface between the trainer and a generation engine (embedded here; SGLang/vLLM servers later).
+"""The interface between the trainer and a generation engine (embedded in-process, or SGLang servers).
+
+Everything the trainer asks of an engine is a method here (generate, push weights, verify and version them,
+release memory), so training/ never needs to know which engine it has.
 
 The trainer only ever sees token ids, per-token log-probs and (for MoE routing replay) the experts each
 position was routed to, so every engine must return exactly the conventions documented on `Completion`.
@@ -8,8 +11,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:  # types only: this module stays free of megatron imports
+    from grpo_megatron.models.weight_stream import Alloc, Bucket
 
 
 @dataclass
@@ -69,8 +76,26 @@ class Completion:
             self.response_ids)
 
 
+class BucketSender(Protocol):
+    """Whatever takes a stream of weight buckets from a trainer rank (an engine's weight sync)."""
+
+    to_every_rank: bool
+    """Every trainer rank sends its own copy of each bucket (colocated tensor mode), else rank 0 only."""
+    alloc: Alloc
+    """Where a bucket's buffer is made (shared memory when the receiver maps it)."""
+
+    def push_buckets(self, buckets: Iterable[Bucket], version: int) -> int:
+        """Send every bucket; returns the bytes moved."""
+
+
 class RolloutEngine(ABC):
     """Generates completions with the current policy weights, which the trainer pushes after each step."""
+
+    bucket_alloc: Alloc | None = None
+    """Where the trainer makes the buffers of the buckets it pushes (None: plain memory; an engine may want
+    shared memory)."""
+    to_every_rank: bool = False
+    """Whether every trainer rank streams buckets too (each has its own sender: rollout.engines.rank_sender)."""
 
     @abstractmethod
     def generate(
@@ -90,6 +115,20 @@ class RolloutEngine(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Release the engine's resources; it cannot generate afterwards."""
+
+    def push_buckets(self, buckets: Iterable[Bucket], version: int, complete: bool = True,
+                     verify: bool = True) -> None:
+        """Push weights streamed as buckets. `complete`: every tensor (False: only changed ones, for an engine
+        that keeps the rest); `verify=False` leaves the post-push check to a later verify_push(). By default the
+        bucket's tensors go to update_weights."""
+        self.update_weights(((name, t) for bucket in buckets for name, t in bucket.tensors()), version)
+
+    def serves_last_push(self) -> bool:
+        """Whether the engine still holds the weights of the last push (False: the next push must be complete)."""
+        return True
+
+    def release_memory(self) -> None:
+        """Give accelerator memory back for training; the next push takes it again. Nothing to give here."""
 
     def verify_push(self) -> None:
         """Check that the engine serves the weights of the last update (SGLang's post-sync probe); none here."""

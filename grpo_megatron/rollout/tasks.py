@@ -21,7 +21,7 @@ import string
 from collections.abc import Callable
 from pathlib import Path
 
-from grpo_megatron.rollout.rewards import register_reward
+from grpo_megatron.rollout.rewards.functions import register_reward
 
 # Fixed lengths keep the token to copy at a fixed distance from the current position, which rotary
 # attention expresses directly; variable lengths would ask a 2-layer model for position counting.

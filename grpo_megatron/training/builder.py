@@ -20,12 +20,12 @@ from grpo_megatron.replay import attach_routing_replay
 from grpo_megatron.rollout.data import PromptDataset, PromptLoader
 from grpo_megatron.training import opd
 from grpo_megatron.training.actor import Actor, data_parallel_info
-from grpo_megatron.training.engine_factory import make_engine
+from grpo_megatron.rollout.engines import make_engine
 from grpo_megatron.training.evaluation import eval_names
 from grpo_megatron.training.learner import Learner
 from grpo_megatron.training.offload import GenerationMemory
 from grpo_megatron.training.reference import ReferenceModel
-from grpo_megatron.training.reward_runner import RewardRunner
+from grpo_megatron.rollout.rewards.runner import RewardRunner
 from grpo_megatron.training.rollout_side import RolloutReceiver, RolloutSide
 
 

@@ -10,7 +10,7 @@ from grpo_megatron.algorithms import pass_at_k
 from grpo_megatron.config import RunConfig
 from grpo_megatron.rollout.base import RolloutEngine, SamplingParams
 from grpo_megatron.rollout.data import PromptDataset
-from grpo_megatron.training.reward_runner import RewardRunner
+from grpo_megatron.rollout.rewards.runner import RewardRunner
 
 EVAL_SEED_OFFSET = 1 << 30
 """Sampled evaluation draws with seed offsets from here (one per eval file), apart from the rollouts' offsets."""

@@ -19,7 +19,7 @@ from grpo_megatron.rollout.data import PromptItem, PromptLoader
 from grpo_megatron.rollout.functions import RolloutContext, generate_samples
 from grpo_megatron.samples import Sample
 from grpo_megatron.training.evaluation import Evaluator
-from grpo_megatron.training.reward_runner import RewardRunner
+from grpo_megatron.rollout.rewards.runner import RewardRunner
 from grpo_megatron.training.rollout_worker import RolloutWorker
 from grpo_megatron.training.weight_push import WeightPush, release_rollout_memory
 

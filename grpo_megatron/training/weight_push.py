@@ -1,8 +1,8 @@
 """A weight sync as every trainer rank runs it: the policy streamed in buckets to whoever sends them on.
 
 Rank 0 holds the engine; with colocated tensor-mode servers every rank also sends (its own copy for the server
-TP rank on its GPU), so it gets a sender of its own here. No rank materialises the model (see
-grpo_megatron.models.weight_stream for the memory bound). With rollout.sglang.sync_changed_only a sync streams
+TP rank on its GPU), so it gets a sender of its own (rollout.engines.rank_sender). No rank materialises the model
+(see grpo_megatron.models.weight_stream for the memory bound). With rollout.sglang.sync_changed_only a sync streams
 only the tensors whose parameters changed since the last one (grpo_megatron.models.weight_changes), after a full
 first sync in every process and whenever rank 0's engine finds a server not holding its last push.
 """
@@ -14,23 +14,20 @@ from grpo_megatron.models.weight_changes import ChangeTracker
 from grpo_megatron.models.weight_stream import hf_buckets, plain_alloc
 from grpo_megatron.ranks import is_rank0
 from grpo_megatron.rollout.base import RolloutEngine
+from grpo_megatron.rollout.engines import bucket_bytes, rank_sender
 
 
 class WeightPush:
     def __init__(self, cfg: RunConfig, engine: RolloutEngine | None):
-        from grpo_megatron.rollout.sglang import SGLangEngine
-        from grpo_megatron.rollout.sglang.weight_sync import bucket_bytes
-
         s = cfg.rollout.sglang
         self.engine = engine
         self.bucket_bytes = bucket_bytes(s.bucket_mb)
-        self.sender = engine.sync if isinstance(engine, SGLangEngine) else None
-        if self.sender is None and cfg.rollout.engine == "sglang" and s.sync_mode == "tensor" and s.colocated:
-            from grpo_megatron.rollout.sglang.sync_factory import make_weight_sync
-
-            self.sender = make_weight_sync(s, cfg.model.hf_path)  # this rank's share of the colocated sends
-        self.to_every_rank = self.sender is not None and self.sender.to_every_rank
-        self.alloc = self.sender.alloc if self.sender is not None else plain_alloc
+        self.sender = rank_sender(cfg) if engine is None else None  # ranks 1..N: colocated tensor mode only
+        if engine is not None:
+            self.to_every_rank, self.alloc = engine.to_every_rank, engine.bucket_alloc or plain_alloc
+        else:
+            self.to_every_rank = self.sender is not None and self.sender.to_every_rank
+            self.alloc = self.sender.alloc if self.sender is not None else plain_alloc
         self.changes = ChangeTracker() if cfg.rollout.engine == "sglang" and s.sync_changed_only else None
 
     def run(self, model: PolicyModel, version: int, verify: bool = True) -> None:
@@ -38,13 +35,10 @@ class WeightPush:
         `verify=False` leaves the engine's post-sync check to a later engine.verify_push()."""
         only = None
         if self.changes is not None:
-            serves = getattr(self.engine, "serves_last_push", None)
-            only = self.changes.select(model, full=serves is not None and not serves())
+            only = self.changes.select(model, full=self.engine is not None and not self.engine.serves_last_push())
         buckets = hf_buckets(model, self.bucket_bytes, self.to_every_rank, self.alloc, only)
-        if self.engine is not None and self.sender is not None:
+        if self.engine is not None:
             self.engine.push_buckets(buckets, version, complete=only is None, verify=verify)
-        elif self.engine is not None:
-            self.engine.update_weights(((n, t) for bucket in buckets for n, t in bucket.tensors()), version)
         elif self.sender is not None:
             self.sender.push_buckets(buckets, version)
         else:
@@ -56,6 +50,5 @@ class WeightPush:
 
 def release_rollout_memory(engine: RolloutEngine | None) -> None:
     """Colocated GPU servers give their memory back for training; the next push takes it again."""
-    release = getattr(engine, "release_memory", None)
-    if release is not None and (is_rank0()):
-        release()
+    if engine is not None and is_rank0():
+        engine.release_memory()

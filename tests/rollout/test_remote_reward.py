@@ -11,8 +11,8 @@ import pytest
 
 from grpo_megatron.config import RewardConfig, RewardFunctionConfig
 from grpo_megatron.parallel import free_port
-from grpo_megatron.rollout.remote_reward import RemoteReward
-from grpo_megatron.training.reward_runner import RewardRunner
+from grpo_megatron.rollout.rewards.remote import RemoteReward
+from grpo_megatron.rollout.rewards.runner import RewardRunner
 
 
 class RewardServer:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from grpo_megatron.rollout.rewards import (
+from grpo_megatron.rollout.rewards.functions import (
     RewardSpec, compute_rewards, extract_final_answer, get_reward_fn, register_reward,
 )
 

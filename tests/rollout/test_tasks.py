@@ -7,7 +7,7 @@ import pytest
 
 from grpo_megatron.models.tiny import build_tiny_tokenizer
 from grpo_megatron.rollout.data import PromptDataset
-from grpo_megatron.rollout.rewards import compute_rewards, get_reward_fn
+from grpo_megatron.rollout.rewards.functions import compute_rewards, get_reward_fn
 from grpo_megatron.rollout.tasks import TASKS, make_task_dataset
 
 

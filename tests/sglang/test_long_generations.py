@@ -8,7 +8,7 @@ import pytest
 
 from grpo_megatron.rollout.base import SamplingParams
 from grpo_megatron.rollout.sglang import RetryPolicy, SGLangEngine, ServerPool, ServerTimeoutError, TensorSync
-from grpo_megatron.rollout.sglang.weight_sync import DiskSync
+from grpo_megatron.rollout.sglang.disk_sync import DiskSync
 from grpo_megatron.models.weight_stream import pack
 from tests.sglang.conftest import inject, request_log, server_weights, set_token_delay
 

@@ -15,7 +15,7 @@ from grpo_megatron.config import ConfigError, SGLangConfig
 from grpo_megatron.models.weight_stream import pack
 from grpo_megatron.rollout.sglang import DiskSync, DistributedSync, SGLangEngine, ServerPool, TensorSync
 from grpo_megatron.rollout.sglang.sync_factory import make_probe, make_weight_sync
-from grpo_megatron.rollout.sglang import weight_sync
+from grpo_megatron.rollout.sglang import disk_sync
 from grpo_megatron.rollout.sglang.weight_sync import is_local_host, reachable_address
 from tests.conftest import run_cli
 from tests.sglang.conftest import mock_servers, request_log, server_weights, weight_updates
@@ -123,7 +123,7 @@ def test_disk_mode_defaults_to_memory_and_names_the_fix_when_full(tiny_hf_dir, m
         def full(bucket, path):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(weight_sync, "write_safetensors", full)
+        monkeypatch.setattr(disk_sync, "write_safetensors", full)
         with pytest.raises(OSError, match="set rollout.sglang.disk_dir to a directory with space"):
             sync.transfer(pack([("a", torch.ones(4))], 1 << 20), "1")
         assert list(sync.root.iterdir()) == []

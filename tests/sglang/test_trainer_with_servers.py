@@ -9,7 +9,7 @@ import torch
 
 from grpo_megatron.config import load_config
 from grpo_megatron.rollout.base import SamplingParams
-from grpo_megatron.training.engine_factory import make_engine
+from grpo_megatron.rollout.engines import make_engine
 from grpo_megatron.training.loop import Trainer
 from tests.sglang.conftest import request_log, running_requests, set_token_delay
 from tests.sglang.test_weight_sync import new_weights

@@ -19,7 +19,8 @@ from grpo_megatron.rollout.sglang import (
     ServerRequestError, ServerUnavailableError, TensorSync,
 )
 from grpo_megatron.models.weight_stream import pack
-from grpo_megatron.rollout.sglang.weight_sync import ReusedBuffers, _pickle, _shared_alloc
+from grpo_megatron.rollout.sglang.tensor_sync import _pickle, _shared_alloc
+from grpo_megatron.rollout.sglang.weight_sync import ReusedBuffers
 from grpo_megatron.parallel import free_port
 from tests.conftest import REPO
 from tests.sglang.conftest import mock_servers, request_log, server_weights, weight_updates

@@ -8,7 +8,7 @@ import pytest
 from grpo_megatron.config import ConfigError, load_config, parse_overrides
 from grpo_megatron.config import RewardConfig, RewardFunctionConfig
 from grpo_megatron.rollout.data import DatasetError
-from grpo_megatron.training.reward_runner import RewardRunner
+from grpo_megatron.rollout.rewards.runner import RewardRunner
 
 
 def test_unknown_config_key_lists_known_keys(make_config):

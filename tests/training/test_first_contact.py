@@ -16,7 +16,7 @@ from grpo_megatron.config import RewardConfig, RewardFunctionConfig, RolloutConf
 from grpo_megatron.train import KNOWN_HARMLESS_WARNINGS, quiet_known_warnings
 from grpo_megatron.training.loop import Trainer
 from grpo_megatron.training.rollout_side import RolloutSide
-from grpo_megatron.training.reward_runner import RewardRunner, RewardsFailedError
+from grpo_megatron.rollout.rewards.runner import RewardRunner, RewardsFailedError
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / "examples" / "tiny_cpu" / "cache"

@@ -136,7 +136,7 @@ def _user_errors():
     from grpo_megatron.parallel import ParallelLayoutError
     from grpo_megatron.registry import UnknownNameError
     from grpo_megatron.rollout.data import DatasetError
-    from grpo_megatron.training.reward_runner import RewardsFailedError
+    from grpo_megatron.rollout.rewards.runner import RewardsFailedError
 
     return (ConfigError, UnsupportedModelError, WeightMismatchError, CheckpointMismatchError, ParallelLayoutError,
             UnknownNameError, DatasetError, RewardsFailedError, megatron_version.UnsupportedMegatronError)

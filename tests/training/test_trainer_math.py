@@ -21,7 +21,7 @@ from grpo_megatron.rollout.data import PromptLoader
 from grpo_megatron.training.learner import Learner
 from grpo_megatron.training.loop import Trainer
 from grpo_megatron.training.metrics import PhaseTimer
-from grpo_megatron.training.reward_runner import RewardRunner
+from grpo_megatron.rollout.rewards.runner import RewardRunner
 from grpo_megatron.training.rollout_side import RolloutSide
 from tests.algorithms import reference
 

@@ -6,7 +6,10 @@ from grpo_megatron.rollout.sglang.errors import (
 from grpo_megatron.rollout.sglang.launcher import RouterSpec, ServerSpec, SGLangServer
 from grpo_megatron.rollout.sglang.probe import ProbeCheck, ProbeMismatchError
 from grpo_megatron.rollout.sglang.transport import RetryPolicy, ServerPool
-from grpo_megatron.rollout.sglang.weight_sync import DiskSync, DistributedSync, TensorSync, WeightSync
+from grpo_megatron.rollout.sglang.disk_sync import DiskSync
+from grpo_megatron.rollout.sglang.distributed_sync import DistributedSync
+from grpo_megatron.rollout.sglang.tensor_sync import TensorSync
+from grpo_megatron.rollout.sglang.weight_sync import WeightSync
 
 __all__ = [
     "SGLangEngine", "SGLangError", "MalformedResponseError", "ServerRequestError", "ServerTimeoutError",

@@ -1,23 +1,6 @@
 """The rollout engine that talks to SGLang servers over HTTP (see transport, protocol, weight_sync).
 
-Partial rollouts (rollout.partial_rollouts): a weight push from another thread while generate runs aborts the
-running requests on every server and pauses them (/pause_generation, mode "abort"), so running requests answer
-at once with the tokens they have (their ids, log-probs and routed-experts rows, under the old version) and new
-ones wait; the push goes on, generation continues, and each unfinished sample is resubmitted (its own seed)
-with input_ids = prompt + the tokens kept and max_new_tokens = what is left, under the new version. The
-completion is the segments back to back, with `token_versions`.
-
-Replay rule across versions (R3): routed_experts row j is the forward at position j that sampled token j + 1,
-so a row comes from the segment that sampled that token, never from a later segment's prefill of the kept
-tokens (which ran under newer weights than the token's): a resumed request asks for routed_experts_start_len =
-len(prompt) + kept - 1 and returns exactly the rows of the tokens it samples. Prompt rows come from the first
-segment that sampled a token, so they carry the version of the first response token, as with the embedded engine.
-
-Why not SGLang 0.5.23's own pause modes, which keep requests on the server and report per-token
-`meta_info.weight_versions`: "in_place" keeps running requests' KV cache from the old weights and makes the
-update's cache flush fail while they run (so cached prefixes would serve new requests stale KV); "retract"
-re-prefills the kept tokens under the new weights and collects `routed_experts` from that re-prefill
-(Req.reset_for_retract drops the rows), which breaks the replay rule above.
+Partial rollouts (rollout.partial_rollouts): see partial_rollouts.py.
 
 Fault tolerance (with a ServerSupervisor; the trainer makes one, see supervisor.py for the transitions): each server
 is SERVING, DOWN, RESTARTING, STALE (up without the current weights), SYNCED (full push done, check pending) or
@@ -34,10 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import httpx
 import torch
@@ -45,7 +27,7 @@ import torch
 from grpo_megatron.models.weight_stream import Bucket, pack
 from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
 from grpo_megatron.rollout.seeds import sample_seeds
-from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
+from grpo_megatron.rollout.sglang.partial_rollouts import RequestGate, resume_until_done
 from grpo_megatron.rollout.sglang.probe import ProbeCheck
 from grpo_megatron.rollout.sglang.protocol import ABORTED, finish_type, generate_payload, outputs_of, parse_completion
 from grpo_megatron.rollout.sglang.supervisor import ServerSupervisor
@@ -87,10 +69,7 @@ class SGLangEngine(RolloutEngine):
         self.supervisor = supervisor
         self.last_sync: dict[str, float] = {}
         self._unverified: tuple[int, bool] | None = None  # (version, complete) of a push the probe has not checked
-        self._open = threading.Event()  # partial rollouts: cleared while a push pauses generation
-        self._open.set()
-        self._running = 0  # partial-rollout requests posted and not yet answered
-        self._answered = threading.Condition()  # guards _running
+        self._gate = RequestGate()  # partial rollouts: closed while a push pauses generation
         self._version = 0
         self._alive = True
         self._released = False
@@ -98,6 +77,16 @@ class SGLangEngine(RolloutEngine):
     @property
     def weight_version(self) -> int:
         return self._version
+
+    @property
+    def bucket_alloc(self):
+        """The sync's buffers (shared memory in tensor mode on CPU, reused from bucket to bucket)."""
+        return self.sync.alloc
+
+    @property
+    def to_every_rank(self) -> bool:
+        """Colocated tensor mode: every trainer rank sends its copy for the server TP rank on its GPU."""
+        return self.sync.to_every_rank
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  return_routed_experts: bool = False) -> list[list[Completion]]:
@@ -162,32 +151,11 @@ class SGLangEngine(RolloutEngine):
                 shape = self.routed_shape if routed and (o.get("output_ids") or not aborted) else None
                 return parse_completion(o, prompt + kept, url, version, shape, start), aborted
 
-            async with window:
-                if not self._open.is_set():  # a push is pausing the servers: this request waits for it
-                    await asyncio.to_thread(self._open.wait)
-                with self._answered:
-                    self._running += 1
-                try:
-                    return await pool.post(client, "/generate", payload, parse,
-                                           self._generate_timeout(pool, sp.max_new_tokens), retry_timeouts=True)
-                finally:
-                    with self._answered:
-                        self._running -= 1
-                        self._answered.notify_all()
+            async with window, self._gate.request():
+                return await pool.post(client, "/generate", payload, parse,
+                                       self._generate_timeout(pool, sp.max_new_tokens), retry_timeouts=True)
 
-        sample = _Resumed(prompt)
-        part, aborted = await segment([])
-        sample.add(part)
-        idle = 0  # aborts in a row that brought no token: a server that keeps aborting is an error
-        while aborted and len(sample.response_ids) < params.max_new_tokens:
-            logger.info("resuming a sample aborted by a pause after %d tokens", len(sample.response_ids))
-            part, aborted = await segment(list(sample.response_ids))
-            idle = 0 if part.response_ids else idle + 1
-            if idle >= pool.retry.attempts:
-                raise ServerUnavailableError(f"/generate was aborted {idle} times in a row without a new token "
-                                             f"(prompt of {len(prompt)} tokens)")
-            sample.add(part)
-        return sample.completion(params.max_new_tokens)
+        return await resume_until_done(segment, prompt, params.max_new_tokens, pool.retry.attempts)
 
     def _generate_timeout(self, pool: ServerPool, max_new_tokens: int) -> float:
         """A non-streaming /generate answers only when done: its bound grows with the tokens it may sample."""
@@ -274,18 +242,12 @@ class SGLangEngine(RolloutEngine):
         pause in mode "abort" polls for running requests once a second (tokenizer_manager.pause_generation), so
         a pause that finds none returns at once instead of costing a second per push.
         """
-        self._open.clear()
-        try:
-            while True:  # again for a request that reached a server just after the abort
-                self.abort_all()
-                with self._answered:
-                    if self._answered.wait_for(lambda: self._running == 0, timeout=0.05):
-                        break
+        with self._gate.closed(drain=self.abort_all):
             self.pause_generation()
-            yield
-        finally:
-            self.continue_generation()
-            self._open.set()
+            try:
+                yield
+            finally:
+                self.continue_generation()
 
     def pause_generation(self) -> None:
         """/pause_generation in SGLang's default mode "abort" on every server; returns once running requests
@@ -329,33 +291,3 @@ class SGLangEngine(RolloutEngine):
     def _check_alive(self) -> None:
         if not self._alive:
             raise RuntimeError("this SGLangEngine was shut down; create a new one")
-
-
-@dataclass
-class _Resumed:
-    """One sample over the requests (segments) that generated it, split by pauses for weight pushes."""
-
-    prompt_ids: list[int]
-    response_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    routes: list[torch.Tensor] = field(default_factory=list)
-    finish_reason: str = ABORTED
-
-    def add(self, segment: Completion) -> None:
-        """Append a segment's tokens under its version; its routes only when it sampled tokens (see R3 rule)."""
-        if segment.response_ids and segment.routed_experts is not None:
-            self.routes.append(segment.routed_experts)
-        self.response_ids += segment.response_ids
-        self.logprobs += segment.response_logprobs
-        self.versions += [segment.weight_version] * len(segment.response_ids)
-        self.finish_reason = segment.finish_reason
-
-    def completion(self, max_new_tokens: int) -> Completion:
-        # A sample aborted right at its last token is complete: it was cut at max_new_tokens.
-        reason = "length" if self.finish_reason == ABORTED and len(self.response_ids) == max_new_tokens \
-            else self.finish_reason
-        return Completion(prompt_ids=list(self.prompt_ids), response_ids=self.response_ids,
-                          response_logprobs=self.logprobs, finish_reason=reason,
-                          routed_experts=torch.cat(self.routes) if self.routes else None,
-                          weight_version=self.versions[0], token_versions=self.versions)

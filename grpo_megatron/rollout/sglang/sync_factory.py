@@ -10,7 +10,10 @@ from grpo_megatron.errors import ConfigError
 from grpo_megatron.parallel import free_port
 from grpo_megatron.rollout.sglang.probe import ProbeCheck
 from grpo_megatron.rollout.sglang.transport import RetryPolicy, ServerPool
-from grpo_megatron.rollout.sglang.weight_sync import DiskSync, DistributedSync, TensorSync, WeightSync
+from grpo_megatron.rollout.sglang.disk_sync import DiskSync
+from grpo_megatron.rollout.sglang.distributed_sync import DistributedSync
+from grpo_megatron.rollout.sglang.tensor_sync import TensorSync
+from grpo_megatron.rollout.sglang.weight_sync import WeightSync
 
 if TYPE_CHECKING:  # the config schema sits above rollout/: a type only, never imported at run time
     from grpo_megatron.config import SGLangConfig

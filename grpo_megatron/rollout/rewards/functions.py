@@ -44,9 +44,9 @@ def get_reward_fn(name: str, **options: Any) -> RewardFn:
 
 def resolve_reward(name: str, options: dict) -> RewardFn:
     """A `reward.functions` entry: `remote` (an HTTP reward server, called once per step with every sample,
-    batched; grpo_megatron/rollout/remote_reward.py), a registered reward, or "package.module:function"."""
+    batched; grpo_megatron/rollout/rewards/remote.py), a registered reward, or "package.module:function"."""
     if name == "remote":
-        from grpo_megatron.rollout.remote_reward import RemoteReward
+        from grpo_megatron.rollout.rewards.remote import RemoteReward
 
         return RemoteReward(**options)
     return get_reward_fn(name, **options)

@@ -1,11 +1,11 @@
 """Scores responses with the configured reward functions without letting one bad call kill the run.
 
-Each configured function is a registered reward (grpo_megatron.rollout.rewards) or a user function
+Each configured function is a registered reward (grpo_megatron.rollout.rewards.functions) or a user function
 given by import path "package.module:function"; all are called as fn(response_text, answer, meta)
 where meta carries the dataset record's extra fields and "prompt". A call that raises or runs past
 `timeout_s` scores `fallback` for that sample; failures are counted and logged once per batch with one
 example, and `reward.max_failed_steps` steps in a row in which every call failed stop the run.
-The name `remote` is an HTTP reward server (grpo_megatron/rollout/remote_reward.py, its options the
+The name `remote` is an HTTP reward server (grpo_megatron/rollout/rewards/remote.py, its options the
 client's): it is called once per step with every sample and batches, retries and times out by itself.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import concurrent.futures
 import logging
 
 from grpo_megatron.errors import UserError
-from grpo_megatron.rollout.rewards import resolve_reward
+from grpo_megatron.rollout.rewards.functions import resolve_reward
 
 logger = logging.getLogger(__name__)
 

@@ -1,27 +1,49 @@
-"""The rollout engine named by the config."""
+"""Building what the trainer uses from rollout/: the engine named by the config, this rank's share of colocated
+weight sends, the SGLang teacher. training/ imports these and the interface in base.py, never rollout.sglang."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
-from grpo_megatron.config import ConfigError, RunConfig
-from grpo_megatron.rollout.base import RolloutEngine
+from grpo_megatron.errors import ConfigError
+from grpo_megatron.rollout.base import BucketSender, RolloutEngine
+from grpo_megatron.rollout.embedded import EmbeddedEngine
+from grpo_megatron.rollout.sglang import RetryPolicy, SGLangEngine, ServerPool
+from grpo_megatron.rollout.sglang.health import HealthPolicy
+from grpo_megatron.rollout.sglang.restarters import KeeperServers
+from grpo_megatron.rollout.sglang.supervisor import RestartPolicy, ServerSupervisor
+from grpo_megatron.rollout.sglang.sync_factory import make_probe, make_weight_sync, server_pool
+from grpo_megatron.rollout.sglang.teacher import SGLangTeacher, TeacherScores
+from grpo_megatron.rollout.sglang.weight_sync import bucket_bytes
+
+if TYPE_CHECKING:  # the config schema sits above rollout/: a type only, never imported at run time
+    from grpo_megatron.config import RunConfig
+
+__all__ = ["SGLangTeacher", "TeacherScores", "bucket_bytes", "make_engine", "rank_sender"]
 
 
 def make_engine(cfg: RunConfig, dtype: torch.dtype) -> RolloutEngine:
+    """Rank 0's engine: embedded (an HF model in this process) or SGLang servers over HTTP."""
     if cfg.rollout.engine == "embedded":
-        from grpo_megatron.rollout.embedded import EmbeddedEngine
-
         return EmbeddedEngine(cfg.model.hf_path, dtype=dtype, seed=cfg.train.seed)
     if cfg.rollout.engine == "sglang":
         return _sglang_engine(cfg)
     raise ConfigError(f"rollout.engine={cfg.rollout.engine!r}: use embedded or sglang")
 
 
+def rank_sender(cfg: RunConfig) -> BucketSender | None:
+    """A rank other than 0 sends weights itself only to colocated tensor-mode servers (its own copy for the server
+    TP rank on its GPU); None elsewhere."""
+    s = cfg.rollout.sglang
+    if cfg.rollout.engine == "sglang" and s.sync_mode == "tensor" and s.colocated:
+        return make_weight_sync(s, cfg.model.hf_path)
+    return None
+
+
 def _sglang_engine(cfg: RunConfig) -> RolloutEngine:
     from transformers import AutoConfig
 
-    from grpo_megatron.rollout.sglang import RetryPolicy, SGLangEngine, ServerPool
-    from grpo_megatron.rollout.sglang.sync_factory import make_probe, make_weight_sync, server_pool
 
     s = cfg.rollout.sglang
     if not s.urls:
@@ -42,10 +64,6 @@ def _sglang_engine(cfg: RunConfig) -> RolloutEngine:
 
 def _supervisor(s, pool):
     """Health watching (off with health_interval_s: 0) and restarts of the keepers' servers in restart_dir."""
-    from grpo_megatron.rollout.sglang.health import HealthPolicy
-    from grpo_megatron.rollout.sglang.restarters import KeeperServers
-    from grpo_megatron.rollout.sglang.supervisor import RestartPolicy, ServerSupervisor
-
     if s.health_interval_s == 0:
         return None
     if s.max_restarts_per_server < 0 or s.max_restarts_per_hour < 0 or s.restart_timeout_s <= 0:
