@@ -25,6 +25,7 @@ def check_before_model(cfg: RunConfig, world_size: int | None = None) -> None:
     check_engine(cfg, world)
     check_data_files(cfg)
     check_model_type(cfg)
+    check_initial_weights(cfg)
 
 
 def check_algorithm_names(cfg: RunConfig) -> None:
@@ -118,6 +119,22 @@ def check_model_type(cfg: RunConfig) -> None:
     from grpo_megatron.models.provider import load_hf_config
 
     check_replay(cfg, load_hf_config(cfg.model.hf_path).model_type)
+
+
+def check_initial_weights(cfg: RunConfig) -> None:
+    """The megatron checkpoints named for the policy and a megatron teacher exist and are checkpoints (their
+    metadata and HF config only; the weights load with the model), and the teacher's HF config is supported."""
+    from grpo_megatron.models.mcore_checkpoint import read_checkpoint_config
+    from grpo_megatron.models.provider import load_hf_config
+
+    if cfg.model.megatron_path:
+        read_checkpoint_config(cfg.model.megatron_path)
+    opd = cfg.algorithm.opd
+    if opd.teacher == "megatron":
+        if opd.hf_path:
+            load_hf_config(opd.hf_path)
+        if opd.megatron_path:
+            read_checkpoint_config(opd.megatron_path)
 
 
 def check_replay(cfg: RunConfig, model_type: str) -> None:

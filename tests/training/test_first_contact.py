@@ -56,13 +56,7 @@ def test_a_config_error_is_one_line_and_status_2(args, message, tmp_path, monkey
     assert len(lines) == 1 and lines[0].startswith(message), lines
 
 
-@pytest.mark.multiprocess  # the real command line, in its own interpreter
-def test_an_error_of_the_model_load_is_one_line_and_status_2(tmp_path):
-    lines = error_lines(train(*EXAMPLE, "--model.megatron_path", "/nonexistent/ckpt", tmp_path=tmp_path))
-    assert len(lines) == 1 and lines[0].startswith("error: /nonexistent/ckpt is not a grpo_megatron"), lines
-
-
-@pytest.mark.multiprocess
+@pytest.mark.multiprocess  # the real command line, in its own interpreter (a missing checkpoint: test_preflight)
 def test_a_layout_error_after_start_up_prints_no_fallback_notices(tmp_path):
     result = train(*EXAMPLE, "--tensor-model-parallel-size", "2", tmp_path=tmp_path)
     lines = error_lines(result)

@@ -76,6 +76,12 @@ CASES = {
     "missing train file": (["--data.train_files", "/nonexistent/train.jsonl"], "prompt file not found"),
     "missing eval file": (["--data.eval_files", "/nonexistent/eval.jsonl"], "prompt file not found"),
     "data file type": (["--data.eval_files", "{hf}/config.json"], "unsupported file type '.json'"),
+    "missing megatron checkpoint": (["--model.megatron_path", "/nonexistent/ckpt"],
+                                    "/nonexistent/ckpt is not a grpo_megatron megatron checkpoint"),
+    "missing teacher checkpoint": (["--algorithm.loss", "grpo", "--algorithm.opd.teacher", "megatron",
+                                    "--algorithm.opd.hf_path", "{hf}",
+                                    "--algorithm.opd.megatron_path", "/nonexistent/teacher"],
+                                   "/nonexistent/teacher is not a grpo_megatron megatron checkpoint"),
     "replay r2 without its pass": (["--algorithm.routing_replay", "r2", "--rollout.use_engine_logprobs", "true"],
                                    "routing_replay=r2 replays"),
 }
