@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples" / "tiny_cpu"))
 
 from grpo_megatron.config import load_config  # noqa: E402
-from grpo_megatron.rollout.embedded import EmbeddedEngine  # noqa: E402
+from grpo_megatron.rollout.engines.embedded import EmbeddedEngine  # noqa: E402
 from grpo_megatron.training.loop import Trainer  # noqa: E402
 
 FP8_MAX = 448.0  # largest float8 e4m3fn value

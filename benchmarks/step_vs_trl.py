@@ -91,7 +91,7 @@ def make_trl(args, inputs, rows: list[dict], out_dir: Path, callback):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo_megatron.rollout.tasks import copy_reward
+    from grpo_megatron.rollout.data.tasks import copy_reward
 
     def reward(prompts, completions, answer, **_):
         return [copy_reward(c, a, {}) for c, a in zip(completions, answer)]

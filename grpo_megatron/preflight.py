@@ -109,7 +109,7 @@ def _default_backend() -> str:
 
 def check_data_files(cfg: RunConfig) -> None:
     """Every train and eval file exists, has a supported type and only usable records (no tokenizer needed)."""
-    from grpo_megatron.rollout.data import check_prompt_files
+    from grpo_megatron.rollout.data.prompts import check_prompt_files
 
     check_prompt_files([*cfg.data.train_files, *cfg.data.eval_files], cfg.data.apply_chat_template)
 

@@ -27,7 +27,7 @@ class SmokeFailure(AssertionError):
 def make_smoke_files(workdir: str | Path) -> dict[str, Path]:
     """The tiny model and the task's train/eval files (made once per workdir)."""
     from grpo_megatron.models.tiny import make_tiny_hf_checkpoint
-    from grpo_megatron.rollout.tasks import make_task_dataset
+    from grpo_megatron.rollout.data.tasks import make_task_dataset
 
     root = Path(workdir)
     hf = root / "tiny_qwen3_moe"

@@ -23,7 +23,7 @@ def tiny_moe_overrides() -> dict:
 
 def prepare(cache: Path, task: str, seed: int = 0) -> dict[str, Path]:
     from grpo_megatron.models.tiny import make_tiny_hf_checkpoint
-    from grpo_megatron.rollout.tasks import make_task_dataset
+    from grpo_megatron.rollout.data.tasks import make_task_dataset
 
     cache.mkdir(parents=True, exist_ok=True)
     hf = cache / "tiny_qwen3_moe_hf"

@@ -126,7 +126,7 @@ def main() -> int:
     quiet_known_warnings()
     from grpo_megatron.config import load_config
     from grpo_megatron.process_setup import prepare_process
-    from grpo_megatron.rollout.data import PromptDataset
+    from grpo_megatron.rollout.data.prompts import PromptDataset
     from grpo_megatron.training.loop import Trainer
 
     started = time.perf_counter()

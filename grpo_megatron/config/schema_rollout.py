@@ -64,13 +64,13 @@ class SGLangConfig:
     """After a full first sync, send only tensors whose parameters changed (64-bit fingerprints); tensor and
     distributed modes (disk reloads the whole directory, so it always writes it all)."""
     health_interval_s: float = 10.0
-    """One /health_generate probe per server this often (slime: 10 s); 0 = off (rollout/engines/sglang/supervisor.py)."""
+    """One /health_generate probe per server this often (slime: 10 s); 0 = off (rollout/sglang/supervisor.py)."""
     health_timeout_s: float = 30.0
     """No answer by then, or HTTP 503 (SGLang's own 20 s verdict) = hung."""
     health_slow_s: float = 5.0
     """An answer later than this is logged as slow, never acted on (slime's time-out)."""
     restart_dir: str = ""
-    """The keepers' control directory (rollout/engines/sglang/keeper.py; "" = no server is restarted)."""
+    """The keepers' control directory (rollout/sglang/keeper.py; "" = no server is restarted)."""
     restart_timeout_s: float = 900.0
     """A restarted server must answer /health within this."""
     max_restarts_per_server: int = 3

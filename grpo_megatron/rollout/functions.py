@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpo_megatron.registry import Registry, UnknownNameError
-from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
+from grpo_megatron.rollout.engines.base import Completion, RolloutEngine, SamplingParams
 from grpo_megatron.samples import Sample
 
 RolloutFunction = Callable[[RolloutEngine, list[dict], SamplingParams, "RolloutContext"], list[list[Sample]]]

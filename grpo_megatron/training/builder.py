@@ -17,10 +17,10 @@ from grpo_megatron.parallel import init_distributed, init_model_parallel
 from grpo_megatron.preflight import check_replay
 from grpo_megatron.ranks import is_rank0
 from grpo_megatron.replay import attach_routing_replay
-from grpo_megatron.rollout.data import PromptDataset, PromptLoader
+from grpo_megatron.rollout.data.prompts import PromptDataset, PromptLoader
 from grpo_megatron.training import opd
 from grpo_megatron.training.actor import Actor, data_parallel_info
-from grpo_megatron.rollout.engines import make_engine
+from grpo_megatron.rollout.factory import make_engine
 from grpo_megatron.training.evaluation import eval_names
 from grpo_megatron.training.learner import Learner
 from grpo_megatron.training.offload import GenerationMemory

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from grpo_megatron.algorithms import pass_at_k
 from grpo_megatron.config import RunConfig
-from grpo_megatron.rollout.base import RolloutEngine, SamplingParams
-from grpo_megatron.rollout.data import PromptDataset
+from grpo_megatron.rollout.engines.base import RolloutEngine, SamplingParams
+from grpo_megatron.rollout.data.prompts import PromptDataset
 from grpo_megatron.rollout.rewards.runner import RewardRunner
 
 EVAL_SEED_OFFSET = 1 << 30

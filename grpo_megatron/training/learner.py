@@ -15,7 +15,7 @@ from grpo_megatron.models.provider import PolicyModel
 from grpo_megatron.parallel import control_group
 from grpo_megatron.platform import device
 from grpo_megatron.replay.delivery import EngineRoutes, deliver_engine_routes, take_engine_routes
-from grpo_megatron.rollout.data import PromptDataset
+from grpo_megatron.rollout.data.prompts import PromptDataset
 from grpo_megatron.samples import Sample
 from grpo_megatron.training import checkpoint as ckpt
 from grpo_megatron.training import opd

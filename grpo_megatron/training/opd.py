@@ -55,7 +55,7 @@ def build_teacher(cfg: RunConfig, dtype: torch.dtype, student_vocab: int):
     if opd.teacher == "megatron":
         return MegatronTeacher(opd, cfg.parallel, dtype, student_vocab)
     if opd.teacher == "sglang":
-        from grpo_megatron.rollout.engines import SGLangTeacher
+        from grpo_megatron.rollout.factory import SGLangTeacher
 
         if dist.is_initialized() and dist.get_rank() != 0:
             return "sglang"  # the scores come from rank 0
@@ -104,7 +104,7 @@ def _megatron_scores(learner, model, samples: list[Sample], top_k: int) -> dict:
     from megatron.core import parallel_state
 
     from grpo_megatron.platform import device
-    from grpo_megatron.rollout.engines import TeacherScores
+    from grpo_megatron.rollout.factory import TeacherScores
     from grpo_megatron.training.actor import data_parallel_info, forward_logprobs
 
     micro = learner.micro_batches(samples, list(range(len(samples))))

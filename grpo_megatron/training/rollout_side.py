@@ -14,8 +14,8 @@ from grpo_megatron.models.provider import PolicyModel
 from grpo_megatron.parallel import control_group
 from grpo_megatron.ranks import multi_rank
 from grpo_megatron.replay.delivery import route_header
-from grpo_megatron.rollout.base import RolloutEngine, SamplingParams
-from grpo_megatron.rollout.data import PromptItem, PromptLoader
+from grpo_megatron.rollout.engines.base import RolloutEngine, SamplingParams
+from grpo_megatron.rollout.data.prompts import PromptItem, PromptLoader
 from grpo_megatron.rollout.functions import RolloutContext, generate_samples
 from grpo_megatron.samples import Sample
 from grpo_megatron.training.evaluation import Evaluator

@@ -30,8 +30,8 @@ import torch
 
 from grpo_megatron.algorithms import dynamic_sampling_keep
 from grpo_megatron.config import RunConfig
-from grpo_megatron.rollout.base import SamplingParams
-from grpo_megatron.rollout.data import PromptItem, PromptLoader
+from grpo_megatron.rollout.engines.base import SamplingParams
+from grpo_megatron.rollout.data.prompts import PromptItem, PromptLoader
 from grpo_megatron.samples import Sample
 from grpo_megatron.training.buffer import Group, RolloutBuffer, staleness_metrics
 from grpo_megatron.training.group_diversity import identical_group_fraction, warn_if_identical

@@ -1,7 +1,7 @@
 """A weight sync as every trainer rank runs it: the policy streamed in buckets to whoever sends them on.
 
 Rank 0 holds the engine; with colocated tensor-mode servers every rank also sends (its own copy for the server
-TP rank on its GPU), so it gets a sender of its own (rollout.engines.rank_sender). No rank materialises the model
+TP rank on its GPU), so it gets a sender of its own (rollout.factory.rank_sender). No rank materialises the model
 (see grpo_megatron.models.weight_stream for the memory bound). With rollout.sglang.sync_changed_only a sync streams
 only the tensors whose parameters changed since the last one (grpo_megatron.models.weight_changes), after a full
 first sync in every process and whenever rank 0's engine finds a server not holding its last push.
@@ -13,8 +13,8 @@ from grpo_megatron.models.provider import PolicyModel
 from grpo_megatron.models.weight_changes import ChangeTracker
 from grpo_megatron.models.weight_stream import hf_buckets, plain_alloc
 from grpo_megatron.ranks import is_rank0
-from grpo_megatron.rollout.base import RolloutEngine
-from grpo_megatron.rollout.engines import bucket_bytes, rank_sender
+from grpo_megatron.rollout.engines.base import RolloutEngine
+from grpo_megatron.rollout.factory import bucket_bytes, rank_sender
 
 
 class WeightPush:

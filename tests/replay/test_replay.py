@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from grpo_megatron.replay import attach_routing_replay
-from grpo_megatron.rollout.base import SamplingParams
-from grpo_megatron.rollout.embedded import EmbeddedEngine
+from grpo_megatron.rollout.engines.base import SamplingParams
+from grpo_megatron.rollout.engines.embedded import EmbeddedEngine
 from grpo_megatron.samples import Sample
 from tests.replay.helpers import (
     RECOMPUTE, build_policy, make_samples, micro_batches_for, old_pass, perturb_routers, router_weights, train_pass)

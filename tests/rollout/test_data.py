@@ -6,7 +6,7 @@ import json
 import pytest
 
 from grpo_megatron.models.tiny import build_tiny_tokenizer
-from grpo_megatron.rollout.data import DatasetError, PromptDataset, PromptLoader
+from grpo_megatron.rollout.data.prompts import DatasetError, PromptDataset, PromptLoader
 
 
 @pytest.fixture(scope="module")

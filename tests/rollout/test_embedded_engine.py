@@ -7,9 +7,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from grpo_megatron.rollout.base import SamplingParams
-from grpo_megatron.rollout.embedded import EmbeddedEngine
-from grpo_megatron.rollout.hf_layout import WeightUpdateError
+from grpo_megatron.rollout.engines.base import SamplingParams
+from grpo_megatron.rollout.engines.embedded import EmbeddedEngine
+from grpo_megatron.rollout.engines.hf_layout import WeightUpdateError
 
 EOS = 2
 # Prompts of different lengths, so batches are left-padded.

@@ -1,11 +1,11 @@
-"""The engine interface's defaults (rollout/base.py): what the trainer calls on any engine works on one that only
+"""The engine interface's defaults (rollout/engines/base.py): what the trainer calls on any engine works on one that only
 implements generate / update_weights, so training/ needs no isinstance or getattr checks."""
 from __future__ import annotations
 
 import torch
 
 from grpo_megatron.models.weight_stream import pack, plain_alloc
-from grpo_megatron.rollout.base import RolloutEngine
+from grpo_megatron.rollout.engines.base import RolloutEngine
 
 
 class RecordingEngine(RolloutEngine):

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from grpo_megatron.models.tiny import build_tiny_tokenizer
-from grpo_megatron.rollout.data import PromptDataset
+from grpo_megatron.rollout.data.prompts import PromptDataset
 from grpo_megatron.rollout.rewards.functions import compute_rewards, get_reward_fn
-from grpo_megatron.rollout.tasks import TASKS, make_task_dataset
+from grpo_megatron.rollout.data.tasks import TASKS, make_task_dataset
 
 
 @pytest.mark.parametrize("task", TASKS)

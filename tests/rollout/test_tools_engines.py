@@ -13,8 +13,8 @@ import torch
 import transformers
 
 from grpo_megatron.config import RolloutConfig, ToolsConfig
-from grpo_megatron.rollout.base import RolloutEngine, SamplingParams
-from grpo_megatron.rollout.embedded import EmbeddedEngine
+from grpo_megatron.rollout.engines.base import RolloutEngine, SamplingParams
+from grpo_megatron.rollout.engines.embedded import EmbeddedEngine
 from grpo_megatron.rollout.functions import RolloutContext, generate_samples
 
 MAX_NEW_TOKENS = 24

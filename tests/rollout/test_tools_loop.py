@@ -9,7 +9,7 @@ import torch
 
 from grpo_megatron.config import RolloutConfig, ToolsConfig
 from grpo_megatron.models.tiny import TOOL_WORDS, build_tiny_tokenizer
-from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
+from grpo_megatron.rollout.engines.base import Completion, RolloutEngine, SamplingParams
 from grpo_megatron.rollout.functions import RolloutContext, generate_samples
 from grpo_megatron.rollout.tools.formats import ToolFormat
 from grpo_megatron.rollout.tools.registry import register_tool

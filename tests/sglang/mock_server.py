@@ -35,9 +35,9 @@ import torch.multiprocessing  # noqa: F401  (registers the tensor reductions the
 from safetensors.torch import load_file, save
 from torch.distributed import PrefixStore, ProcessGroupGloo
 
-from grpo_megatron.rollout.base import Completion, SamplingParams
-from grpo_megatron.rollout.embedded import EmbeddedEngine
-from grpo_megatron.rollout.hf_layout import CheckpointLayout
+from grpo_megatron.rollout.engines.base import Completion, SamplingParams
+from grpo_megatron.rollout.engines.embedded import EmbeddedEngine
+from grpo_megatron.rollout.engines.hf_layout import CheckpointLayout
 from tests.sglang.mock_memory import memory_occupation
 from tests.sglang.seeded_sampler import seeded_sample
 

@@ -14,7 +14,7 @@ from grpo_megatron.config import load_config
 from grpo_megatron.models import build_loaded_policy
 from grpo_megatron.parallel import add_layout_arguments, init_distributed, layout_from_args
 from grpo_megatron.process_setup import prepare_process
-from grpo_megatron.rollout.engines import make_engine
+from grpo_megatron.rollout.factory import make_engine
 from grpo_megatron.training.weight_push import WeightPush
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from grpo_megatron.rollout.base import SamplingParams
+from grpo_megatron.rollout.engines.base import SamplingParams
 
 DEFAULT_SEED = 42  # sampling_batch_info.py: the seed of a request without sampling_seed
 _MASK = 0xFFFFFFFF

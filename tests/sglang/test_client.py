@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from grpo_megatron.rollout.base import SamplingParams
+from grpo_megatron.rollout.engines.base import SamplingParams
 from grpo_megatron.rollout.sglang import (
     MalformedResponseError, RetryPolicy, SGLangEngine, ServerPool, ServerRequestError, ServerTimeoutError,
     ServerUnavailableError, TensorSync,
@@ -47,7 +47,7 @@ def test_generate_parses_logprobs_finish_reason_and_routed_experts(mock, tiny_hf
 def test_greedy_logprobs_match_the_model(mock, tiny_hf_dir):
     """The parsed numbers are the model's: greedy responses and log-probs equal an in-process engine's holding
     the weights the server holds (earlier tests may have pushed others to the shared mock servers)."""
-    from grpo_megatron.rollout.embedded import EmbeddedEngine
+    from grpo_megatron.rollout.engines.embedded import EmbeddedEngine
 
     engine = make_engine(mock[:1], tiny_hf_dir)
     params = SamplingParams(max_new_tokens=5, temperature=0.0)

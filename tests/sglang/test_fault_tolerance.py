@@ -21,7 +21,7 @@ import pytest
 
 from grpo_megatron.models.weight_stream import pack
 from grpo_megatron.parallel import free_port
-from grpo_megatron.rollout.base import SamplingParams
+from grpo_megatron.rollout.engines.base import SamplingParams
 from grpo_megatron.rollout.sglang import DistributedSync, ProbeCheck, RetryPolicy, SGLangEngine, ServerPool, TensorSync
 from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
 from grpo_megatron.rollout.sglang.health import HealthPolicy, Verdict, check_health

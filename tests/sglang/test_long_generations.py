@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from grpo_megatron.rollout.base import SamplingParams
+from grpo_megatron.rollout.engines.base import SamplingParams
 from grpo_megatron.rollout.sglang import RetryPolicy, SGLangEngine, ServerPool, ServerTimeoutError, TensorSync
 from grpo_megatron.rollout.sglang.disk_sync import DiskSync
 from grpo_megatron.models.weight_stream import pack

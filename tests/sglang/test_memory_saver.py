@@ -15,7 +15,7 @@ import torch
 from grpo_megatron.config import load_config
 from grpo_megatron.models import build_loaded_policy, export_hf_weights
 from grpo_megatron.parallel import ParallelLayout
-from grpo_megatron.rollout.engines import make_engine
+from grpo_megatron.rollout.factory import make_engine
 from grpo_megatron.training.weight_push import WeightPush, release_rollout_memory
 from tests.sglang.conftest import server_weights, weight_updates
 from tests.sglang.test_weight_sync import SMALL_BUCKET_MB, assert_holds

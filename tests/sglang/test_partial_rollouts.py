@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from grpo_megatron.rollout.base import Completion, SamplingParams
-from grpo_megatron.rollout.embedded import EmbeddedEngine
+from grpo_megatron.rollout.engines.base import Completion, SamplingParams
+from grpo_megatron.rollout.engines.embedded import EmbeddedEngine
 from grpo_megatron.rollout.sglang import RetryPolicy, SGLangEngine, ServerPool, TensorSync
 from tests.sglang.conftest import request_log, running_requests, set_token_delay
 from tests.sglang.test_weight_sync import new_weights

@@ -16,9 +16,9 @@ import httpx
 import pytest
 import torch
 
-from grpo_megatron.rollout.base import SamplingParams
-from grpo_megatron.rollout.embedded import EmbeddedEngine
-from grpo_megatron.rollout.seeds import sample_seeds
+from grpo_megatron.rollout.engines.base import SamplingParams
+from grpo_megatron.rollout.engines.embedded import EmbeddedEngine
+from grpo_megatron.rollout.sglang.seeds import sample_seeds
 from grpo_megatron.rollout.sglang import SGLangEngine, ServerPool, TensorSync
 from grpo_megatron.samples import Sample
 from grpo_megatron.training.group_diversity import identical_group_fraction, warn_if_identical

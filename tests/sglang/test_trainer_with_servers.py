@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from grpo_megatron.config import load_config
-from grpo_megatron.rollout.base import SamplingParams
-from grpo_megatron.rollout.engines import make_engine
+from grpo_megatron.rollout.engines.base import SamplingParams
+from grpo_megatron.rollout.factory import make_engine
 from grpo_megatron.training.loop import Trainer
 from tests.sglang.conftest import request_log, running_requests, set_token_delay
 from tests.sglang.test_weight_sync import new_weights
@@ -17,7 +17,7 @@ from tests.sglang.test_weight_sync import new_weights
 
 @pytest.mark.parametrize("mode", ["tensor", "disk"])
 def test_trainer_rolls_out_on_servers_and_pushes_each_update(mode, mock, tiny_hf_dir, tmp_path, dist_world1):
-    from grpo_megatron.rollout.tasks import make_task_dataset
+    from grpo_megatron.rollout.data.tasks import make_task_dataset
 
     cfg = load_config(None, {
         "run_dir": str(tmp_path / "run"),
@@ -50,7 +50,7 @@ def test_trainer_rolls_out_on_servers_and_pushes_each_update(mode, mock, tiny_hf
 def test_background_rollouts_probe_each_push_after_giving_the_engine_back(mock, tiny_hf_dir, tmp_path, dist_world1):
     """rollout.mode async: the post-sync probe still checks every push, but once the push has let go of the
     engine (no hold on it), so the rollout thread can generate while the probe's reference forward runs."""
-    from grpo_megatron.rollout.tasks import make_task_dataset
+    from grpo_megatron.rollout.data.tasks import make_task_dataset
 
     cfg = load_config(None, {
         "run_dir": str(tmp_path / "run"),
@@ -105,7 +105,7 @@ def test_colocated_gpu_servers_free_their_memory_while_the_trainer_trains(mock, 
     """rollout -> release weights + KV cache -> training -> resume weights -> push -> resume KV cache -> rollout.
     (The mock answers the memory routes as a server started with --enable-memory-saver; CPU servers are never
     asked, see test_client.)"""
-    from grpo_megatron.rollout.tasks import make_task_dataset
+    from grpo_megatron.rollout.data.tasks import make_task_dataset
 
     cfg = load_config(None, {
         "run_dir": str(tmp_path / "run"),
@@ -134,7 +134,7 @@ def test_async_partial_rollouts_train_within_max_staleness(mock, tiny_hf_dir, tm
     The mock decodes 16 tokens at 0.1 s each, and each push waits until requests run on a server and have had
     time for a few tokens, so that it lands mid-generation whatever the speed of the train step (left to timing,
     a fast step pushed before the first token and a slow one after the last)."""
-    from grpo_megatron.rollout.tasks import make_task_dataset
+    from grpo_megatron.rollout.data.tasks import make_task_dataset
 
     cfg = load_config(None, {
         "run_dir": str(tmp_path / "run"),

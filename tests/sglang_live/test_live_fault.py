@@ -98,7 +98,7 @@ def step_until(trainer: Trainer, done, steps: list[dict], limit: int) -> None:
 
 
 def test_killed_and_hung_servers_recover_and_every_draw_trains_once(live_model, tmp_path, dist_world1, caplog):
-    from grpo_megatron.rollout.tasks import make_task_dataset
+    from grpo_megatron.rollout.data.tasks import make_task_dataset
 
     control = tmp_path / "servers"
     control.mkdir()

@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from grpo_megatron.rollout.base import SamplingParams
+from grpo_megatron.rollout.engines.base import SamplingParams
 from grpo_megatron.rollout.sglang import ProbeCheck, RouterSpec, SGLangEngine, ServerPool, SGLangServer, TensorSync
 from grpo_megatron.rollout.sglang.probe import reference_logprobs
 from grpo_megatron.parallel import free_port

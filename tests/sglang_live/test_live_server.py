@@ -18,7 +18,7 @@ import transformers
 from safetensors.torch import load_file
 
 import grpo_megatron.rollout.sglang.engine as engine_module
-from grpo_megatron.rollout.base import SamplingParams
+from grpo_megatron.rollout.engines.base import SamplingParams
 from grpo_megatron.rollout.sglang import (
     DiskSync, ProbeCheck, RetryPolicy, SGLangEngine, ServerPool, ServerUnavailableError, TensorSync,
 )

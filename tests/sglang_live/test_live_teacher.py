@@ -49,7 +49,7 @@ def test_input_logprobs_ignore_the_sampling_temperature(live_server):
 def test_one_trainer_step_distilling_from_a_live_teacher(live_server, live_model, tmp_path):
     from grpo_megatron.config import load_config
     from grpo_megatron.parallel import init_distributed
-    from grpo_megatron.rollout.tasks import make_task_dataset
+    from grpo_megatron.rollout.data.tasks import make_task_dataset
     from grpo_megatron.training.loop import Trainer
 
     init_distributed()

@@ -27,7 +27,7 @@ def test_arms_differ_only_in_the_algorithm(scale):
 
 @pytest.fixture(scope="module")
 def copy_task(tmp_path_factory, tiny_hf_dir):
-    from grpo_megatron.rollout.tasks import make_task_dataset
+    from grpo_megatron.rollout.data.tasks import make_task_dataset
 
     root = tmp_path_factory.mktemp("copy_task")
     return {"hf": tiny_hf_dir("qwen3_moe"), "train": make_task_dataset("copy", 64, 0, root / "train.jsonl"),

@@ -8,7 +8,7 @@ from grpo_megatron.config import load_config
 
 @pytest.fixture(scope="session")
 def task_files(tmp_path_factory, tiny_hf_dir):
-    from grpo_megatron.rollout.tasks import make_task_dataset
+    from grpo_megatron.rollout.data.tasks import make_task_dataset
 
     root = tmp_path_factory.mktemp("task")
     return {

@@ -88,7 +88,7 @@ def test_background_modes_on_mock_sglang_servers(mode, mock, tiny_hf_dir, tmp_pa
     """The rollout thread generates on the servers while the trainer trains; every push reaches every server
     and the servers' weight versions come back on the samples (mock servers follow SGLang 0.5.23)."""
     from grpo_megatron.config import load_config
-    from grpo_megatron.rollout.tasks import make_task_dataset
+    from grpo_megatron.rollout.data.tasks import make_task_dataset
 
     cfg = load_config(None, {
         "run_dir": str(tmp_path / "run"),

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grpo_megatron.rollout.base import SamplingParams
-from grpo_megatron.rollout.embedded import EmbeddedEngine
+from grpo_megatron.rollout.engines.base import SamplingParams
+from grpo_megatron.rollout.engines.embedded import EmbeddedEngine
 from grpo_megatron.training.loop import Trainer
 from tests.training.test_loop import VARIED
 

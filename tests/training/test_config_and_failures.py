@@ -7,7 +7,7 @@ import pytest
 
 from grpo_megatron.config import ConfigError, load_config, parse_overrides
 from grpo_megatron.config import RewardConfig, RewardFunctionConfig
-from grpo_megatron.rollout.data import DatasetError
+from grpo_megatron.rollout.data.prompts import DatasetError
 from grpo_megatron.rollout.rewards.runner import RewardRunner
 
 

@@ -6,7 +6,7 @@ from grpo_megatron.training.loop import Trainer
 
 
 def test_each_eval_file_on_its_own_with_avg_and_pass_at_k(make_config, task_files, tmp_path, dist_world1):
-    from grpo_megatron.rollout.tasks import make_task_dataset
+    from grpo_megatron.rollout.data.tasks import make_task_dataset
 
     second = make_task_dataset("first_digit", 6, 2, tmp_path / "hard.jsonl")
     cfg = make_config(data={"eval_files": [str(task_files["eval"]), str(second)]},

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from grpo_megatron.rollout.base import SamplingParams
-from grpo_megatron.rollout.embedded import EmbeddedEngine
+from grpo_megatron.rollout.engines.base import SamplingParams
+from grpo_megatron.rollout.engines.embedded import EmbeddedEngine
 from grpo_megatron.rollout.functions import single_turn
 from grpo_megatron.rollout.tools.loop import tool_loop
 from grpo_megatron.training.loop import Trainer

@@ -141,7 +141,7 @@ def _user_errors():
     from grpo_megatron.models.mcore_checkpoint import CheckpointMismatchError
     from grpo_megatron.parallel import ParallelLayoutError
     from grpo_megatron.registry import UnknownNameError
-    from grpo_megatron.rollout.data import DatasetError
+    from grpo_megatron.rollout.data.prompts import DatasetError
     from grpo_megatron.rollout.rewards.runner import RewardsFailedError
 
     return (ConfigError, UnsupportedModelError, WeightMismatchError, CheckpointMismatchError, ParallelLayoutError,

@@ -37,7 +37,7 @@ def test_diversity_check_passes_and_catches_identical_groups(task_files, dist_wo
     result = smoke.check_group_diversity(task_files, tmp_path)
     assert result["groups"] == 8 and min(result["distinct_per_group"]) > 1 and result["same_seed_same_samples"]
 
-    from grpo_megatron.rollout.embedded import EmbeddedEngine
+    from grpo_megatron.rollout.engines.embedded import EmbeddedEngine
     generate = EmbeddedEngine.generate
 
     def one_sample_copied(self, prompts, params, **kwargs):  # what a seeded SGLang group without per-sample seeds returns

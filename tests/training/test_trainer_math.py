@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from grpo_megatron.config import RunConfig, load_config
-from grpo_megatron.rollout.data import PromptLoader
+from grpo_megatron.rollout.data.prompts import PromptLoader
 from grpo_megatron.training.learner import Learner
 from grpo_megatron.training.loop import Trainer
 from grpo_megatron.training.metrics import PhaseTimer

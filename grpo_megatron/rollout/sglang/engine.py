@@ -25,8 +25,8 @@ import httpx
 import torch
 
 from grpo_megatron.models.weight_stream import Bucket, pack
-from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
-from grpo_megatron.rollout.seeds import sample_seeds
+from grpo_megatron.rollout.engines.base import Completion, RolloutEngine, SamplingParams
+from grpo_megatron.rollout.sglang.seeds import sample_seeds
 from grpo_megatron.rollout.sglang.partial_rollouts import RequestGate, resume_until_done
 from grpo_megatron.rollout.sglang.probe import ProbeCheck
 from grpo_megatron.rollout.sglang.protocol import ABORTED, finish_type, generate_payload, outputs_of, parse_completion
@@ -102,7 +102,7 @@ class SGLangEngine(RolloutEngine):
 
     async def _generate(self, prompts: list[list[int]], params: SamplingParams,
                         routed: bool) -> list[list[Completion]]:
-        """One request per sample (n=1) with the sample's own seed (rollout/seeds.py): SGLang copies an n > 1
+        """One request per sample (n=1) with the sample's own seed (rollout/sglang/seeds.py): SGLang copies an n > 1
         request with one seed, which deterministic inference turns into n identical responses."""
         window = asyncio.Semaphore(self.max_in_flight * params.n)  # max_in_flight prompts' worth of samples
         shape = self.routed_shape if routed else None

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from grpo_megatron.rollout.base import Completion
+from grpo_megatron.rollout.engines.base import Completion
 from grpo_megatron.rollout.sglang.errors import ServerUnavailableError
 from grpo_megatron.rollout.sglang.protocol import ABORTED
 

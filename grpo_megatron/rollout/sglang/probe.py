@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from grpo_megatron.rollout.hf_layout import CheckpointLayout
+from grpo_megatron.rollout.engines.hf_layout import CheckpointLayout
 from grpo_megatron.rollout.sglang.errors import MalformedResponseError, SGLangError
 from grpo_megatron.rollout.sglang.transport import ServerPool
 from grpo_megatron.rollout.sglang.weight_sync import NamedTensors

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grpo_megatron.rollout.base import Completion, SamplingParams
+from grpo_megatron.rollout.engines.base import Completion, SamplingParams
 from grpo_megatron.rollout.sglang.errors import MalformedResponseError
 from grpo_megatron.samples import route_storage_dtype
 

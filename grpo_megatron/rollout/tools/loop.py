@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
+from grpo_megatron.rollout.engines.base import Completion, RolloutEngine, SamplingParams
 from grpo_megatron.rollout.tools.formats import ToolCall, ToolFormat
 from grpo_megatron.rollout.tools.registry import ToolRunner, resolve_tools
 from grpo_megatron.samples import Sample

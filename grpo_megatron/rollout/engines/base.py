@@ -95,7 +95,7 @@ class RolloutEngine(ABC):
     """Where the trainer makes the buffers of the buckets it pushes (None: plain memory; an engine may want
     shared memory)."""
     to_every_rank: bool = False
-    """Whether every trainer rank streams buckets too (each has its own sender: rollout.engines.rank_sender)."""
+    """Whether every trainer rank streams buckets too (each has its own sender: rollout.factory.rank_sender)."""
 
     @abstractmethod
     def generate(

@@ -1,5 +1,5 @@
 """Building what the trainer uses from rollout/: the engine named by the config, this rank's share of colocated
-weight sends, the SGLang teacher. training/ imports these and the interface in base.py, never rollout.sglang."""
+weight sends, the SGLang teacher. training/ imports these and the interface in engines/base.py, never rollout.sglang."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from grpo_megatron.errors import ConfigError
-from grpo_megatron.rollout.base import BucketSender, RolloutEngine
-from grpo_megatron.rollout.embedded import EmbeddedEngine
+from grpo_megatron.rollout.engines.base import BucketSender, RolloutEngine
+from grpo_megatron.rollout.engines.embedded import EmbeddedEngine
 from grpo_megatron.rollout.sglang import RetryPolicy, SGLangEngine, ServerPool
 from grpo_megatron.rollout.sglang.health import HealthPolicy
 from grpo_megatron.rollout.sglang.restarters import KeeperServers

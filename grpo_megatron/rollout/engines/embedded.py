@@ -23,9 +23,9 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from grpo_megatron.rollout.base import Completion, RolloutEngine, SamplingParams
-from grpo_megatron.rollout.hf_layout import CheckpointLayout
-from grpo_megatron.rollout.sampling import sample_next_tokens
+from grpo_megatron.rollout.engines.base import Completion, RolloutEngine, SamplingParams
+from grpo_megatron.rollout.engines.hf_layout import CheckpointLayout
+from grpo_megatron.rollout.engines.sampling import sample_next_tokens
 
 PositionalSampler = Callable[[torch.Tensor, SamplingParams, torch.Generator, torch.Tensor],
                              tuple[torch.Tensor, torch.Tensor]]
