@@ -125,7 +125,7 @@ def test_topk_equals_full_vocab_on_every_rank(ranks, k, temperature):
     assert want_ids.shape[-1] == k
     for got_lp, got_ids in ranks.run(lambda rank: vocab_topk(_shard(teacher, rank), k, temperature, GROUP)):
         torch.testing.assert_close(got_lp, want_lp)
-        assert torch.equal(got_ids, want_ids)
+        assert torch.equal(got_ids, want_ids) and got_ids.dtype == torch.int64  # token ids index the vocabulary
 
 
 def test_topk_kl_and_gradient_equal_full_vocab(ranks):
