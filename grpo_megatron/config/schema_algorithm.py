@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from grpo_megatron.algorithms.loss_params import LossParams
+
 
 @dataclass
 class RolloutCorrectionConfig:
@@ -32,22 +34,22 @@ class RolloutCorrectionConfig:
 
 @dataclass
 class LossParamsConfig:
-    """Hyperparameters of single losses (algorithms/loss_params.py, the papers' defaults); each acts only
-    with its loss."""
+    """Hyperparameters of single losses; each acts only with its loss. The defaults are the papers', held
+    once in algorithms/loss_params.py."""
 
-    sapo_tau_pos: float = 1.0
+    sapo_tau_pos: float = LossParams.sapo_tau_pos
     """sapo: gate temperature for A > 0."""
-    sapo_tau_neg: float = 1.05
+    sapo_tau_neg: float = LossParams.sapo_tau_neg
     """sapo: gate temperature for A <= 0."""
-    clip_cov_ratio: float = 2e-4
+    clip_cov_ratio: float = LossParams.clip_cov_ratio
     """clip_cov: fraction of the batch's tokens detached."""
-    clip_cov_lb: float = 1.0
+    clip_cov_lb: float = LossParams.clip_cov_lb
     """clip_cov: drawn among tokens with lb < Cov < ub."""
-    clip_cov_ub: float = 5.0
+    clip_cov_ub: float = LossParams.clip_cov_ub
     """clip_cov: upper bound of that band."""
-    kl_cov_ratio: float = 2e-4
+    kl_cov_ratio: float = LossParams.kl_cov_ratio
     """kl_cov: fraction of tokens (largest Cov) penalised."""
-    kl_cov_coef: float = 1.0
+    kl_cov_coef: float = LossParams.kl_cov_coef
     """kl_cov: beta of beta |log r|."""
 
 
