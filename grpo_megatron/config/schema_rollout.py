@@ -147,7 +147,7 @@ class RolloutConfig:
     partial_rollouts: bool = False
     """Async: push weights mid-generation; responses go on under the new ones."""
     identical_groups_warn: float = 0.5
-    """Warn when this fraction of a step's groups are G copies of one response."""
+    """Warn when this fraction of a step's groups are G copies of one response the policy is not near-certain of."""
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     """The SGLang servers (rollout.engine sglang)."""
     function: str = ""

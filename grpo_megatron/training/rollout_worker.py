@@ -108,7 +108,7 @@ class RolloutWorker:
         self._end_step(failed, calls)
         metrics = rollout_metrics(self.cfg, first_round_groups, batch, drawn, shortfall)
         metrics["reward/error_frac"] = failed / max(calls, 1)
-        warn_if_identical(metrics["rollout/identical_groups"], cfg.identical_groups_warn, cfg.temperature)
+        warn_if_identical(metrics["rollout/identical_uncertain_groups"], cfg.identical_groups_warn, cfg.temperature)
         return batch, metrics
 
     def rollout_now(self, batch_index: int) -> tuple[list[Sample], dict]:
@@ -285,6 +285,7 @@ def rollout_metrics(cfg: RunConfig, first_round: list[Sample], batch: list[Sampl
         "response/truncation_rate": float(torch.tensor([s.truncated for s in batch]).float().mean()),
         "rollout/tokens": int(sum(s.length for s in batch)),
         "rollout/identical_groups": identical_group_fraction(first_round, G),
+        "rollout/identical_uncertain_groups": identical_group_fraction(first_round, G, uncertain_only=True),
     }
 
 

@@ -130,8 +130,19 @@ def test_embedded_engine_gives_every_sample_of_a_seeded_group_its_own_draw(tiny_
     assert _responses(engine.generate(PROMPTS, params)) == first
 
 
-def _sample(response: list[int]) -> Sample:
-    return Sample(prompt_ids=[1], response_ids=response, group=0)
+def _sample(response: list[int], logprob: float | None = None) -> Sample:
+    return Sample(prompt_ids=[1], response_ids=response, group=0,
+                  engine_logprobs=None if logprob is None else [logprob] * len(response))
+
+
+def test_a_converged_policys_repeated_answer_is_not_taken_for_a_shared_seed():
+    """G copies of a response drawn with mean token probability above ~0.9 are what a converged policy samples
+    (the tiny example warned at every step after it learnt the task); copies of unlikely tokens are not."""
+    certain = [_sample([1, 2], logprob=-0.01)] * 4
+    unlikely = [_sample([1, 2], logprob=-1.5)] * 4
+    assert identical_group_fraction(certain + unlikely, 4) == 1.0
+    assert identical_group_fraction(certain + unlikely, 4, uncertain_only=True) == 0.5
+    assert identical_group_fraction([_sample([1, 2])] * 4, 4, uncertain_only=True) == 1.0  # no log-probs: counted
 
 
 def test_identical_group_fraction_and_its_warning(caplog):
