@@ -3,13 +3,11 @@ follows sglang 0.5.23's logprob_result_processor.py for input log-probs): scores
 and malformed answers fail naming the field (the trainer with it: tests/training/test_opd_sglang_teacher.py)."""
 from __future__ import annotations
 
-import httpx
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
 
-from grpo_megatron.models.weight_stream import pack
 from grpo_megatron.rollout.sglang import DiskSync, ServerPool
 from grpo_megatron.rollout.sglang.errors import MalformedResponseError
 from grpo_megatron.rollout.sglang.teacher import SGLangTeacher, parse_scores, scoring_payload
@@ -39,10 +37,8 @@ def _serve_the_checkpoint(urls: list[str], model_dir, tmp_path) -> None:
     for f in sorted(model_dir.glob("*.safetensors")):
         tensors.update(load_file(str(f)))
     sync = DiskSync(ServerPool(urls), 1, model_dir, tmp_path)
-    sync.write_checkpoint(pack(sorted(tensors.items()), sync.bucket_bytes), tmp_path / "ck")
-    for url in urls:
-        httpx.post(url + "/update_weights_from_disk", json={"model_path": str(tmp_path / "ck")},
-                   timeout=120).raise_for_status()
+    sync.push(sorted(tensors.items()), 0)
+    sync.close()
 
 
 def test_scores_are_the_models_logprobs_of_the_given_tokens(mock, tiny_hf_dir, tmp_path):
