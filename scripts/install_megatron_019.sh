@@ -13,6 +13,9 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 "$VENV/bin/python" -m pip install -q torch==2.13.0
 "$VENV/bin/python" -m pip install -q -r requirements-cpu.txt -r requirements-test.txt
 "$VENV/bin/python" -m pip install -q "numpy<2.5" triton
-"$VENV/bin/python" -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
+NO_VCS_VERSION=1 "$VENV/bin/python" -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
 "$VENV/bin/python" -m pip install -q --no-deps -e .
-"$VENV/bin/python" -c "import megatron.core as m; assert m.__version__ == '0.19.2', m.__version__; print('installed megatron-core', m.__version__, 'into $VENV')"
+# The installed distribution's version: megatron.core.__version__ appends the short commit of whatever git
+# checkout holds the venv (package_info.py runs `git rev-parse` beside itself), so inside this repo it reads
+# 0.19.2+<our commit>.
+"$VENV/bin/python" -c "from importlib.metadata import version; v = version('megatron-core'); assert v == '0.19.2', v; print('installed megatron-core', v, 'into $VENV')"
