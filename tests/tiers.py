@@ -4,7 +4,8 @@ end of the run prints the time spent per tier, so a slow tier shows where the su
 unit: no model and no subprocess (pure functions, config, parsers).
 integration: one process, tiny models in this interpreter (megatron, the trainer's parts, one-process gloo).
 multiprocess: launches processes (torchrun worlds, mock SGLang servers, script and command-line runs).
-e2e: whole example runs; outside the default run (pytest.ini), CI runs them as a step of its own (.ci/run).
+e2e: whole example runs (the examples, and sbatch jobs of the tiny example on the local Slurm); outside the
+default run (pytest.ini), CI runs them as a step of its own (.ci/run).
 """
 from __future__ import annotations
 

@@ -91,6 +91,19 @@ class MockState:
         # What each TP rank holds, as checkpoint tensors in the served dtype (a real rank holds its shard).
         self.ranks = [{n: t.to(torch.float32) for n, t in checkpoint.items() if n in shapes}
                       for _ in range(self.tp_size)]
+        self.started_with = [dict(rank) for rank in self.ranks]  # loads replace tensors, never write into them
+
+    def restart_weights(self) -> None:
+        """Serve the checkpoint again under the start-up weight version, as a freshly started server does (a
+        test gets the servers as started, whatever earlier tests pushed); nothing to do when nothing changed."""
+        self.weight_version = "default"
+        if all(rank[n] is first[n] for rank, first in zip(self.ranks, self.started_with) for n in first):
+            return
+        self.ranks = [dict(first) for first in self.started_with]
+        with self.lock:
+            current = list(self.ranks[0].items())
+            self.engine.update_weights(current, 0)
+            self.layout.load(current)
 
     def take_fault(self, route: str) -> dict | None:
         with self.lock:
@@ -509,6 +522,7 @@ class Handler(BaseHTTPRequestHandler):
             state.in_session = False  # a test that failed mid-sync leaves no session to the next one
             state.released.clear()
             state.groups.clear()  # a test that failed mid-sync leaves no update group to the next one
+            state.restart_weights()
             return 200, {"ok": True}
         return 404, {"detail": "Not Found"}
 

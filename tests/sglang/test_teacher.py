@@ -1,14 +1,12 @@
 """The SGLang teacher (rollout/sglang/teacher.py) against the mock server (tests/sglang/mock_server.py, which
 follows sglang 0.5.23's logprob_result_processor.py for input log-probs): scores equal the model's own log-probs,
-and malformed answers fail naming the field (the trainer with it: tests/training/test_opd_sglang_teacher.py)."""
+and malformed answers fail naming the field (the trainer with it: tests/sglang/test_opd_teacher_trainer.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
-from grpo_megatron.rollout.sglang import DiskSync, ServerPool
 from grpo_megatron.rollout.sglang.errors import MalformedResponseError
 from grpo_megatron.rollout.sglang.teacher import SGLangTeacher, parse_scores, scoring_payload
 from tests.sglang.conftest import request_log
@@ -31,18 +29,7 @@ def test_payload_is_prefill_only_from_the_last_prompt_token():
     assert scoring_payload([1], [4], top_k=3)["top_logprobs_num"] == 3
 
 
-def _serve_the_checkpoint(urls: list[str], model_dir, tmp_path) -> None:
-    """The session's servers hold what earlier tests pushed: load the checkpoint's own tensors back."""
-    tensors = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    sync = DiskSync(ServerPool(urls), 1, model_dir, tmp_path)
-    sync.push(sorted(tensors.items()), 0)
-    sync.close()
-
-
-def test_scores_are_the_models_logprobs_of_the_given_tokens(mock, tiny_hf_dir, tmp_path):
-    _serve_the_checkpoint(mock, tiny_hf_dir("qwen3_moe"), tmp_path)
+def test_scores_are_the_models_logprobs_of_the_given_tokens(mock, tiny_hf_dir):
     teacher = SGLangTeacher(mock, top_k=3, vocab_size=64)
     scores = teacher.score(PAIRS)
     for (prompt, response), got in zip(PAIRS, scores):

@@ -1,7 +1,9 @@
 """slurm/gspo_moe.sh submitted to a real local Slurm in CPU mode with the tiny MoE example.
 
 One node, two simulated nodes (ranks from both node names in the log), pre-emption + requeue + resume,
-and the early failures (missing config/checkpoint, a layout that does not fit, SGLang not installed).
+and the early failures (missing config/checkpoint, a layout that does not fit, SGLang not installed). The jobs that
+train run whole and are in the e2e tier (CI's `pytest -m "e2e and not slow"`); the cluster and the early failures
+run in the default suite.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def test_one_node_completes(cluster1, tiny_example, tmp_path):
     assert "done: step 3 of 3" in log
 
 
+@pytest.mark.e2e  # a whole job of the tiny example, as `sbatch` runs it: CI's e2e step
 def test_two_nodes_both_take_part(cluster2, tiny_example, tmp_path):
     run_dir = tmp_path / "run"
     env = job_env(cluster2, tiny_example, run_dir)
@@ -65,6 +68,7 @@ def test_two_nodes_both_take_part(cluster2, tiny_example, tmp_path):
     assert checkpoint_steps(run_dir)[-1] == 2, log
 
 
+@pytest.mark.e2e
 def test_preempted_job_requeues_and_resumes(cluster1, tiny_example, tmp_path):
     run_dir = tmp_path / "run"
     env = job_env(cluster1, tiny_example, run_dir)

@@ -8,7 +8,6 @@ import pytest
 from grpo_megatron.config import ConfigError
 from grpo_megatron.training.loop import Trainer
 from grpo_megatron.training.prompt_log import read_prompt_log
-from tests.sglang.conftest import mock, mock_urls, request_log  # noqa: F401 (fixtures)
 from tests.training.test_loop import VARIED
 
 TIS = {"rollout_correction": {"mode": "tis"}}
@@ -81,36 +80,6 @@ def test_dynamic_sampling_and_overlong_shaping_in_async(make_config, dist_world1
 def test_config_errors(rollout, algorithm, message, make_config):
     with pytest.raises(ConfigError, match=message):
         make_config(rollout=rollout, algorithm=algorithm)
-
-
-@pytest.mark.parametrize("mode", ["one_step_off", "async"])
-def test_background_modes_on_mock_sglang_servers(mode, mock, tiny_hf_dir, tmp_path, dist_world1):
-    """The rollout thread generates on the servers while the trainer trains; every push reaches every server
-    and the servers' weight versions come back on the samples (mock servers follow SGLang 0.5.23)."""
-    from grpo_megatron.config import load_config
-    from grpo_megatron.rollout.data.tasks import make_task_dataset
-
-    cfg = load_config(None, {
-        "run_dir": str(tmp_path / "run"),
-        "model": {"hf_path": str(tiny_hf_dir("qwen3_moe"))},
-        "data": {"train_files": [str(make_task_dataset("first_digit", 64, 0, tmp_path / "train.jsonl"))]},
-        "rollout": {"engine": "sglang", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 3, "mode": mode,
-                    "max_staleness": 2, "sglang": {"urls": mock, "weight_sync": "tensor", "bucket_mb": 1}},
-        "reward": VARIED, "algorithm": TIS,
-        "train": {"steps": 3, "num_minibatches": 1, "micro_batch_size": 8, "lr": 1e-3, "num_threads": 1},
-        "logging": {"progress_bar": False, "tensorboard": False},
-    })
-    versions = []
-    trainer = Trainer(cfg)
-    update = trainer.learner.update
-    trainer.learner.update = lambda samples, step, timer=None, routes=None: versions.append(
-        (step, {v for s in samples for v in s.weight_versions})) or update(samples, step, timer, routes)
-    history = trainer.train()
-    trainer.close()
-    for url in mock:
-        assert request_log(url).count("/end_weight_update") >= 3
-    assert all(step - min(seen) <= (1 if mode == "one_step_off" else 2) for step, seen in versions), versions
-    assert all(math.isfinite(m["train/pg_loss"]) for m in history)
 
 
 @pytest.mark.e2e  # the example's whole run (minutes); the async loop's own checks are the tests above

@@ -2,7 +2,7 @@
 once per step, also with async rollouts (the tokens as sampled, whatever weight version sampled them)."""
 from __future__ import annotations
 
-from tests.sglang.conftest import mock, mock_urls, request_log  # noqa: F401 (fixtures)
+from tests.sglang.conftest import request_log
 from tests.training.test_loop import VARIED
 
 
