@@ -131,7 +131,7 @@ def test_colocated_gpu_servers_free_their_memory_while_the_trainer_trains(mock, 
 def test_async_partial_rollouts_train_within_max_staleness(mock, tiny_hf_dir, tmp_path, dist_world1):
     """rollout.mode async + partial_rollouts on the servers: each push pauses them, generations in flight go on
     under the new weights, and the trainer trains the multi-version samples with R3 and the rollout correction.
-    The mock decodes 16 tokens at 0.1 s each, and each push waits until requests run on a server and have had
+    The mock decodes 16 tokens at 0.05 s each, and each push waits until requests run on a server and have had
     time for a few tokens, so that it lands mid-generation whatever the speed of the train step (left to timing,
     a fast step pushed before the first token and a slow one after the last)."""
     from grpo_megatron.rollout.data.tasks import make_task_dataset
@@ -148,14 +148,14 @@ def test_async_partial_rollouts_train_within_max_staleness(mock, tiny_hf_dir, tm
         "train": {"steps": 3, "num_minibatches": 1, "micro_batch_size": 8, "lr": 1e-3, "num_threads": 1},
         "logging": {"progress_bar": False, "tensorboard": False},
     })
-    delay = 0.1
+    delay = 0.05
     for url in mock:
         set_token_delay(url, delay)
     trainer = Trainer(cfg)
     push = trainer.rollouts.weight_push.run
 
     def push_mid_generation(model, version: int, verify: bool = True):
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 2  # the last push finds nothing running: the worker has drawn every step
         while not any(running_requests(url) for url in mock) and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(3 * delay)  # a few tokens out, most of the 16 still to come
