@@ -11,7 +11,7 @@ from grpo_megatron.models import (
     UnsupportedModelError, WeightMismatchError, build_model, load_hf_config, load_hf_weights, model_dims,
     validate_hf_config)
 from grpo_megatron.models.tiny import tiny_hf_config
-from grpo_megatron.parallel import ParallelLayout, ParallelLayoutError, init_model_parallel
+from grpo_megatron.parallel import ParallelLayout, init_model_parallel
 from tests.conftest import REPO, run_cli
 
 
@@ -93,11 +93,12 @@ def test_cli_failure_leaves_nothing_at_output(tiny_hf_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_layout_that_does_not_fit_the_world(tiny_hf_dir, tmp_path, dist_world1):
-    """In this process (a world of one): the refusal comes before any output is written."""
-    with pytest.raises(ParallelLayoutError, match="world size 1 is not divisible by tensor_parallel"):
-        load_tool("convert_hf_to_megatron").main(["--hf-path", str(tiny_hf_dir("qwen3_moe")),
-                                                  "--output", str(tmp_path / "out"), "--tp", "2"])
+@pytest.mark.multiprocess
+def test_cli_layout_that_does_not_fit_the_world(tiny_hf_dir, tmp_path):
+    result = run_cli(["tools/convert_hf_to_megatron.py", "--hf-path", str(tiny_hf_dir("qwen3_moe")),
+                      "--output", str(tmp_path / "out"), "--tp", "2"])
+    assert result.returncode != 0
+    assert "world size 1 is not divisible by tensor_parallel" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
