@@ -36,12 +36,15 @@ class TrainerFields:
 class Sample:
     """One prompt + response as the rollout produced and scored it; per-token lists cover the response only.
 
-    Frozen, so that no later stage can change what was sampled and rewarded: a step that sets a field (the
-    group number, the draw, the reward, dropping routes once delivered) makes a new sample with
-    `dataclasses.replace` and puts it where the old one was (replace copies no list, only references). The
-    lists and `meta` are not copied into immutable types: nothing may mutate them in place either. The
-    trainer's values live in `trainer`, the one writable part; `replace` carries the same holder over, so
-    a replaced sample keeps the values the trainer already gave it."""
+    Frozen, so that no later stage can change what was sampled and rewarded. The rollout builds it in steps,
+    each making a new sample with `dataclasses.replace` that takes the old one's place in its list: the
+    group number (rollout/functions.py), the draw and weight versions (training/rollout_worker.py), then
+    the reward (training/rollout_side.py's score). After scoring, only the step's group renumbering
+    (rollout_worker's next_batch) and the release of the routes once taken for delivery (replay/delivery.py)
+    replace it; `replace` copies references, not the lists or the routes, so neither costs memory. The
+    lists and `meta` stay plain Python types: nothing may mutate them in place either. The trainer's values
+    live in `trainer`, the one writable part; `replace` carries the same holder over, so a replaced sample
+    keeps the values the trainer already gave it."""
 
     prompt_ids: list[int]
     response_ids: list[int]
