@@ -90,7 +90,8 @@ def micro_batches(args, vocab: int):
     prompt = args.seq // 4
     samples = [Sample(prompt_ids=torch.randint(1, vocab, (prompt,), generator=g).tolist(),
                       response_ids=torch.randint(1, vocab, (args.seq - prompt,), generator=g).tolist(),
-                      group=i // 8, trainer=TrainerFields(advantage=float(torch.randn((), generator=g)))) for i in range(n)]
+                      group=i // 8, trainer=TrainerFields(advantage=float(torch.randn((), generator=g))))
+               for i in range(n)]
     return samples, make_micro_batches(samples, list(range(n)), args.micro_batch, pad_id=0)
 
 

@@ -67,7 +67,8 @@ def make_micro_batch(samples: list[Sample], indices: list[int], pad_id: int, pad
         loss_mask=None if all(s.loss_mask is None for s in chosen) else _aligned(
             chosen, [s.loss_mask if s.loss_mask is not None else [1] * len(s.response_ids) for s in chosen], width),
         teacher_logprobs=_aligned(chosen, [s.trainer.teacher_logprobs for s in chosen], width),
-        teacher_topk_logprobs=_aligned_rows(chosen, [s.trainer.teacher_topk_logprobs for s in chosen], width, torch.float32),
+        teacher_topk_logprobs=_aligned_rows(chosen, [s.trainer.teacher_topk_logprobs for s in chosen], width,
+                                            torch.float32),
         teacher_topk_ids=_aligned_rows(chosen, [s.trainer.teacher_topk_ids for s in chosen], width, torch.long),
     )
 

@@ -46,7 +46,8 @@ class RolloutWorker:
     (RolloutSide.generate_groups is where prompts become samples); `end_step` counts failed reward calls."""
 
     def __init__(self, cfg: RunConfig, loader: PromptLoader, generate_groups: GenerateGroups,
-                 score: Callable[[list[Sample]], tuple[list[Sample], int, int]], sampling_params: Callable[[int], SamplingParams],
+                 score: Callable[[list[Sample]], tuple[list[Sample], int, int]],
+                 sampling_params: Callable[[int], SamplingParams],
                  end_step: Callable[[int, int], None], engine_version: Callable[[], int]):
         self.cfg, self.loader = cfg, loader
         self._generate_groups, self._score, self._sampling_params, self._end_step = (

@@ -49,7 +49,8 @@ def make_samples() -> list[Sample]:
         samples.append(Sample(
             prompt_ids=[1 + (i + j) % 9 for j in range(2 + i % 3)], response_ids=[10 + (5 * i + j) % 7 for j in range(n)],
             group=i // G, reward=((3 * i) % 5) / 4, truncated=i % 3 == 0,
-            engine_logprobs=shifted(current_logprobs(i, n), i, 0.3), trainer=TrainerFields(old_logprobs=torch.full((n,), 9.0))))
+            engine_logprobs=shifted(current_logprobs(i, n), i, 0.3),
+            trainer=TrainerFields(old_logprobs=torch.full((n,), 9.0))))
     return samples
 
 
