@@ -82,7 +82,7 @@ def build(args):
 
 
 def micro_batches(args, vocab: int):
-    from grpo_megatron.samples import Sample
+    from grpo_megatron.samples import Sample, TrainerFields
     from grpo_megatron.training.batch import make_micro_batches
 
     g = torch.Generator().manual_seed(0)
@@ -90,7 +90,8 @@ def micro_batches(args, vocab: int):
     prompt = args.seq // 4
     samples = [Sample(prompt_ids=torch.randint(1, vocab, (prompt,), generator=g).tolist(),
                       response_ids=torch.randint(1, vocab, (args.seq - prompt,), generator=g).tolist(),
-                      group=i // 8, advantage=float(torch.randn((), generator=g))) for i in range(n)]
+                      group=i // 8, trainer=TrainerFields(advantage=float(torch.randn((), generator=g))))
+               for i in range(n)]
     return samples, make_micro_batches(samples, list(range(n)), args.micro_batch, pad_id=0)
 
 

@@ -1,4 +1,4 @@
-"""The data that crosses layers: a rollout `Sample` and a padded `MicroBatch` of them.
+"""The data that crosses layers: a rollout `Sample` (with the trainer's `TrainerFields`) and a padded `MicroBatch`.
 
 Lowest layer, so that rollout functions, routing replay and the trainer share one definition without
 importing each other (the padding and splitting logic is training/batch.py's).
@@ -12,8 +12,39 @@ import torch
 
 
 @dataclass
+class TrainerFields:
+    """The trainer's working values for one sample during an update: mutable, apart from the rollout's record.
+
+    Filled on every rank by training/learner.py's `update`, in the order listed, and read into micro-batches
+    by training/batch.py. Per-token tensors cover the response only ([R] = one value per response token)."""
+
+    advantage: float = 0.0  # update_math.assign_advantages: from the rewards of the sample's group
+    in_loss: bool = True  # learner.update: False for a truncated response under algorithm.overlong_filter
+    old_logprobs: torch.Tensor | None = None  # [R] learner.update: the engine's or the policy's; None: the
+    # training pass's own (update_math.old_logprobs_are_current)
+    rollout_weights: torch.Tensor | None = None  # [R] update_math.correct_rollout: 0 = dropped from the loss
+    ref_logprobs: torch.Tensor | None = None  # [R] learner.update: the frozen reference's
+    teacher_logprobs: torch.Tensor | None = None  # [R] opd.score_with_teacher: the OPD teacher's
+    teacher_topk_logprobs: torch.Tensor | None = None  # [R, k] opd.score_with_teacher (top-k): the teacher's k
+    # most likely tokens' log-probs ...
+    teacher_topk_ids: torch.Tensor | None = None  # [R, k] ... and their ids
+    loss_selection: torch.Tensor | None = None  # [R] update_math.select_minibatch_tokens, per mini-batch: 1
+    # where a covariance loss (clip_cov, kl_cov) singles out the token
+
+
+@dataclass(frozen=True)
 class Sample:
-    """One prompt + response with everything the loss needs; per-token lists cover the response only."""
+    """One prompt + response as the rollout produced and scored it; per-token lists cover the response only.
+
+    Frozen, so that no later stage can change what was sampled and rewarded. The rollout builds it in steps,
+    each making a new sample with `dataclasses.replace` that takes the old one's place in its list: the
+    group number (rollout/functions.py), the draw and weight versions (training/rollout_worker.py), then
+    the reward (training/rollout_side.py's score). After scoring, only the step's group renumbering
+    (rollout_worker's next_batch) and the release of the routes once taken for delivery (replay/delivery.py)
+    replace it; `replace` copies references, not the lists or the routes, so neither costs memory. The
+    lists and `meta` stay plain Python types: nothing may mutate them in place either. The trainer's values
+    live in `trainer`, the one writable part; `replace` carries the same holder over, so a replaced sample
+    keeps the values the trainer already gave it."""
 
     prompt_ids: list[int]
     response_ids: list[int]
@@ -28,15 +59,7 @@ class Sample:
     weight_versions: list[int] | None = None  # [R] the weight version each response token was sampled under
     prompt_index: int = -1  # the prompt's index in the training set
     draw: int = -1  # serial number of the prompt's draw from the loader (PromptLoader.drawn)
-    # filled by the trainer
-    advantage: float = 0.0
-    old_logprobs: torch.Tensor | None = None  # [R]
-    ref_logprobs: torch.Tensor | None = None  # [R]
-    rollout_weights: torch.Tensor | None = None  # [R] mismatch-correction weights, 0 = dropped from the loss
-    loss_selection: torch.Tensor | None = None  # [R] 1 where a covariance loss (clip_cov, kl_cov) singles out the token
-    teacher_logprobs: torch.Tensor | None = None  # [R] OPD teacher's log-probs of the response tokens
-    teacher_topk_logprobs: torch.Tensor | None = None  # [R, k] OPD top-k: the teacher's k most likely tokens' ...
-    teacher_topk_ids: torch.Tensor | None = None  # [R, k] ... and their ids
+    trainer: TrainerFields = field(default_factory=TrainerFields, compare=False, repr=False)
 
     @property
     def length(self) -> int:

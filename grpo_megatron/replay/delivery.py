@@ -11,7 +11,7 @@ with the same message, so no rank is left waiting for a tensor that never comes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,9 @@ class EngineRoutes:
 
 def take_engine_routes(samples: list[Sample], num_moe_layers: int, topk: int, num_experts: int,
                        required: bool) -> EngineRoutes:
-    """Move the routes out of `samples` (they are not broadcast with them) into a checked full table.
+    """Move the routes out of `samples` (they are not broadcast with them) into a checked full table:
+    each sample in the list is replaced by one without routes (the same trainer values), which frees them
+    once nothing else holds the old sample.
 
     `required` (R3): every sample must have routes; otherwise any sample with routes asks them of all."""
     table, problem = None, None
@@ -41,8 +43,7 @@ def take_engine_routes(samples: list[Sample], num_moe_layers: int, topk: int, nu
             table = RouteTable.from_engine(samples, list(range(num_moe_layers)), num_moe_layers, topk, num_experts)
         except RoutingReplayError as error:
             problem = str(error)
-    for sample in samples:
-        sample.routed_experts = None
+    samples[:] = [replace(sample, routed_experts=None) for sample in samples]
     return EngineRoutes(table, problem)
 
 

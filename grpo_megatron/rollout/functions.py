@@ -21,7 +21,7 @@ prefill per prompt, all of SGLang's concurrency). Each Sample carries:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from grpo_megatron.registry import Registry, UnknownNameError
@@ -96,8 +96,7 @@ def generate_samples(engine: RolloutEngine, items: list[dict], params: SamplingP
                              f"prompt; GRPO groups need exactly params.n={params.n}")
         for sample in outs:
             check_sample(sample, context.return_routed_experts)
-            sample.group = group
-            samples.append(sample)
+            samples.append(replace(sample, group=group))
     return samples
 
 

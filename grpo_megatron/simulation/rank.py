@@ -131,11 +131,12 @@ def optimizer_bytes(optimizer) -> tuple[int, int]:
 
 def _samples(spec: RankSpec):
     """Full-length samples (a one-token prompt, the rest response) for this rank's micro-batches."""
-    from grpo_megatron.samples import Sample
+    from grpo_megatron.samples import Sample, TrainerFields
 
     count = spec.micro_batch_size * spec.num_micro_batches
-    return [Sample(prompt_ids=[1], response_ids=[1] * (spec.seq_len - 1), group=i, advantage=1.0,
-                   old_logprobs=torch.zeros(spec.seq_len - 1)) for i in range(count)]
+    return [Sample(prompt_ids=[1], response_ids=[1] * (spec.seq_len - 1), group=i,
+                   trainer=TrainerFields(advantage=1.0, old_logprobs=torch.zeros(spec.seq_len - 1)))
+            for i in range(count)]
 
 
 def _loss_fn(cfg, normalizer: float):

@@ -58,17 +58,18 @@ def make_micro_batch(samples: list[Sample], indices: list[int], pad_id: int, pad
         positions=positions,
         targets=targets,
         response_mask=mask,
-        advantages=torch.tensor([s.advantage for s in chosen], dtype=torch.float32),
-        old_logprobs=_aligned(chosen, [s.old_logprobs for s in chosen], width),
-        ref_logprobs=_aligned(chosen, [s.ref_logprobs for s in chosen], width),
+        advantages=torch.tensor([s.trainer.advantage for s in chosen], dtype=torch.float32),
+        old_logprobs=_aligned(chosen, [s.trainer.old_logprobs for s in chosen], width),
+        ref_logprobs=_aligned(chosen, [s.trainer.ref_logprobs for s in chosen], width),
         engine_logprobs=_aligned(chosen, [s.engine_logprobs for s in chosen], width),
-        rollout_weights=_aligned(chosen, [s.rollout_weights for s in chosen], width),
-        loss_selection=_aligned(chosen, [s.loss_selection for s in chosen], width),
+        rollout_weights=_aligned(chosen, [s.trainer.rollout_weights for s in chosen], width),
+        loss_selection=_aligned(chosen, [s.trainer.loss_selection for s in chosen], width),
         loss_mask=None if all(s.loss_mask is None for s in chosen) else _aligned(
             chosen, [s.loss_mask if s.loss_mask is not None else [1] * len(s.response_ids) for s in chosen], width),
-        teacher_logprobs=_aligned(chosen, [s.teacher_logprobs for s in chosen], width),
-        teacher_topk_logprobs=_aligned_rows(chosen, [s.teacher_topk_logprobs for s in chosen], width, torch.float32),
-        teacher_topk_ids=_aligned_rows(chosen, [s.teacher_topk_ids for s in chosen], width, torch.long),
+        teacher_logprobs=_aligned(chosen, [s.trainer.teacher_logprobs for s in chosen], width),
+        teacher_topk_logprobs=_aligned_rows(chosen, [s.trainer.teacher_topk_logprobs for s in chosen], width,
+                                            torch.float32),
+        teacher_topk_ids=_aligned_rows(chosen, [s.trainer.teacher_topk_ids for s in chosen], width, torch.long),
     )
 
 

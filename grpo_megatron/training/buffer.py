@@ -112,10 +112,9 @@ def sample_to_dict(sample: Sample) -> dict:
 def sample_from_dict(state: dict) -> Sample:
     state = dict(state)
     routes = state.pop("routed_experts", None)
-    sample = Sample(**state)
     if routes is not None:
-        sample.routed_experts = torch.tensor(routes["values"], dtype=getattr(torch, routes["dtype"]))
-    return sample
+        routes = torch.tensor(routes["values"], dtype=getattr(torch, routes["dtype"]))
+    return Sample(**state, routed_experts=routes)
 
 
 def staleness_metrics(groups: list[Group], version: int, depth: int) -> dict:

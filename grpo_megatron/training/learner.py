@@ -90,28 +90,28 @@ class Learner:
         assign_advantages(samples, alg.advantage, cfg.rollout.group_size)
         if alg.overlong_filter:
             for s in samples:
-                s.meta["_in_loss"] = not s.truncated
+                s.trainer.in_loss = not s.truncated
         if self.routing:
             self.routing.begin_step(samples, self._engine_routes_of_this_rank(
                 samples, routes if routes is not None else self.take_engine_routes(samples)))
         with timer.phase("old_logprobs"):
             if cfg.rollout.use_engine_logprobs:
                 for s in samples:
-                    s.old_logprobs = torch.tensor(s.engine_logprobs, dtype=torch.float32)
+                    s.trainer.old_logprobs = torch.tensor(s.engine_logprobs, dtype=torch.float32)
             elif old_logprobs_are_current(cfg) and alg.rollout_correction.mode == "none":
                 for s in samples:
-                    s.old_logprobs = None  # the training pass's own detached log-probs are the old ones
+                    s.trainer.old_logprobs = None  # the training pass's own detached log-probs are the old ones
             else:
                 old = self.logprobs(self.policy, samples)
                 for i, s in enumerate(samples):
-                    s.old_logprobs = old.get(i, torch.zeros(len(s.response_ids)))
+                    s.trainer.old_logprobs = old.get(i, torch.zeros(len(s.response_ids)))
             correction_metrics = correct_rollout(samples, cfg)
         if self.reference is not None:
             with timer.phase("ref_logprobs"):
                 with self.reference.on_device() as reference:
                     ref = self.logprobs(reference, samples)
                 for i, s in enumerate(samples):
-                    s.ref_logprobs = ref.get(i, torch.zeros(len(s.response_ids)))
+                    s.trainer.ref_logprobs = ref.get(i, torch.zeros(len(s.response_ids)))
         if self.teacher is not None:
             with timer.phase("teacher"):  # time/teacher: the teacher's scoring time
                 opd.score_with_teacher(self, samples)

@@ -77,10 +77,11 @@ def score_with_teacher(learner, samples: list[Sample]) -> None:
     for i, s in enumerate(samples):
         n = len(s.response_ids)
         found = scores.get(i)  # none on pipeline stages before the last (they compute no loss)
-        s.teacher_logprobs = found.logprobs if found is not None else torch.zeros(n)
+        trainer = s.trainer
+        trainer.teacher_logprobs = found.logprobs if found is not None else torch.zeros(n)
         if top_k:
-            s.teacher_topk_logprobs = found.topk_logprobs if found is not None else torch.zeros(n, top_k)
-            s.teacher_topk_ids = found.topk_ids if found is not None else torch.zeros(n, top_k, dtype=torch.long)
+            trainer.teacher_topk_logprobs = found.topk_logprobs if found is not None else torch.zeros(n, top_k)
+            trainer.teacher_topk_ids = found.topk_ids if found is not None else torch.zeros(n, top_k, dtype=torch.long)
 
 
 def _from_rank0(obj):

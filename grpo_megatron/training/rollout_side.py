@@ -4,6 +4,7 @@ takes that broadcast through the same calls. Every rank takes part in a weight p
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -98,8 +99,9 @@ class RolloutSide(RolloutReceiver):
                                  self.cfg.rollout.function_options)
         return generate_samples(self.engine, items, params, context, first_group)
 
-    def score(self, samples: list[Sample]) -> tuple[int, int]:
-        """Set each sample's reward; returns (failed, total) reward calls."""
+    def score(self, samples: list[Sample]) -> tuple[list[Sample], int, int]:
+        """The samples with their rewards (new Samples: the record is fixed from here), and the failed and
+        total reward calls."""
         texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
         prompts = self.tokenizer.batch_decode([s.prompt_ids for s in samples], skip_special_tokens=True)
         rewards = self.rewards.score(prompts, texts, [s.answer for s in samples], [s.meta for s in samples])
@@ -108,9 +110,8 @@ class RolloutSide(RolloutReceiver):
             penalty = overlong_reward_penalty(lengths, self.cfg.rollout.max_new_tokens,
                                               self.cfg.reward.overlong_cache_tokens)
             rewards = [r + float(p) for r, p in zip(rewards, penalty)]
-        for sample, reward in zip(samples, rewards):
-            sample.reward = reward
-        return self.rewards.last_failed, self.rewards.last_calls
+        scored = [replace(sample, reward=reward) for sample, reward in zip(samples, rewards)]
+        return scored, self.rewards.last_failed, self.rewards.last_calls
 
     def rollout_now(self, step: int) -> tuple[list[Sample], dict]:
         """Step `step`'s batch and rollout metrics, generated now (rollout.mode sync), without the broadcast."""

@@ -25,6 +25,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -45,7 +46,8 @@ class RolloutWorker:
     (RolloutSide.generate_groups is where prompts become samples); `end_step` counts failed reward calls."""
 
     def __init__(self, cfg: RunConfig, loader: PromptLoader, generate_groups: GenerateGroups,
-                 score: Callable[[list[Sample]], tuple[int, int]], sampling_params: Callable[[int], SamplingParams],
+                 score: Callable[[list[Sample]], tuple[list[Sample], int, int]],
+                 sampling_params: Callable[[int], SamplingParams],
                  end_step: Callable[[int, int], None], engine_version: Callable[[], int]):
         self.cfg, self.loader = cfg, loader
         self._generate_groups, self._score, self._sampling_params, self._end_step = (
@@ -82,13 +84,10 @@ class RolloutWorker:
             drawn += len(items)
             params = self._sampling_params(batch_index * cfg.max_sampling_rounds + round_index)
             version = self._engine_version()
-            samples = self._generate_groups(items, params, drawn - len(items))
-            for g, (item, draw) in enumerate(draws):
-                for s in samples[g * G:(g + 1) * G]:
-                    s.prompt_index, s.draw = item["index"], draw
-                    if s.weight_versions is None:  # the engine's version at the start holds for every token
-                        s.weight_versions = [version] * len(s.response_ids)
-            round_failed, round_calls = self._score(samples)
+            generated = self._generate_groups(items, params, drawn - len(items))
+            samples = [with_draw(s, item["index"], draw, version)
+                       for g, (item, draw) in enumerate(draws) for s in generated[g * G:(g + 1) * G]]
+            samples, round_failed, round_calls = self._score(samples)
             failed, calls = failed + round_failed, calls + round_calls
             if first_round_groups is None:
                 first_round_groups = samples
@@ -201,11 +200,7 @@ class RolloutWorker:
         with self._state:
             depth, rollout_idle, self._rollout_idle = len(self.buffer), self._rollout_idle, 0.0
             rollout_busy, self._rollout_busy = self._rollout_busy, 0.0
-        samples = []
-        for number, group in enumerate(groups):
-            for s in group.samples:
-                s.group = number
-                samples.append(s)
+        samples = [replace(s, group=number) for number, group in enumerate(groups) for s in group.samples]
         metrics = _weighted_mean([g.chunk_metrics for g in groups])
         metrics.update(staleness_metrics(groups, version, depth))
         metrics.update({"async/stale_groups": stale, "time/trainer_idle": trainer_idle,
@@ -267,6 +262,13 @@ class RolloutWorker:
             self.buffer.load_state_dict(state.get("buffer", []), taken=state.get("trained_groups", 0))
             self._chunks = state.get("chunks", 0)
             self._version = version
+
+
+def with_draw(sample: Sample, prompt_index: int, draw: int, version: int) -> Sample:
+    """`sample` with the draw it came from, and per-token weight versions (the engine's `version` at the
+    start of the round for every token, unless the engine recorded them)."""
+    versions = sample.weight_versions if sample.weight_versions is not None else [version] * len(sample.response_ids)
+    return replace(sample, prompt_index=prompt_index, draw=draw, weight_versions=versions)
 
 
 def rollout_metrics(cfg: RunConfig, first_round: list[Sample], batch: list[Sample], drawn: int,

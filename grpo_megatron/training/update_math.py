@@ -26,13 +26,13 @@ def assign_advantages(samples: list[Sample], estimator: str, group_size: int) ->
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
     advantages = ADVANTAGE_ESTIMATORS.get(estimator)(rewards, group_size)
     for sample, adv in zip(samples, advantages.tolist()):
-        sample.advantage = adv
+        sample.trainer.advantage = adv
 
 
 def loss_mask(samples: list[Sample], mb) -> torch.Tensor:
     """Response tokens in the loss: sampled (not tool output), not overlong-filtered, not dropped by the
     mismatch correction."""
-    keep = torch.tensor([float(samples[i].meta.get("_in_loss", True)) for i in mb.indices])
+    keep = torch.tensor([float(samples[i].trainer.in_loss) for i in mb.indices])
     mask = mb.response_mask * keep.unsqueeze(1)
     if mb.loss_mask is not None:
         mask = mask * mb.loss_mask
@@ -64,8 +64,8 @@ def correct_rollout(samples: list[Sample], cfg: RunConfig) -> dict:
     and nothing where old log-probs are the engine's (bypass) or come from the training pass itself."""
     rc = cfg.algorithm.rollout_correction
     for s in samples:
-        s.rollout_weights = None
-    if cfg.rollout.use_engine_logprobs or any(s.old_logprobs is None for s in samples):
+        s.trainer.rollout_weights = None
+    if cfg.rollout.use_engine_logprobs or any(s.trainer.old_logprobs is None for s in samples):
         return {}
     if any(s.engine_logprobs is None for s in samples):
         if rc.mode != "none":
@@ -73,10 +73,10 @@ def correct_rollout(samples: list[Sample], cfg: RunConfig) -> dict:
                                "rollout engine returned none: set algorithm.rollout_correction.mode none")
         return {}
     pad = torch.nn.utils.rnn.pad_sequence
-    old = pad([s.old_logprobs.float() for s in samples], batch_first=True)
+    old = pad([s.trainer.old_logprobs.float() for s in samples], batch_first=True)
     rollout = pad([torch.tensor(s.engine_logprobs, dtype=torch.float32) for s in samples], batch_first=True)
     lengths = torch.tensor([len(s.response_ids) for s in samples])
-    in_loss = torch.tensor([bool(s.meta.get("_in_loss", True)) for s in samples])
+    in_loss = torch.tensor([s.trainer.in_loss for s in samples])
     sampled = pad([torch.tensor(s.loss_mask or [1] * len(s.response_ids), dtype=torch.bool) for s in samples],
                   batch_first=True)  # tool output has no behaviour log-prob to correct
     mask = (torch.arange(old.shape[1]) < lengths.unsqueeze(1)) & in_loss.unsqueeze(1) & sampled
@@ -90,7 +90,7 @@ def correct_rollout(samples: list[Sample], cfg: RunConfig) -> dict:
         bound = adaptive_truncation_bound(unit_weights, rc.high, rc.adaptive_ess_target)
         correction = correct(high=bound)
     for s, row in zip(samples, correction.weights):
-        s.rollout_weights = row[:len(s.response_ids)].clone()
+        s.trainer.rollout_weights = row[:len(s.response_ids)].clone()
     return from_last_stage(rollout_correction_metrics(old, rollout, mask, correction, rc.level, bound))
 
 
@@ -145,4 +145,4 @@ def select_minibatch_tokens(samples: list[Sample], whole, cfg: RunConfig, step: 
     selected = select_tokens(alg.loss, whole.old_logprobs, whole.advantages, loss_mask(samples, whole),
                              LossParams(**dataclasses.asdict(alg.loss_params)), torch.Generator().manual_seed(seed))
     for row, i in enumerate(whole.indices):
-        samples[i].loss_selection = selected[row, response_span(samples[i])].float()
+        samples[i].trainer.loss_selection = selected[row, response_span(samples[i])].float()

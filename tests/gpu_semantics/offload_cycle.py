@@ -36,13 +36,14 @@ def measure() -> dict:
     from grpo_megatron.simulation.memory import DeviceMemoryCounter
     from grpo_megatron.simulation.rank import buffer_bytes, optimizer_bytes
     from grpo_megatron.training.actor import Actor
-    from grpo_megatron.samples import Sample
+    from grpo_megatron.samples import Sample, TrainerFields
     from grpo_megatron.training.offload import TrainStateOffload
 
     hf, layout = tiny_hf_config("qwen3_moe"), ParallelLayout(expert_parallel=2)
     moe.use_balanced_dispatch(1.0)
     counter = DeviceMemoryCounter()
-    samples = [Sample(prompt_ids=[1], response_ids=[1] * 31, group=i, advantage=1.0, old_logprobs=torch.zeros(31))
+    samples = [Sample(prompt_ids=[1], response_ids=[1] * 31, group=i,
+                      trainer=TrainerFields(advantage=1.0, old_logprobs=torch.zeros(31)))
                for i in range(4)]
     with harness.fake_gpu_rank(1, 4, counter, require_shim=True):
         init_model_parallel(layout, seed=0, **model_dims(hf))

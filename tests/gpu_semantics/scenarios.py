@@ -24,6 +24,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import replace
 
 import torch
 
@@ -40,7 +41,7 @@ LOSSES = ("grpo", "gspo", "gspo_token")
 
 def _samples(n: int = 8, equal_lengths: bool = False):
     """A step's samples as the trainer holds them (CPU tensors), with every per-token field the losses read."""
-    from grpo_megatron.samples import Sample
+    from grpo_megatron.samples import Sample, TrainerFields
 
     g = torch.Generator().manual_seed(0)
     samples = []
@@ -48,9 +49,9 @@ def _samples(n: int = 8, equal_lengths: bool = False):
         prompt = torch.randint(1, 60, (4 if equal_lengths else 3 + i % 3,), generator=g).tolist()
         response = torch.randint(1, 60, (4 if equal_lengths else 2 + i % 4,), generator=g).tolist()
         r = len(response)
-        samples.append(Sample(prompt_ids=prompt, response_ids=response, group=i // 4, advantage=0.5 - i % 2,
-                              engine_logprobs=[-1.0] * r, old_logprobs=torch.full((r,), -1.0),
-                              ref_logprobs=torch.full((r,), -1.1)))
+        samples.append(Sample(prompt_ids=prompt, response_ids=response, group=i // 4, engine_logprobs=[-1.0] * r,
+                              trainer=TrainerFields(advantage=0.5 - i % 2, old_logprobs=torch.full((r,), -1.0),
+                                                    ref_logprobs=torch.full((r,), -1.1))))
     return samples
 
 
@@ -222,9 +223,9 @@ def _engine_routes(model, learner, samples, mode: str):
 
     config = model.config
     g = torch.Generator().manual_seed(1)
-    for s in samples:
-        s.routed_experts = torch.randint(0, config.num_moe_experts, (s.length - 1, config.num_layers, config.moe_router_topk),
-                                         generator=g, dtype=torch.int32)
+    samples[:] = [replace(s, routed_experts=torch.randint(
+        0, config.num_moe_experts, (s.length - 1, config.num_layers, config.moe_router_topk), generator=g,
+        dtype=torch.int32)) for s in samples]
     routing = attach_routing_replay(model, mode)
     learner.routing = routing
     header = route_header(learner.take_engine_routes(samples))  # what rank 0 broadcasts with the samples

@@ -70,7 +70,7 @@ def test_plan_matches_the_bytes_of_a_real_cpu_run(planned, dist_world1):
     from grpo_megatron.parallel import init_model_parallel
     from grpo_megatron.platform import setup_platform
     from grpo_megatron.training.actor import Actor
-    from grpo_megatron.samples import Sample
+    from grpo_megatron.samples import Sample, TrainerFields
     from grpo_megatron.training.batch import make_micro_batches
     from grpo_megatron.training.builder import build_policy_model
     from tests.training.test_actor import gspo
@@ -83,7 +83,8 @@ def test_plan_matches_the_bytes_of_a_real_cpu_run(planned, dist_world1):
     torch.manual_seed(0)
     policy = build_policy_model(cfg, hf, dtype_from_name(cfg.model.dtype), wrap_ddp=True)
     actor = Actor(policy, cfg.train, total_steps=1)
-    samples = [Sample(prompt_ids=[1] * 4, response_ids=[5] * (job.sequence - 4), group=i, advantage=1.0)
+    samples = [Sample(prompt_ids=[1] * 4, response_ids=[5] * (job.sequence - 4), group=i,
+                      trainer=TrainerFields(advantage=1.0))
                for i in range(job.micro_batch_rows)]
     micro = make_micro_batches(samples, list(range(len(samples))), job.micro_batch_rows, 0)
     actor.train_step(micro, gspo(len(samples)), 1.0)  # Adam's state exists after a first step

@@ -50,10 +50,9 @@ def test_negative_ids_stay_int32_for_the_range_check_and_a_wrong_size_is_refused
 
 def _samples_with_routes(num_experts: int = 128):
     g = torch.Generator().manual_seed(2)
-    samples = [Sample(prompt_ids=[1, 2, 3], response_ids=[4] * (2 + i), group=0) for i in range(3)]
-    for s in samples:
-        s.routed_experts = torch.randint(0, num_experts, (s.length - 1, 4, 2), generator=g).to(torch.uint8)
-    return samples
+    return [Sample(prompt_ids=[1, 2, 3], response_ids=[4] * (2 + i), group=0,
+                   routed_experts=torch.randint(0, num_experts, (4 + i, 4, 2), generator=g).to(torch.uint8))
+            for i in range(3)]
 
 
 def test_the_engine_table_keeps_the_decoded_tensor_and_align_stays_compact():

@@ -3,6 +3,7 @@ from rank 0 only; a problem with them stops every rank with rank 0's message."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -26,7 +27,8 @@ def _samples(with_routes: bool) -> list[Sample]:
     for i in range(5):
         s = Sample(prompt_ids=[1] * (2 + i), response_ids=[2] * (1 + i % 3), group=0)
         if with_routes:
-            s.routed_experts = torch.randint(0, EXPERTS, (s.length - 1, LAYERS, TOPK), generator=g, dtype=torch.int32)
+            s = replace(s, routed_experts=torch.randint(0, EXPERTS, (s.length - 1, LAYERS, TOPK), generator=g,
+                                                        dtype=torch.int32))
         out.append(s)
     return out
 

@@ -1,4 +1,6 @@
 """Every way replay data can fail to fit raises, naming the layer / sample and the micro-batch."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -18,7 +20,8 @@ def policy(tiny_hf_dir, dist_world1):
 def with_routes(**changes):
     samples = make_samples(with_routes=True)
     for i, routes in changes.items():
-        samples[int(i[1:])].routed_experts = routes(samples[int(i[1:])].routed_experts)
+        k = int(i[1:])
+        samples[k] = replace(samples[k], routed_experts=routes(samples[k].routed_experts))
     return samples
 
 

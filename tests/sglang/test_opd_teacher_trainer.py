@@ -43,7 +43,7 @@ def test_async_rollouts_are_scored_on_their_tokens_as_sampled(make_config, mock,
         result = update(samples, step, timer, routes)
         assert [(s.prompt_ids, s.response_ids) for s in samples] == scored[-1]
         for s in samples:  # the teacher's values sit on those tokens
-            assert s.teacher_logprobs.shape == (len(s.response_ids),)
+            assert s.trainer.teacher_logprobs.shape == (len(s.response_ids),)
         return result
 
     trainer.learner.update = checking

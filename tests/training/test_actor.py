@@ -9,7 +9,7 @@ from grpo_megatron.models.tiny import tiny_hf_config
 from grpo_megatron.parallel import ParallelLayout, init_model_parallel
 from grpo_megatron.platform import setup_platform
 from grpo_megatron.training.actor import Actor
-from grpo_megatron.samples import Sample
+from grpo_megatron.samples import Sample, TrainerFields
 from grpo_megatron.training.batch import make_micro_batches
 
 
@@ -27,7 +27,7 @@ def rollout(n: int = 12) -> list[Sample]:
     g = torch.Generator().manual_seed(1)
     return [Sample(prompt_ids=torch.randint(1, 64, (3 + i % 4,), generator=g).tolist(),
                    response_ids=torch.randint(1, 64, (2 + (5 * i) % 7,), generator=g).tolist(), group=i // 4,
-                   advantage=float(torch.randn((), generator=g))) for i in range(n)]
+                   trainer=TrainerFields(advantage=float(torch.randn((), generator=g)))) for i in range(n)]
 
 
 def gspo(num_sequences: int):

@@ -1,7 +1,7 @@
 """Micro-batch construction: row-count and token-budget micro-batches."""
 import pytest
 
-from grpo_megatron.samples import Sample
+from grpo_megatron.samples import Sample, TrainerFields
 from grpo_megatron.training.batch import make_micro_batches, split_for_rank, token_budget_count
 
 LENGTHS = [3, 9, 4, 12, 5, 5, 20, 7, 6, 3]
@@ -44,10 +44,10 @@ def test_micro_batch_layout_follows_the_convention():
 
     from grpo_megatron.training.batch import make_micro_batch
 
-    batch = [Sample(prompt_ids=[5, 6, 7], response_ids=[8, 9], group=0, engine_logprobs=[-0.5, -0.25], advantage=1.5,
-                    old_logprobs=torch.tensor([-1.0, -2.0])),
+    batch = [Sample(prompt_ids=[5, 6, 7], response_ids=[8, 9], group=0, engine_logprobs=[-0.5, -0.25],
+                    trainer=TrainerFields(advantage=1.5, old_logprobs=torch.tensor([-1.0, -2.0]))),
              Sample(prompt_ids=[5], response_ids=[10, 11, 12, 13], group=1, engine_logprobs=[-1.0, -2.0, -3.0, -4.0],
-                    advantage=-0.5, old_logprobs=torch.tensor([-0.1, -0.2, -0.3, -0.4]))]
+                    trainer=TrainerFields(advantage=-0.5, old_logprobs=torch.tensor([-0.1, -0.2, -0.3, -0.4])))]
     mb = make_micro_batch(batch, [1, 0], pad_id=0, pad_multiple=4)
     assert mb.indices == [1, 0]
     assert mb.tokens.tolist() == [[5, 10, 11, 12, 13, 0, 0, 0], [5, 6, 7, 8, 9, 0, 0, 0]]  # width 5 -> 8

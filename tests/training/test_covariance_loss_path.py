@@ -24,7 +24,7 @@ def run(monkeypatch, loss: str, num_minibatches: int, micro_batch_size: int, dp:
     learner.cfg.train.micro_batch_size = micro_batch_size
     monkeypatch.setattr(learner_module, "data_parallel_info", lambda: dp)
     learner.update(samples, 3, PhaseTimer())
-    selected = {i: s.loss_selection.tolist() for i, s in enumerate(samples)}
+    selected = {i: s.trainer.loss_selection.tolist() for i, s in enumerate(samples)}
     return [c["loss"] for c in learner.actor.calls], selected, samples
 
 
@@ -87,7 +87,7 @@ def test_clip_cov_draws_anew_each_step_and_seed(monkeypatch):
         learner = make_learner(monkeypatch, samples, algorithm, {"use_engine_logprobs": False}, 1, False)
         learner.cfg.train.seed = seed
         learner.update(samples, step, PhaseTimer())
-        return {i: s.loss_selection.tolist() for i, s in enumerate(samples)}
+        return {i: s.trainer.loss_selection.tolist() for i, s in enumerate(samples)}
 
     first = draw(3, 1234)
     assert draw(3, 1234) == first

@@ -36,7 +36,7 @@ def _run(make_config, loss: str, flip_advantages: bool, monkeypatch) -> tuple[fl
         def flipped(samples, estimator, group_size):
             estimate(samples, estimator, group_size)
             for sample in samples:
-                sample.advantage = -sample.advantage
+                sample.trainer.advantage = -sample.trainer.advantage
 
         monkeypatch.setattr(learner_module, "assign_advantages", flipped)
     before = trainer.evaluate()["eval/reward_mean"]

@@ -17,7 +17,7 @@ from grpo_megatron.config import AlgorithmConfig, RolloutConfig, RunConfig, Trai
 from grpo_megatron.training import actor as actor_module
 from grpo_megatron.training import learner as learner_module
 from grpo_megatron.training.actor import Actor
-from grpo_megatron.samples import Sample
+from grpo_megatron.samples import Sample, TrainerFields
 from grpo_megatron.training.batch import make_micro_batch
 from grpo_megatron.training.learner import Learner
 from grpo_megatron.training.update_math import loss_mask
@@ -49,7 +49,8 @@ def make_samples() -> list[Sample]:
         samples.append(Sample(
             prompt_ids=[1 + (i + j) % 9 for j in range(2 + i % 3)], response_ids=[10 + (5 * i + j) % 7 for j in range(n)],
             group=i // G, reward=((3 * i) % 5) / 4, truncated=i % 3 == 0,
-            engine_logprobs=shifted(current_logprobs(i, n), i, 0.3), old_logprobs=torch.full((n,), 9.0)))
+            engine_logprobs=shifted(current_logprobs(i, n), i, 0.3),
+            trainer=TrainerFields(old_logprobs=torch.full((n,), 9.0))))
     return samples
 
 
@@ -197,8 +198,8 @@ def test_decoupled_old_logprobs_report_their_divergence_from_the_rollout(monkeyp
 
 def test_loss_mask_drops_filtered_samples_and_zero_weight_tokens():
     samples = [Sample(prompt_ids=[1, 2], response_ids=[3, 4], group=0),
-               Sample(prompt_ids=[1], response_ids=[3, 4, 5], group=0, meta={"_in_loss": False}),
-               Sample(prompt_ids=[1, 2, 3], response_ids=[4, 5], group=1, meta={"_in_loss": True})]
+               Sample(prompt_ids=[1], response_ids=[3, 4, 5], group=0, trainer=TrainerFields(in_loss=False)),
+               Sample(prompt_ids=[1, 2, 3], response_ids=[4, 5], group=1, trainer=TrainerFields(in_loss=True))]
     mb = make_micro_batch(samples, [0, 1, 2], pad_id=0)  # 3 rows of width 5
     assert loss_mask(samples, mb).tolist() == [[0, 1, 1, 0, 0], [0] * 5, [0, 0, 1, 1, 0]]
     mb.rollout_weights = torch.tensor([[0, 0.5, 0, 0, 0], [0, 1, 1, 1, 0], [0, 0, 2, 1e-3, 0]])

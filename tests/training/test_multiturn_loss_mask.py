@@ -3,6 +3,8 @@ metrics or the mismatch correction: with garbage log-probs at exactly those posi
 the seed-formula loss with them masked out. Megatron is faked as in test_loss_path."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -21,9 +23,9 @@ GARBAGE = 7.5  # a log-prob no sampled token has: anywhere in the loss it would 
 def with_tool_tokens(samples: list[Sample]) -> list[Sample]:
     """Mask some response tokens of most samples as tool output, and put GARBAGE at those positions."""
     for i, s in enumerate(samples):
-        n = len(s.response_ids)
-        s.loss_mask = [0 if j > 0 and (i + j) % 3 == 1 else 1 for j in range(n)]
-        s.engine_logprobs = [GARBAGE if m == 0 else v for m, v in zip(s.loss_mask, s.engine_logprobs)]
+        mask = [0 if j > 0 and (i + j) % 3 == 1 else 1 for j in range(len(s.response_ids))]
+        samples[i] = replace(s, loss_mask=mask,
+                             engine_logprobs=[GARBAGE if m == 0 else v for m, v in zip(mask, s.engine_logprobs)])
     assert sum(m == 0 for s in samples for m in s.loss_mask) >= 4
     return samples
 

@@ -1,6 +1,7 @@
 """Mismatch correction inside the trainer: independent of the micro-batch split, dropped tokens out of
 the normaliser, the old-log-prob pass forced, config errors that name the fix."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,10 +20,9 @@ def perturbed_rollout(trainer, sigma=0.4):
     (as a bf16 or fp8 engine would give), the same for every trainer built with the same seed."""
     batch, _ = trainer.rollouts.rollout_now(trainer.step)
     g = torch.Generator().manual_seed(0)
-    for s in batch:
-        noise = sigma * torch.randn(len(s.engine_logprobs), generator=g)
-        s.engine_logprobs = (torch.tensor(s.engine_logprobs) + noise).clamp(max=0.0).tolist()
-    return batch
+    noisy = [(torch.tensor(s.engine_logprobs) + sigma * torch.randn(len(s.engine_logprobs), generator=g)).clamp(max=0.0)
+             for s in batch]
+    return [replace(s, engine_logprobs=values.tolist()) for s, values in zip(batch, noisy)]
 
 
 def run_step(make_config, train, correction=CORRECTION, capture=None, monkeypatch=None):
@@ -59,7 +59,7 @@ def test_dropped_tokens_leave_the_normaliser(make_config, dist_world1, monkeypat
     batch, metrics, _ = run_step(make_config, {"num_minibatches": 2}, capture=normalizers, monkeypatch=monkeypatch,
                                  correction={"mode": "mis", "low": 0.8, "high": 1.25})
     half = len(batch) // 2
-    kept = [sum(int((s.rollout_weights > 0).sum()) for s in part) for part in (batch[:half], batch[half:])]
+    kept = [sum(int((s.trainer.rollout_weights > 0).sum()) for s in part) for part in (batch[:half], batch[half:])]
     total = [sum(len(s.response_ids) for s in part) for part in (batch[:half], batch[half:])]
     assert normalizers == kept and sum(kept) < sum(total)
     assert 1 - sum(kept) / sum(total) == pytest.approx(metrics["rollout_correction/frac_masked"], abs=1e-9)
@@ -68,8 +68,9 @@ def test_dropped_tokens_leave_the_normaliser(make_config, dist_world1, monkeypat
 def test_correction_forces_the_old_logprob_pass_and_tis_keeps_every_token(make_config, dist_world1):
     batch, metrics, _ = run_step(make_config, {"num_minibatches": 1},
                                  correction={"mode": "tis", "level": "sequence", "high": 1.5})
-    assert all(s.old_logprobs is not None and s.rollout_weights is not None for s in batch)
-    assert all(bool((s.rollout_weights > 0).all()) and float(s.rollout_weights.max()) <= 1.5 for s in batch)
+    assert all(s.trainer.old_logprobs is not None and s.trainer.rollout_weights is not None for s in batch)
+    assert all(bool((s.trainer.rollout_weights > 0).all()) and float(s.trainer.rollout_weights.max()) <= 1.5
+               for s in batch)
     assert metrics["rollout_correction/frac_masked"] == 0 and metrics["rollout_correction/weight_max"] <= 1.5
     assert metrics["rollout_correction/frac_truncated"] > 0 and metrics["rollout_correction/bound"] == 1.5
 
@@ -82,7 +83,7 @@ def test_adaptive_bound_reaches_the_ess_target(make_config, dist_world1):
 
 def test_metrics_without_correction_and_no_weights(make_config, dist_world1):
     batch, metrics, _ = run_step(make_config, {"num_minibatches": 2}, correction={"mode": "none"})
-    assert all(s.rollout_weights is None for s in batch)
+    assert all(s.trainer.rollout_weights is None for s in batch)
     assert metrics["rollout_correction/chi2_token"] > 0 and metrics["rollout_correction/ess_raw"] < 1
     assert "rollout_correction/frac_masked" not in metrics
 
