@@ -42,16 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     if not config_path.is_file():
         fail(f"config file {config_path} does not exist (set CONFIG=path/to/run.yaml or pass --config)")
 
-    from grpo_megatron.config import ConfigError, load_config, save_config
+    from grpo_megatron.config import ConfigError, load_config, replace_keys, save_config
     from grpo_megatron.parallel import ParallelLayoutError
 
     try:
         cfg = load_config(config_path, overrides)
     except ConfigError as exc:
         fail(f"config {config_path}: {exc}")
-    if args.run_dir:
-        cfg.run_dir = args.run_dir
-    cfg.run_dir = str(Path(cfg.run_dir).resolve())
+    cfg = replace_keys(cfg, {"run_dir": str(Path(args.run_dir or cfg.run_dir).resolve())})
 
     hf = Path(cfg.model.hf_path)
     if not (hf / "config.json").is_file():
