@@ -4,8 +4,8 @@ end of the run prints the time spent per tier, so a slow tier shows where the su
 unit: no model and no subprocess (pure functions, config, parsers).
 integration: one process, tiny models in this interpreter (megatron, the trainer's parts, one-process gloo).
 multiprocess: launches processes (torchrun worlds, mock SGLang servers, script and command-line runs).
-e2e: whole example runs (the examples, and sbatch jobs of the tiny example on the local Slurm); outside the
-default run (pytest.ini), CI runs them as a step of its own (.ci/run).
+e2e: whole programs run as a user runs them (the examples, sbatch jobs of the tiny example on the local Slurm, the
+benchmark scripts at smoke size); outside the default run (pytest.ini), CI runs them as a step of its own (.ci/run).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 TIERS = ("unit", "integration", "multiprocess", "e2e")
 TESTS = Path(__file__).resolve().parent
 FOLDER_TIER = {
-    "algorithms": "unit", "benchmarks": "multiprocess", "examples": "e2e", "gpu_semantics": "multiprocess",
+    "algorithms": "unit", "benchmarks": "e2e", "examples": "e2e", "gpu_semantics": "multiprocess",
     "models": "integration", "plan": "integration", "replay": "integration", "rollout": "integration",
     "sglang": "multiprocess", "sglang_live": "e2e", "simulation": "integration", "slurm": "multiprocess",
     "tools": "integration", "training": "integration",

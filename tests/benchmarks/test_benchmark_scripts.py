@@ -1,4 +1,5 @@
-"""Smoke tests: the benchmark scripts run end to end with tiny settings (each in its own process)."""
+"""Smoke tests: the benchmark scripts run end to end with tiny settings (each in its own process; the e2e tier,
+tests/tiers.py)."""
 from __future__ import annotations
 
 import subprocess
