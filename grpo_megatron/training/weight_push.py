@@ -24,7 +24,8 @@ class WeightPush:
         s = rollout.sglang
         self.engine = engine
         self.bucket_bytes = bucket_bytes(s.bucket_mb)
-        self.sender = rank_sender(rollout, hf_path) if engine is None else None  # ranks 1..N: colocated tensor mode only
+        # ranks 1..N send only to colocated tensor-mode servers
+        self.sender = rank_sender(rollout, hf_path) if engine is None else None
         if engine is not None:
             self.to_every_rank, self.alloc = engine.to_every_rank, engine.bucket_alloc or plain_alloc
         else:

@@ -61,7 +61,8 @@ def _learner(cfg):
     from grpo_megatron.training.builder import learner_spec
     from grpo_megatron.training.learner import Learner
 
-    return Learner(learner_spec(cfg), policy=None, actor=None, memory=None, tokenizer=SimpleNamespace(pad_token_id=0), train_data=None)
+    return Learner(learner_spec(cfg), policy=None, actor=None, memory=None, tokenizer=SimpleNamespace(pad_token_id=0),
+                   train_data=None)
 
 
 def _on_cuda(tensors) -> None:

@@ -97,10 +97,12 @@ def _case(built, task_files, algorithm: dict, extra: dict) -> tuple[Learner, Rol
     trainer, run_dir = built
     cfg = _config(task_files, run_dir, algorithm, extra)
     learner = trainer.learner
-    case_learner = Learner(learner_spec(cfg), learner.policy, learner.actor, learner.memory, learner.tokenizer, learner.train_data,
+    case_learner = Learner(learner_spec(cfg), learner.policy, learner.actor, learner.memory, learner.tokenizer,
+                           learner.train_data,
                            routing=learner.routing, reference=learner.reference if cfg.algorithm.kl_coef > 0 else None)
     loader = PromptLoader(learner.train_data, cfg.rollout.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-    rollouts = RolloutSide(rollout_spec(cfg), trainer.rollouts.engine, learner.tokenizer, loader, RewardRunner(cfg.reward), {})
+    rollouts = RolloutSide(rollout_spec(cfg), trainer.rollouts.engine, learner.tokenizer, loader,
+                           RewardRunner(cfg.reward), {})
     return case_learner, rollouts
 
 
