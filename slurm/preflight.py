@@ -42,16 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     if not config_path.is_file():
         fail(f"config file {config_path} does not exist (set CONFIG=path/to/run.yaml or pass --config)")
 
-    from grpo_megatron.config import ConfigError, load_config, save_config
+    from grpo_megatron.config import ConfigError, load_config, replace_keys, save_config
     from grpo_megatron.parallel import ParallelLayoutError
 
     try:
         cfg = load_config(config_path, overrides)
     except ConfigError as exc:
         fail(f"config {config_path}: {exc}")
-    if args.run_dir:
-        cfg.run_dir = args.run_dir
-    cfg.run_dir = str(Path(cfg.run_dir).resolve())
+    cfg = replace_keys(cfg, {"run_dir": str(Path(args.run_dir or cfg.run_dir).resolve())})
 
     hf = Path(cfg.model.hf_path)
     if not (hf / "config.json").is_file():
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(cfg.run_dir) / "slurm"
     out_dir.mkdir(parents=True, exist_ok=True)
-    marker = weights_dir_marker(cfg, args.job_id)
+    cfg, marker = with_weights_dir_marker(cfg, args.job_id)
     resolved = out_dir / f"job-{args.job_id}.yaml"
     save_config(cfg, resolved)
     values = {
@@ -136,21 +134,23 @@ def check_memory_plan(args, config_path: Path, overrides: list[str]) -> None:
     print(f"memory plan: fits, largest GPU phase {peak:.1f} GiB of {args.gpu_memory}", file=sys.stderr)
 
 
-def weights_dir_marker(cfg, job_id: str) -> str | None:
-    """Disk weight sync: the directory servers load each version from, defaulting to RUN_DIR/weights (a
-    node-local temporary directory is invisible to servers on other nodes). A marker file is written there
-    for common.sh to look for from every server node."""
+def with_weights_dir_marker(cfg, job_id: str):
+    """Disk weight sync: the config with the directory servers load each version from (rollout.sglang.disk_dir,
+    defaulting to RUN_DIR/weights: a node-local temporary directory is invisible to servers on other nodes), and
+    a marker file written there for common.sh to look for from every server node; else the config and None."""
+    from grpo_megatron.config import replace_keys
+
     s = cfg.rollout.sglang
     if cfg.rollout.engine != "sglang" or s.sync_mode != "disk":
-        return None
-    s.disk_dir = str(Path(s.disk_dir or Path(cfg.run_dir) / "weights").resolve())
+        return cfg, None
+    disk_dir = str(Path(s.disk_dir or Path(cfg.run_dir) / "weights").resolve())
     try:
-        Path(s.disk_dir).mkdir(parents=True, exist_ok=True)
-        marker = Path(s.disk_dir) / f".visible-{job_id}"
+        Path(disk_dir).mkdir(parents=True, exist_ok=True)
+        marker = Path(disk_dir) / f".visible-{job_id}"
         marker.write_text("written by slurm/preflight.py; servers must see this file\n")
     except OSError as exc:
-        fail(f"rollout.sglang.disk_dir={s.disk_dir}: cannot write there ({exc}); point it at a shared directory")
-    return str(marker)
+        fail(f"rollout.sglang.disk_dir={disk_dir}: cannot write there ({exc}); point it at a shared directory")
+    return replace_keys(cfg, {"rollout.sglang.disk_dir": disk_dir}), str(marker)
 
 
 if __name__ == "__main__":

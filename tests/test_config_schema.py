@@ -9,7 +9,7 @@ import typing
 
 import pytest
 
-from grpo_megatron.config import ConfigError, RunConfig, load_config
+from grpo_megatron.config import ConfigError, RunConfig, load_config, replace_keys
 from grpo_megatron.config.validation import literal_choices
 
 BASE = {"model": {"hf_path": "/m"}, "data": {"train_files": ["/d.jsonl"]},
@@ -70,8 +70,7 @@ def test_a_literal_field_takes_each_of_its_choices():
 def test_a_constructed_config_is_checked_too():
     from grpo_megatron.config import validate
 
-    cfg = load_config(overrides=BASE)
-    cfg.rollout.engine = "vllm"
+    cfg = replace_keys(load_config(overrides=BASE), {"rollout.engine": "vllm"})
     with pytest.raises(ConfigError, match=r"rollout.engine='vllm': use embedded or sglang"):
         validate(cfg)
 
@@ -89,3 +88,31 @@ def _nested(key: str, value) -> dict:
         return {head: value}
     inner = _nested(".".join(rest), value)
     return {head: {**BASE.get(head, {}), **inner}}
+
+
+def test_a_loaded_config_refuses_assignment_at_every_level():
+    """Every section of a loaded config is frozen: code that needs another value builds another config."""
+    cfg = load_config(overrides=BASE)
+    nodes = [cfg, *cfg.reward.functions] + [_get(cfg, key) for key, _, _ in _sections()
+                                             if dataclasses.is_dataclass(_get(cfg, key))]
+    assert len(nodes) == 17  # the run, its one reward function and its 15 sections and subsections
+    for node in nodes:
+        first = dataclasses.fields(node)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(node, first, getattr(node, first))
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def test_replace_keys_gives_a_changed_copy_and_leaves_the_loaded_config_alone():
+    cfg = load_config(overrides=BASE)
+    changed = replace_keys(cfg, {"train.seed": 7, "rollout.sglang.bucket_mb": 1.5, "run_dir": "/r"})
+    assert (changed.train.seed, changed.rollout.sglang.bucket_mb, changed.run_dir) == (7, 1.5, "/r")
+    assert (cfg.train.seed, cfg.rollout.sglang.bucket_mb, cfg.run_dir) == (1234, 512.0, "runs/default")
+    assert changed.algorithm is cfg.algorithm  # untouched sections are shared, which frozen sections allow
+    with pytest.raises(ConfigError, match="unknown config key train.sed"):
+        replace_keys(cfg, {"train.sed": 7})

@@ -23,15 +23,14 @@ def test_sigusr1_and_sigterm_set_the_stop_flag(monkeypatch):
 
 
 def test_prepare_process_shares_cpu_tensors_only_for_tensor_weight_sync(monkeypatch):
-    from grpo_megatron.config import RunConfig
+    from grpo_megatron.config import RunConfig, replace_keys
 
     calls = []
     monkeypatch.setattr(process_setup, "install_stop_handlers", lambda: calls.append("signals"))
     monkeypatch.setattr(process_setup, "share_cpu_tensors_by_name", lambda: calls.append("share"))
-    cfg = RunConfig()
     for engine, sync, expected in (("embedded", "tensor", ["signals"]), ("sglang", "disk", ["signals"]),
                                    ("sglang", "tensor", ["signals", "share"])):
         calls.clear()
-        cfg.rollout.engine, cfg.rollout.sglang.weight_sync = engine, sync
-        process_setup.prepare_process(cfg)
+        process_setup.prepare_process(replace_keys(RunConfig(), {"rollout.engine": engine,
+                                                                 "rollout.sglang.weight_sync": sync}))
         assert calls == expected, (engine, sync)

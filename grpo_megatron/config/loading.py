@@ -186,10 +186,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
         data = _merge(data, extra)
     config = _from_dict(RunConfig, data)
-    if config.rollout.sglang.api_key is None:
-        config.rollout.sglang.api_key = os.environ.get(API_KEY_ENV) or None
+    if config.rollout.sglang.api_key is None and os.environ.get(API_KEY_ENV):
+        config = replace_keys(config, {"rollout.sglang.api_key": os.environ[API_KEY_ENV]})
     validate(config)
     return config
+
+
+def replace_keys(config, changes: dict[str, Any]):
+    """A copy of the (frozen) config with dotted keys changed (`{"train.seed": 3}`), every section on the way
+    down copied too; not validated again. A loaded config is never changed in place: code that needs another
+    value builds another config."""
+    for dotted, value in changes.items():
+        config = _replace_path(config, dotted.split("."), value, dotted)
+    return config
+
+
+def _replace_path(node, parts: list[str], value: Any, dotted: str):
+    if not dataclasses.is_dataclass(node) or parts[0] not in {f.name for f in dataclasses.fields(node)}:
+        raise ConfigError(f"unknown config key {dotted}")
+    if len(parts) > 1:
+        value = _replace_path(getattr(node, parts[0]), parts[1:], value, dotted)
+    return dataclasses.replace(node, **{parts[0]: value})
 
 
 def _resolve_relative_paths(data: dict, base: Path) -> dict:
@@ -215,4 +232,9 @@ def _resolve_relative_paths(data: dict, base: Path) -> dict:
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    save_config_data(to_dict(config), path)
+
+
+def save_config_data(data: dict, path: str | Path) -> None:
+    """A config already turned into plain data (to_dict) as YAML, in the schema's key order."""
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

@@ -14,7 +14,7 @@ from grpo_megatron.config.schema_rollout import RolloutConfig
 from grpo_megatron.parallel import ParallelLayout
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """The policy: its architecture, initial weights and numerics."""
 
@@ -30,7 +30,7 @@ class ModelConfig:
     """GPU: keep the frozen reference model in host memory between uses."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Prompt sets (JSONL or Parquet, one `prompt` per record)."""
 
@@ -46,7 +46,7 @@ class DataConfig:
     """Shuffle the training prompts each epoch (seeded by train.seed)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RewardFunctionConfig:
     """One reward term."""
 
@@ -58,7 +58,7 @@ class RewardFunctionConfig:
     """Keyword options passed to the reward function."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RewardConfig:
     """How samples are scored."""
 
@@ -78,7 +78,7 @@ class RewardConfig:
     """Reward >= this counts as correct for accuracy."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The optimizer and the step schedule."""
 
@@ -128,7 +128,7 @@ class TrainConfig:
     decoder.layers.*.self_attention.*): those parameters are not trained."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Saving and resuming."""
 
@@ -143,7 +143,7 @@ class CheckpointConfig:
     fully_reshardable (gathered to host on every rank; any layout), see README."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """Evaluation on data.eval_files."""
 
@@ -159,7 +159,7 @@ class EvalConfig:
     """Of the sampled responses (None = rollout.temperature)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     """Where per-step metrics go besides metrics.jsonl."""
 
@@ -173,7 +173,7 @@ class LoggingConfig:
     """A progress bar on rank 0."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """A whole run: one YAML file with these sections, plus command-line overrides."""
 

@@ -11,7 +11,7 @@ from typing import Literal
 from grpo_megatron.algorithms.loss_params import LossParams
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutCorrectionConfig:
     """Train-inference mismatch correction (algorithms/rollout_correction.py); needs engine log-probs and
     trainer-recomputed old log-probs (decoupled), so not rollout.use_engine_logprobs (bypass)."""
@@ -32,7 +32,7 @@ class RolloutCorrectionConfig:
     """tis: per-step bound, the largest <= high keeping ESS >= target."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossParamsConfig:
     """Hyperparameters of single losses; each acts only with its loss. The defaults are the papers', held
     once in algorithms/loss_params.py."""
@@ -53,7 +53,7 @@ class LossParamsConfig:
     """kl_cov: beta of beta |log r|."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class OPDConfig:
     """On-policy distillation (algorithms/opd.py): a teacher scores the student's sampled tokens."""
 
@@ -77,7 +77,7 @@ class OPDConfig:
     """SGLang teacher: per request."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class AlgorithmConfig:
     """The RL objective: policy loss, advantages, KL to the reference and corrections."""
 

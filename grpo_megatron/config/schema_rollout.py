@@ -12,7 +12,7 @@ from typing import Literal
 API_KEY_ENV = "GRPO_SGLANG_API_KEY"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SGLangConfig:
     """SGLang servers reached over HTTP: generation, weight sync, health watching and restarts."""
 
@@ -87,7 +87,7 @@ class SGLangConfig:
         return "tensor" if self.colocated else "distributed"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ToolsConfig:
     """The multi-turn tool loop (rollout.function: tool_loop, grpo_megatron/rollout/tools): tool output is inserted
     as tokens with loss mask 0; rollout.max_new_tokens is the budget of a whole response, tool tokens included."""
@@ -112,7 +112,7 @@ class ToolsConfig:
     """Text around the tool output, with {output}; "" = the format's default."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutConfig:
     """Generation: which engine, how many samples, how they are drawn and when."""
 

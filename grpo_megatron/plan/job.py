@@ -6,13 +6,12 @@ the prompt budget + rollout.max_new_tokens, padded to the TP size under sequence
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import math
 from dataclasses import dataclass
 
-from grpo_megatron.config import RunConfig
+from grpo_megatron.config import RunConfig, replace_keys
 from grpo_megatron.plan.model_shapes import ModelShapes
 
 DEFAULT_PROMPT_TOKENS = 1024
@@ -129,10 +128,8 @@ class Job:
 
 def with_changes(job: Job, *, alloc: dict | None = None, layout: dict | None = None, config: dict | None = None) -> Job:
     """A copy of `job` with allocation fields, parallel layout fields and dotted config keys changed."""
-    cfg = copy.deepcopy(job.cfg)
+    cfg = job.cfg
     if layout:
-        cfg.parallel = dataclasses.replace(cfg.parallel, **layout)
-    for dotted, value in (config or {}).items():
-        section, key = dotted.split(".")
-        setattr(getattr(cfg, section), key, value)
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **layout))
+    cfg = replace_keys(cfg, config or {})
     return dataclasses.replace(job, cfg=cfg, alloc=dataclasses.replace(job.alloc, **(alloc or {})))

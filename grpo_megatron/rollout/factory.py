@@ -18,47 +18,47 @@ from grpo_megatron.rollout.sglang.teacher import SGLangTeacher, TeacherScores
 from grpo_megatron.rollout.sglang.weight_sync import bucket_bytes
 
 if TYPE_CHECKING:  # the config schema sits above rollout/: a type only, never imported at run time
-    from grpo_megatron.config import RunConfig
+    from grpo_megatron.config import RolloutConfig
 
 __all__ = ["SGLangTeacher", "TeacherScores", "bucket_bytes", "make_engine", "rank_sender"]
 
 
-def make_engine(cfg: RunConfig, dtype: torch.dtype) -> RolloutEngine:
-    """Rank 0's engine: embedded (an HF model in this process) or SGLang servers over HTTP."""
-    if cfg.rollout.engine == "embedded":
-        return EmbeddedEngine(cfg.model.hf_path, dtype=dtype, seed=cfg.train.seed)
-    if cfg.rollout.engine == "sglang":
-        return _sglang_engine(cfg)
-    raise ConfigError(f"rollout.engine={cfg.rollout.engine!r}: use embedded or sglang")
+def make_engine(rollout: RolloutConfig, hf_path: str, seed: int, dtype: torch.dtype) -> RolloutEngine:
+    """Rank 0's engine for the policy at `hf_path`: embedded (an HF model in this process, sampling seeded by
+    `seed`) or SGLang servers over HTTP."""
+    if rollout.engine == "embedded":
+        return EmbeddedEngine(hf_path, dtype=dtype, seed=seed)
+    if rollout.engine == "sglang":
+        return _sglang_engine(rollout, hf_path)
+    raise ConfigError(f"rollout.engine={rollout.engine!r}: use embedded or sglang")
 
 
-def rank_sender(cfg: RunConfig) -> BucketSender | None:
+def rank_sender(rollout: RolloutConfig, hf_path: str) -> BucketSender | None:
     """A rank other than 0 sends weights itself only to colocated tensor-mode servers (its own copy for the server
     TP rank on its GPU); None elsewhere."""
-    s = cfg.rollout.sglang
-    if cfg.rollout.engine == "sglang" and s.sync_mode == "tensor" and s.colocated:
-        return make_weight_sync(s, cfg.model.hf_path)
+    s = rollout.sglang
+    if rollout.engine == "sglang" and s.sync_mode == "tensor" and s.colocated:
+        return make_weight_sync(s, hf_path)
     return None
 
 
-def _sglang_engine(cfg: RunConfig) -> RolloutEngine:
+def _sglang_engine(rollout: RolloutConfig, hf_path: str) -> RolloutEngine:
     from transformers import AutoConfig
 
-
-    s = cfg.rollout.sglang
+    s = rollout.sglang
     if not s.urls:
         raise ConfigError("rollout.engine=sglang needs rollout.sglang.urls (e.g. [http://127.0.0.1:30000]): the servers "
                           "themselves, also behind a router (rollout.sglang.router_url), since weights are pushed "
                           "to each one")
     pool = server_pool(s)
-    sync = make_weight_sync(s, cfg.model.hf_path, pool)
-    hf = AutoConfig.from_pretrained(cfg.model.hf_path)
+    sync = make_weight_sync(s, hf_path, pool)
+    hf = AutoConfig.from_pretrained(hf_path)
     topk = getattr(hf, "num_experts_per_tok", None)
     routed_shape = (hf.num_hidden_layers, topk) if topk else None
-    probe = make_probe(s, cfg.model.hf_path)
+    probe = make_probe(s, hf_path)
     router = ServerPool([s.router_url], s.api_key, s.timeout_s, RetryPolicy(attempts=s.retries)) if s.router_url else None
     return SGLangEngine(pool, sync, s.max_in_flight, routed_shape, probe, s.gpu_servers, generate_pool=router,
-                        partial_rollouts=cfg.rollout.partial_rollouts, weights_cpu_backup=s.weights_cpu_backup,
+                        partial_rollouts=rollout.partial_rollouts, weights_cpu_backup=s.weights_cpu_backup,
                         timeout_per_token_s=s.timeout_per_token_s, supervisor=_supervisor(s, pool))
 
 

@@ -22,11 +22,13 @@ from grpo_megatron.training import opd
 from grpo_megatron.training.actor import Actor, data_parallel_info
 from grpo_megatron.rollout.factory import make_engine
 from grpo_megatron.training.evaluation import eval_names
-from grpo_megatron.training.learner import Learner
+from grpo_megatron.training.learner import Learner, LearnerSpec
 from grpo_megatron.training.offload import GenerationMemory
 from grpo_megatron.training.reference import ReferenceModel
 from grpo_megatron.rollout.rewards.runner import RewardRunner
 from grpo_megatron.training.rollout_side import RolloutReceiver, RolloutSide
+from grpo_megatron.training.rollout_worker import RolloutSpec
+from grpo_megatron.training.update_math import UpdateSpec
 
 
 @dataclass
@@ -48,15 +50,38 @@ def build(cfg: RunConfig) -> Parts:
     check_minibatch_split(cfg)
     learner_models = _learner_models(cfg, hf_config, dtype)
     train_data = PromptDataset(cfg.data.train_files, tokenizer, cfg.data.apply_chat_template, cfg.data.max_prompt_tokens)
-    learner = Learner(cfg, tokenizer=tokenizer, train_data=train_data, **learner_models)
+    learner = Learner(learner_spec(cfg), tokenizer=tokenizer, train_data=train_data, **learner_models)
     # every rank reads the data and resolves the rewards, so that a bad file or name fails on all of them
     loader = PromptLoader(train_data, cfg.rollout.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     eval_sets = {name: PromptDataset([path], tokenizer, cfg.data.apply_chat_template, cfg.data.max_prompt_tokens)
                  for name, path in eval_names(cfg.data.eval_files).items()}
     rewards = RewardRunner(cfg.reward)
     if not is_rank0():
-        return Parts(learner, RolloutReceiver(cfg))
-    return Parts(learner, RolloutSide(cfg, make_engine(cfg, dtype), tokenizer, loader, rewards, eval_sets))
+        return Parts(learner, RolloutReceiver(rollout_spec(cfg)))
+    engine = make_engine(cfg.rollout, cfg.model.hf_path, cfg.train.seed, dtype)
+    return Parts(learner, RolloutSide(rollout_spec(cfg), engine, tokenizer, loader, rewards, eval_sets))
+
+
+def update_spec(cfg: RunConfig) -> UpdateSpec:
+    """The RL update's view of the config (training/update_math.py)."""
+    return UpdateSpec(algorithm=cfg.algorithm, group_size=cfg.rollout.group_size,
+                      max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                      use_engine_logprobs=cfg.rollout.use_engine_logprobs,
+                      num_minibatches=cfg.train.num_minibatches, seed=cfg.train.seed)
+
+
+def learner_spec(cfg: RunConfig) -> LearnerSpec:
+    """The learner's view of the config (training/learner.py)."""
+    return LearnerSpec(update=update_spec(cfg), train=cfg.train, checkpoint=cfg.checkpoint, hf_path=cfg.model.hf_path,
+                       pad_multiple=cfg.parallel.tensor_parallel if cfg.parallel.sp else 1,
+                       sft_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.group_size)
+
+
+def rollout_spec(cfg: RunConfig) -> RolloutSpec:
+    """The rollout side's view of the config (training/rollout_side.py, rollout_worker.py)."""
+    return RolloutSpec(rollout=cfg.rollout, reward=cfg.reward, eval=cfg.eval, seed=cfg.train.seed,
+                       steps=cfg.train.steps, engine_routes=cfg.algorithm.routing_replay == "r3",
+                       hf_path=cfg.model.hf_path)
 
 
 def check_minibatch_split(cfg: RunConfig) -> None:
@@ -106,6 +131,7 @@ def _learner_models(cfg: RunConfig, hf_config, dtype: torch.dtype) -> dict:
         frozen = build_policy_model(cfg, hf_config, dtype, wrap_ddp=False)
         load_initial_weights(cfg, frozen)
         reference = ReferenceModel(frozen, offload=cfg.model.offload_reference)
-    teacher = opd.build_teacher(cfg, dtype, hf_config.vocab_size)  # on-policy distillation
+    # on-policy distillation
+    teacher = opd.build_teacher(cfg.algorithm.opd, cfg.parallel, cfg.rollout.sglang, dtype, hf_config.vocab_size)
     return {"policy": policy, "actor": actor, "memory": memory, "routing": routing, "reference": reference,
             "teacher": teacher}

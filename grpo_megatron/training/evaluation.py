@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from grpo_megatron.algorithms import pass_at_k
-from grpo_megatron.config import RunConfig
+from grpo_megatron.config import EvalConfig
 from grpo_megatron.rollout.engines.base import RolloutEngine, SamplingParams
 from grpo_megatron.rollout.data.prompts import PromptDataset
 from grpo_megatron.rollout.rewards.runner import RewardRunner
@@ -25,15 +25,18 @@ def eval_names(files: list[str]) -> dict[str, str]:
 class Evaluator:
     """`eval/<file stem>/accuracy` and `reward_mean` of greedy responses and, with eval.num_samples = k,
     `avg@k` (accuracy over the k sampled responses of every prompt) and unbiased `pass@j` for j = 1, 2, 4, ...
-    up to k. `eval/accuracy` and `eval/reward_mean` pool the greedy results of all files."""
+    up to k. `eval/accuracy` and `eval/reward_mean` pool the greedy results of all files. A response is correct
+    with a reward >= `correct_threshold` (reward.correct_threshold)."""
 
-    def __init__(self, cfg: RunConfig, engine: RolloutEngine, tokenizer, rewards: RewardRunner,
-                 eval_sets: dict[str, PromptDataset], sampling_params: Callable[..., SamplingParams]):
-        self.cfg, self.engine, self.tokenizer, self.rewards = cfg, engine, tokenizer, rewards
+    def __init__(self, eval_cfg: EvalConfig, correct_threshold: float, engine: RolloutEngine, tokenizer,
+                 rewards: RewardRunner, eval_sets: dict[str, PromptDataset],
+                 sampling_params: Callable[..., SamplingParams]):
+        self.eval_cfg, self.correct_threshold = eval_cfg, correct_threshold
+        self.engine, self.tokenizer, self.rewards = engine, tokenizer, rewards
         self.eval_sets, self.sampling_params = eval_sets, sampling_params
 
     def __call__(self) -> dict:
-        cfg, threshold = self.cfg.eval, self.cfg.reward.correct_threshold
+        cfg, threshold = self.eval_cfg, self.correct_threshold
         greedy = self.sampling_params(0, greedy=True, n=1, max_new_tokens=cfg.max_new_tokens)
         metrics, pooled = {}, []
         for index, (name, data) in enumerate(self.eval_sets.items()):

@@ -4,13 +4,14 @@ model, runs the supervised warm start and saves or restores its checkpoint state
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from grpo_megatron.algorithms import POLICY_LOSSES, loss_normalizer
-from grpo_megatron.config import RunConfig
+from grpo_megatron.config import CheckpointConfig, TrainConfig
 from grpo_megatron.models.provider import PolicyModel
 from grpo_megatron.parallel import control_group
 from grpo_megatron.platform import device
@@ -25,18 +26,36 @@ from grpo_megatron.training.metrics import PhaseTimer
 from grpo_megatron.training.offload import GenerationMemory
 from grpo_megatron.training.reference import ReferenceModel
 from grpo_megatron.training.update_math import (
-    assign_advantages, correct_rollout, loss_mask, minibatch_indices, old_logprobs_are_current, policy_loss_fn,
-    select_minibatch_tokens)
+    UpdateSpec, assign_advantages, correct_rollout, loss_mask, minibatch_indices, old_logprobs_are_current,
+    policy_loss_fn, select_minibatch_tokens)
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """What the learner reads of the run config (training/builder.py builds it from the RunConfig)."""
+
+    update: UpdateSpec
+    """The RL update's settings."""
+    train: TrainConfig
+    """Micro-batching and the supervised warm start."""
+    checkpoint: CheckpointConfig
+    """What a run checkpoint keeps."""
+    hf_path: str
+    """model.hf_path: its config and tokenizer go beside each checkpoint."""
+    pad_multiple: int
+    """Sequences pad to this many tokens (the TP size under sequence parallelism, else 1)."""
+    sft_batch_size: int
+    """Samples per warm-start step: rollout.prompts_per_step x rollout.group_size, one RL step's."""
 
 
 class Learner:
     """Every rank's share of the training side. `routing` is the policy's routing replay (MoE policies only),
     `reference` the KL reference (algorithm.kl_coef > 0), `teacher` on-policy distillation's (training/opd.py)."""
 
-    def __init__(self, cfg: RunConfig, policy: PolicyModel, actor: Actor, memory: GenerationMemory, tokenizer,
+    def __init__(self, spec: LearnerSpec, policy: PolicyModel, actor: Actor, memory: GenerationMemory, tokenizer,
                  train_data: PromptDataset | None, routing=None, reference: ReferenceModel | None = None,
                  teacher=None):
-        self.cfg = cfg
+        self.spec = spec
         self.policy = policy
         self.actor = actor
         self.memory = memory
@@ -49,12 +68,12 @@ class Learner:
 
     # ------------------------------------------------------------------------------------ passes
     def pad_multiple(self) -> int:
-        return self.cfg.parallel.tensor_parallel if self.cfg.parallel.sp else 1
+        return self.spec.pad_multiple
 
     def micro_batches(self, samples: list[Sample], indices: list[int]):
         """This data-parallel rank's micro-batches of `indices`: `train.micro_batch_size` rows each, or with
         `train.max_tokens_per_microbatch` that many padded tokens (every DP rank makes the same number)."""
-        train = self.cfg.train
+        train = self.spec.train
         return rank_micro_batches(samples, indices, *data_parallel_info(), train.micro_batch_size, self.pad_id,
                                   self.pad_multiple(), train.max_tokens_per_microbatch)
 
@@ -67,7 +86,7 @@ class Learner:
         from megatron.core import parallel_state
 
         micro = self.micro_batches(samples, list(range(len(samples))))
-        outputs = forward_logprobs(model, micro, self.cfg.rollout.temperature or 1.0)
+        outputs = forward_logprobs(model, micro, self.spec.update.logprob_temperature)
         if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             return {}
         offsets = [0, *itertools.accumulate(len(s.response_ids) for s in samples)]
@@ -86,8 +105,8 @@ class Learner:
         """One RL step's update from `samples` (on every rank); `step`: the steps done before it (seeds the
         covariance losses' token draw). `routes`: the engine's routes as rank 0 took them before the broadcast
         (or their header elsewhere), else they are taken from `samples` here."""
-        cfg, alg = self.cfg, self.cfg.algorithm
-        assign_advantages(samples, alg.advantage, cfg.rollout.group_size)
+        spec, alg = self.spec.update, self.spec.update.algorithm
+        assign_advantages(samples, alg.advantage, spec.group_size)
         if alg.overlong_filter:
             for s in samples:
                 s.trainer.in_loss = not s.truncated
@@ -95,17 +114,17 @@ class Learner:
             self.routing.begin_step(samples, self._engine_routes_of_this_rank(
                 samples, routes if routes is not None else self.take_engine_routes(samples)))
         with timer.phase("old_logprobs"):
-            if cfg.rollout.use_engine_logprobs:
+            if spec.use_engine_logprobs:
                 for s in samples:
                     s.trainer.old_logprobs = torch.tensor(s.engine_logprobs, dtype=torch.float32)
-            elif old_logprobs_are_current(cfg) and alg.rollout_correction.mode == "none":
+            elif old_logprobs_are_current(spec) and alg.rollout_correction.mode == "none":
                 for s in samples:
                     s.trainer.old_logprobs = None  # the training pass's own detached log-probs are the old ones
             else:
                 old = self.logprobs(self.policy, samples)
                 for i, s in enumerate(samples):
                     s.trainer.old_logprobs = old.get(i, torch.zeros(len(s.response_ids)))
-            correction_metrics = correct_rollout(samples, cfg)
+            correction_metrics = correct_rollout(samples, spec)
         if self.reference is not None:
             with timer.phase("ref_logprobs"):
                 with self.reference.on_device() as reference:
@@ -117,17 +136,17 @@ class Learner:
                 opd.score_with_teacher(self, samples)
         results = []
         with timer.phase("train"):
-            for m, indices in enumerate(minibatch_indices(len(samples), cfg.train.num_minibatches)):
+            for m, indices in enumerate(minibatch_indices(len(samples), spec.num_minibatches)):
                 whole = make_micro_batch(samples, indices, self.pad_id)
-                normalizer = loss_normalizer(loss_mask(samples, whole), alg.loss_agg, cfg.rollout.max_new_tokens)
+                normalizer = loss_normalizer(loss_mask(samples, whole), alg.loss_agg, spec.max_new_tokens)
                 if POLICY_LOSSES.get(alg.loss).needs_selection:
-                    select_minibatch_tokens(samples, whole, cfg, step, m)
+                    select_minibatch_tokens(samples, whole, spec, step, m)
                 micro = self.micro_batches(samples, indices)
                 for mb in micro:
                     mb.response_mask = loss_mask(samples, mb)
                 opd.prepare_training_micro_batches(alg.opd, micro)
-                loss_fn = policy_loss_fn(alg, cfg.rollout.max_new_tokens, normalizer, m == 0, bool(self.teacher))
-                results.append(self.actor.train_step(micro, loss_fn, cfg.rollout.temperature or 1.0))
+                loss_fn = policy_loss_fn(alg, spec.max_new_tokens, normalizer, m == 0, bool(self.teacher))
+                results.append(self.actor.train_step(micro, loss_fn, spec.logprob_temperature))
         metrics = combine_minibatch_metrics(results)
         metrics["lr"] = self.actor.lr
         metrics.update(correction_metrics)
@@ -139,7 +158,7 @@ class Learner:
         """`train.sft_warmup_steps` supervised steps on the training set's answers (training/sft.py)."""
         from grpo_megatron.training.sft import sft_warmup
 
-        return sft_warmup(self) if self.cfg.train.sft_warmup_steps > 0 else []
+        return sft_warmup(self) if self.spec.train.sft_warmup_steps > 0 else []
 
     # ------------------------------------------------------------------------------------ routing replay
     def take_engine_routes(self, samples: list[Sample]) -> EngineRoutes | None:
@@ -153,7 +172,7 @@ class Learner:
     def samples_of_this_rank(self, samples: list[Sample]) -> list[int]:
         """Every sample this data-parallel rank runs through the policy this step (log-prob and training
         passes): the ones whose engine routes it needs."""
-        passes = [list(range(len(samples))), *minibatch_indices(len(samples), self.cfg.train.num_minibatches)]
+        passes = [list(range(len(samples))), *minibatch_indices(len(samples), self.spec.update.num_minibatches)]
         return samples_of_rank(samples, passes, *data_parallel_info())
 
     def _engine_routes_of_this_rank(self, samples: list[Sample], routes: EngineRoutes):
@@ -170,8 +189,8 @@ class Learner:
         self.memory.onload()  # the optimizer state is read; the next generation gives it back again
         state = {"scheduler": self.actor.scheduler.state_dict(), **state}
         return ckpt.save_run_checkpoint(run_dir, step, self.policy, self.actor.optimizer, state,
-                                        self.cfg.model.hf_path, self.cfg.checkpoint.keep_last,
-                                        self.cfg.checkpoint.optimizer_format)
+                                        self.spec.hf_path, self.spec.checkpoint.keep_last,
+                                        self.spec.checkpoint.optimizer_format)
 
     def load(self, path: Path) -> dict:
         """Policy, optimizer and LR schedule from the checkpoint at `path`; returns its whole trainer state."""

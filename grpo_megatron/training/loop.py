@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from grpo_megatron.config import RunConfig
+from grpo_megatron.config import RunConfig, to_dict
 from grpo_megatron.parallel import control_group
 from grpo_megatron.process_setup import stop_signal_received
 from grpo_megatron.ranks import is_rank0, multi_rank
@@ -60,7 +60,7 @@ class Trainer:
             self.sync_weights()
             if is_rank0():
                 logger.info("resumed from %s at step %d", resume_from, self.step)
-        self.log = RunLog(cfg, self.step if resume_from is not None else None)
+        self.log = RunLog(self.run_dir, cfg.logging, to_dict(cfg), self.step if resume_from is not None else None)
 
     def train_step(self) -> dict:
         timer, start = PhaseTimer(), time.perf_counter()

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from grpo_megatron.algorithms.opd import opd_advantages, topk_reverse_kl, vocab_logprobs_at, vocab_topk
-from grpo_megatron.config import ConfigError, OPDConfig, RunConfig
+from grpo_megatron.config import ConfigError, OPDConfig, SGLangConfig
 from grpo_megatron.samples import MicroBatch, Sample
 from grpo_megatron.training.batch import response_span
 
@@ -49,24 +49,24 @@ class MegatronTeacher:
         return self.frozen.on_device()
 
 
-def build_teacher(cfg: RunConfig, dtype: torch.dtype, student_vocab: int):
-    """The configured teacher (None when algorithm.opd.teacher is none); the SGLang client lives on rank 0 only."""
-    opd = cfg.algorithm.opd
+def build_teacher(opd: OPDConfig, layout, sglang: SGLangConfig, dtype: torch.dtype, student_vocab: int):
+    """The configured teacher (None when algorithm.opd.teacher is none): a megatron one in the policy's `layout`,
+    or an SGLang client with rollout.sglang's API key and request bound, on rank 0 only."""
     if opd.teacher == "megatron":
-        return MegatronTeacher(opd, cfg.parallel, dtype, student_vocab)
+        return MegatronTeacher(opd, layout, dtype, student_vocab)
     if opd.teacher == "sglang":
         from grpo_megatron.rollout.factory import SGLangTeacher
 
         if dist.is_initialized() and dist.get_rank() != 0:
             return "sglang"  # the scores come from rank 0
-        return SGLangTeacher(opd.sglang_urls, opd.top_k, cfg.rollout.sglang.api_key, opd.sglang_timeout_s,
-                             cfg.rollout.sglang.max_in_flight, vocab_size=student_vocab)
+        return SGLangTeacher(opd.sglang_urls, opd.top_k, sglang.api_key, opd.sglang_timeout_s,
+                             sglang.max_in_flight, vocab_size=student_vocab)
     return None
 
 
 def score_with_teacher(learner, samples: list[Sample]) -> None:
     """Set every sample's teacher log-probs (and top-k ids and log-probs) on every rank."""
-    top_k = learner.cfg.algorithm.opd.top_k
+    top_k = learner.spec.update.algorithm.opd.top_k
     if isinstance(learner.teacher, MegatronTeacher):
         with learner.teacher.on_device() as model:
             scores = _megatron_scores(learner, model, samples, top_k)
@@ -112,7 +112,7 @@ def _megatron_scores(learner, model, samples: list[Sample], top_k: int) -> dict:
     if top_k:
         for mb in micro:
             mb.on_logits = partial(_teacher_topk_hook, top_k)
-    outputs = forward_logprobs(model, micro, learner.cfg.rollout.temperature or 1.0)
+    outputs = forward_logprobs(model, micro, learner.spec.update.logprob_temperature)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return {}
     offsets = [0, *itertools.accumulate(len(s.response_ids) for s in samples)]

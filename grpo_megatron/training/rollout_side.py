@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 
 from grpo_megatron.algorithms import overlong_reward_penalty
-from grpo_megatron.config import RunConfig
 from grpo_megatron.models.provider import PolicyModel
 from grpo_megatron.parallel import control_group
 from grpo_megatron.ranks import multi_rank
@@ -21,7 +20,7 @@ from grpo_megatron.rollout.functions import RolloutContext, generate_samples
 from grpo_megatron.samples import Sample
 from grpo_megatron.training.evaluation import Evaluator
 from grpo_megatron.rollout.rewards.runner import RewardRunner
-from grpo_megatron.training.rollout_worker import RolloutWorker
+from grpo_megatron.training.rollout_worker import RolloutSpec, RolloutWorker
 from grpo_megatron.training.weight_push import WeightPush, release_rollout_memory
 
 
@@ -38,9 +37,9 @@ def broadcast_from_rank0(obj):
 class RolloutReceiver:
     """A rank other than 0: it gets rank 0's batches and joins the weight pushes; it generates nothing."""
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self.weight_push = WeightPush(cfg, None)
+    def __init__(self, spec: RolloutSpec):
+        self.spec = spec
+        self.weight_push = WeightPush(spec.rollout, spec.hf_path, None)
 
     def next_batch(self, step: int, take_routes) -> tuple[list[Sample], dict, object]:
         """Step `step`'s samples, rollout metrics and engine-routes header, as rank 0 broadcast them."""
@@ -74,29 +73,30 @@ class RolloutSide(RolloutReceiver):
     """Rank 0: prompts -> engine (G samples each) -> rewards, inline (rollout.mode sync) or on the worker's
     thread, then broadcast to every rank; the weight push, evaluation and the rollout checkpoint state."""
 
-    def __init__(self, cfg: RunConfig, engine: RolloutEngine, tokenizer, loader: PromptLoader,
+    def __init__(self, spec: RolloutSpec, engine: RolloutEngine, tokenizer, loader: PromptLoader,
                  rewards: RewardRunner, eval_sets: dict):
-        self.cfg, self.engine, self.tokenizer, self.rewards = cfg, engine, tokenizer, rewards
-        self.weight_push = WeightPush(cfg, engine)
-        self.worker = RolloutWorker(cfg, loader, self.generate_groups, self.score, self.sampling_params,
+        self.spec, self.engine, self.tokenizer, self.rewards = spec, engine, tokenizer, rewards
+        self.weight_push = WeightPush(spec.rollout, spec.hf_path, engine)
+        self.worker = RolloutWorker(spec, loader, self.generate_groups, self.score, self.sampling_params,
                                     rewards.end_step, lambda: engine.weight_version)
-        self.evaluator = Evaluator(cfg, engine, tokenizer, rewards, eval_sets, self.sampling_params)
-        self.background = cfg.rollout.mode != "sync"
+        self.evaluator = Evaluator(spec.eval, spec.reward.correct_threshold, engine, tokenizer, rewards, eval_sets,
+                                   self.sampling_params)
+        self.background = spec.rollout.mode != "sync"
 
     # ------------------------------------------------------------------------------------ rollouts
     def sampling_params(self, seed_offset: int, greedy: bool = False, n: int | None = None,
                         max_new_tokens: int | None = None) -> SamplingParams:
         """Sampling settings with a seed fixed by (run seed, offset): a resumed run draws the same samples."""
-        r = self.cfg.rollout
+        r = self.spec.rollout
         return SamplingParams(
             max_new_tokens=max_new_tokens or r.max_new_tokens, temperature=0.0 if greedy else r.temperature,
             top_p=r.top_p, top_k=r.top_k, stop_token_ids=list(r.stop_token_ids),
-            n=n or r.group_size, seed=self.cfg.train.seed * 1_000_003 + seed_offset)
+            n=n or r.group_size, seed=self.spec.seed * 1_000_003 + seed_offset)
 
     def generate_groups(self, items: list[PromptItem], params: SamplingParams, first_group: int) -> list[Sample]:
         """Prompt items -> samples through `rollout.function` (single turn, the tool loop or a user's)."""
-        context = RolloutContext(self.tokenizer, self.cfg.rollout, self.cfg.algorithm.routing_replay == "r3",
-                                 self.cfg.rollout.function_options)
+        context = RolloutContext(self.tokenizer, self.spec.rollout, self.spec.engine_routes,
+                                 self.spec.rollout.function_options)
         return generate_samples(self.engine, items, params, context, first_group)
 
     def score(self, samples: list[Sample]) -> tuple[list[Sample], int, int]:
@@ -105,10 +105,10 @@ class RolloutSide(RolloutReceiver):
         texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
         prompts = self.tokenizer.batch_decode([s.prompt_ids for s in samples], skip_special_tokens=True)
         rewards = self.rewards.score(prompts, texts, [s.answer for s in samples], [s.meta for s in samples])
-        if self.cfg.reward.overlong_penalty:
+        if self.spec.reward.overlong_penalty:
             lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
-            penalty = overlong_reward_penalty(lengths, self.cfg.rollout.max_new_tokens,
-                                              self.cfg.reward.overlong_cache_tokens)
+            penalty = overlong_reward_penalty(lengths, self.spec.rollout.max_new_tokens,
+                                              self.spec.reward.overlong_cache_tokens)
             rewards = [r + float(p) for r, p in zip(rewards, penalty)]
         scored = [replace(sample, reward=reward) for sample, reward in zip(samples, rewards)]
         return scored, self.rewards.last_failed, self.rewards.last_calls

@@ -25,12 +25,12 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from grpo_megatron.algorithms import dynamic_sampling_keep
-from grpo_megatron.config import RunConfig
+from grpo_megatron.config import EvalConfig, RewardConfig, RolloutConfig
 from grpo_megatron.rollout.engines.base import SamplingParams
 from grpo_megatron.rollout.data.prompts import PromptItem, PromptLoader
 from grpo_megatron.samples import Sample
@@ -40,16 +40,37 @@ from grpo_megatron.training.group_diversity import identical_group_fraction, war
 GenerateGroups = Callable[[list[PromptItem], SamplingParams, int], list[Sample]]
 
 
+@dataclass(frozen=True)
+class RolloutSpec:
+    """What the rollout side (this worker, training/rollout_side.py, its evaluator and weight push) reads of the
+    run config; training/builder.py builds it from the RunConfig."""
+
+    rollout: RolloutConfig
+    """Sampling, the engine, the modes."""
+    reward: RewardConfig
+    """Overlong shaping and the accuracy threshold."""
+    eval: EvalConfig
+    """Held-out evaluation."""
+    seed: int
+    """train.seed: every sampling seed derives from it."""
+    steps: int
+    """train.steps: the background worker draws no batch past the run's last step."""
+    engine_routes: bool
+    """algorithm.routing_replay r3: the engine returns its MoE routes."""
+    hf_path: str
+    """model.hf_path: the names and config the pushed weights follow."""
+
+
 class RolloutWorker:
     """Draws prompts (re-issued ones first, then the loader), generates and scores them, and assembles step
     batches with dynamic sampling. `generate_groups`, `score` and `sampling_params` are the trainer's
     (RolloutSide.generate_groups is where prompts become samples); `end_step` counts failed reward calls."""
 
-    def __init__(self, cfg: RunConfig, loader: PromptLoader, generate_groups: GenerateGroups,
+    def __init__(self, spec: RolloutSpec, loader: PromptLoader, generate_groups: GenerateGroups,
                  score: Callable[[list[Sample]], tuple[list[Sample], int, int]],
                  sampling_params: Callable[[int], SamplingParams],
                  end_step: Callable[[int, int], None], engine_version: Callable[[], int]):
-        self.cfg, self.loader = cfg, loader
+        self.spec, self.loader = spec, loader
         self._generate_groups, self._score, self._sampling_params, self._end_step = (
             generate_groups, score, sampling_params, end_step)
         self._engine_version = engine_version
@@ -72,7 +93,7 @@ class RolloutWorker:
     def rollout(self, batch_index: int) -> tuple[list[Sample], dict]:
         """One step batch: prompts -> samples with rewards (dynamic sampling refills zero-variance groups).
         Seeds follow `batch_index`, so the same batch comes out whichever mode or thread asks for it."""
-        cfg = self.cfg.rollout
+        cfg = self.spec.rollout
         G = cfg.group_size
         kept: list[Sample] = []
         dropped: list[Sample] = []
@@ -105,7 +126,7 @@ class RolloutWorker:
         shortfall = max(0, target - len(kept)) // G
         batch = (kept + dropped)[:target]  # short of varied groups: fill with zero-advantage ones
         self._end_step(failed, calls)
-        metrics = rollout_metrics(self.cfg, first_round_groups, batch, drawn, shortfall)
+        metrics = rollout_metrics(self.spec, first_round_groups, batch, drawn, shortfall)
         metrics["reward/error_frac"] = failed / max(calls, 1)
         warn_if_identical(metrics["rollout/identical_uncertain_groups"], cfg.identical_groups_warn, cfg.temperature)
         return batch, metrics
@@ -131,15 +152,15 @@ class RolloutWorker:
     # ------------------------------------------------------------------------------------ background modes
     @property
     def _max_staleness(self) -> int:
-        return 1 if self.cfg.rollout.mode == "one_step_off" else self.cfg.rollout.max_staleness
+        return 1 if self.spec.rollout.mode == "one_step_off" else self.spec.rollout.max_staleness
 
     def _gate_open(self) -> bool:
         """A new rollout batch may start: within the staleness bound, not beyond the run's last step, and
         no weight push or evaluation waiting for the engine."""
-        P = self.cfg.rollout.prompts_per_step
+        P = self.spec.rollout.prompts_per_step
         committed = self.buffer.committed() + P  # with the batch about to start
         return (not self._holds and committed <= (self._version + self._max_staleness + 1) * P
-                and committed <= self.cfg.train.steps * P)
+                and committed <= self.spec.steps * P)
 
     def _run(self) -> None:
         try:
@@ -156,7 +177,7 @@ class RolloutWorker:
                 with self._engine_or_nothing():
                     samples, metrics = self.rollout(index)
                 busy = time.perf_counter() - start
-                G = self.cfg.rollout.group_size
+                G = self.spec.rollout.group_size
                 groups = [Group(samples[i:i + G], metrics) for i in range(0, len(samples), G)]
                 with self._state:
                     self.buffer.put(groups)
@@ -171,14 +192,14 @@ class RolloutWorker:
     def _engine_or_nothing(self):
         """A rollout batch holds the engine against weight pushes, unless partial rollouts let a push in
         mid-generation (the engine applies it there: see the module docstring)."""
-        return contextlib.nullcontext() if self.cfg.rollout.partial_rollouts else self._engine
+        return contextlib.nullcontext() if self.spec.rollout.partial_rollouts else self._engine
 
     def next_batch(self, version: int) -> tuple[list[Sample], dict]:
         """The trainer's side: rollout.prompts_per_step groups, oldest first, none staler than max_staleness."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
             self._thread.start()
-        P = self.cfg.rollout.prompts_per_step
+        P = self.spec.rollout.prompts_per_step
         groups: list[Group] = []
         stale = 0
         start = time.perf_counter()
@@ -193,7 +214,7 @@ class RolloutWorker:
                 stale += 1
                 with self._state:
                     self.buffer.give_back(1)  # leaves room under the gate
-                    if self.cfg.rollout.stale_groups == "regenerate":
+                    if self.spec.rollout.stale_groups == "regenerate":
                         self._redo.append((group.samples[0].prompt_index, group.draw))
                     self._state.notify_all()
         trainer_idle = time.perf_counter() - start
@@ -213,7 +234,7 @@ class RolloutWorker:
         previous weights), which is what makes its batches exact; async pushes as soon as the engine is free
         (at once with partial rollouts: the engine applies the weights mid-generation)."""
         with self._state:
-            if self.cfg.rollout.mode == "one_step_off":
+            if self.spec.rollout.mode == "one_step_off":
                 while not (self._error or self._stop or (not self._busy and not self._gate_open())):
                     self._state.wait()
             self._holds += 1
@@ -271,13 +292,13 @@ def with_draw(sample: Sample, prompt_index: int, draw: int, version: int) -> Sam
     return replace(sample, prompt_index=prompt_index, draw=draw, weight_versions=versions)
 
 
-def rollout_metrics(cfg: RunConfig, first_round: list[Sample], batch: list[Sample], drawn: int,
+def rollout_metrics(spec: RolloutSpec, first_round: list[Sample], batch: list[Sample], drawn: int,
                     shortfall: int) -> dict:
-    G = cfg.rollout.group_size
+    G = spec.rollout.group_size
     rewards = torch.tensor([s.reward for s in batch])
     first = torch.tensor([s.reward for s in first_round]).view(-1, G)
     lengths = torch.tensor([len(s.response_ids) for s in batch], dtype=torch.float32)
-    correct = rewards >= cfg.reward.correct_threshold
+    correct = rewards >= spec.reward.correct_threshold
     return {
         "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
         "reward/accuracy": float(correct.float().mean()),

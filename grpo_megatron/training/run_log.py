@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grpo_megatron.config import RunConfig, save_config, to_dict
+from grpo_megatron.config import LoggingConfig, save_config_data
 from grpo_megatron.ranks import is_rank0
 from grpo_megatron.samples import Sample
 from grpo_megatron.training.metrics import MetricsLogger
@@ -13,16 +13,17 @@ from grpo_megatron.training.prompt_log import PromptLog
 
 
 class RunLog:
-    def __init__(self, cfg: RunConfig, resume_step: int | None):
-        """`resume_step`: the step a resumed run continues from (the logs drop lines past it), else None."""
+    def __init__(self, run_dir: Path, logging: LoggingConfig, resolved_config: dict, resume_step: int | None):
+        """`resolved_config`: the run config as plain data (config.to_dict), written to config.yaml and given to
+        the metric backends; `resume_step`: the step a resumed run continues from (the logs drop lines past it),
+        else None."""
         self.metrics: MetricsLogger | None = None
         self.prompts: PromptLog | None = None
         if is_rank0():
-            run_dir = Path(cfg.run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            self.metrics = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
-                                         cfg.logging.wandb_project, to_dict(cfg), resume_step=resume_step)
+            save_config_data(resolved_config, run_dir / "config.yaml")
+            self.metrics = MetricsLogger(run_dir, logging.tensorboard, logging.wandb, logging.wandb_project,
+                                         resolved_config, resume_step=resume_step)
             self.prompts = PromptLog(run_dir, resume_step)
 
     def log_batch(self, step: int, samples: list[Sample]) -> None:

@@ -33,17 +33,17 @@ def sft_warmup(learner) -> list[float]:
     where it was and fresh Adam moments, as with an optimizer of its own, but from masters that hold the SFT result."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    cfg, actor = learner.cfg, learner.actor
+    train, actor = learner.spec.train, learner.actor
     rl_scheduler = actor.scheduler
     groups = actor.optimizer.param_groups
     rl_bounds = [{key: group.pop(key) for key in ("max_lr", "min_lr") if key in group} for group in groups]
     for group in groups:  # megatron's param groups carry their own LR bounds, which a scheduler prefers
-        group["max_lr"], group["min_lr"] = cfg.train.sft_lr, 0.0
-    wd = cfg.train.weight_decay
+        group["max_lr"], group["min_lr"] = train.sft_lr, 0.0
+    wd = train.weight_decay
     actor.scheduler = OptimizerParamScheduler(
-        actor.optimizer, init_lr=cfg.train.sft_lr, max_lr=cfg.train.sft_lr, min_lr=0.0, lr_warmup_steps=0,
-        lr_decay_steps=max(cfg.train.sft_warmup_steps, 1), lr_decay_style="constant", start_wd=wd, end_wd=wd,
-        wd_incr_steps=max(cfg.train.sft_warmup_steps, 1), wd_incr_style="constant")
+        actor.optimizer, init_lr=train.sft_lr, max_lr=train.sft_lr, min_lr=0.0, lr_warmup_steps=0,
+        lr_decay_steps=max(train.sft_warmup_steps, 1), lr_decay_style="constant", start_wd=wd, end_wd=wd,
+        wd_incr_steps=max(train.sft_warmup_steps, 1), wd_incr_style="constant")
     try:
         losses = _sft_steps(learner, actor)
     finally:
@@ -66,16 +66,16 @@ def forget_optimizer_state(optimizer) -> None:
 
 
 def _sft_steps(learner, actor) -> list[float]:
-    cfg, data = learner.cfg, learner.train_data
-    batch_size = cfg.rollout.prompts_per_step * cfg.rollout.group_size
-    generator = torch.Generator().manual_seed(cfg.train.seed)
+    train, data = learner.spec.train, learner.train_data
+    batch_size = learner.spec.sft_batch_size
+    generator = torch.Generator().manual_seed(train.seed)
     losses = []
     dp_rank, dp_size = data_parallel_info()
-    for _ in range(cfg.train.sft_warmup_steps):
+    for _ in range(train.sft_warmup_steps):
         picks = torch.randint(len(data), (batch_size,), generator=generator).tolist()
         samples = sft_samples(learner.tokenizer, [data[i] for i in picks])
         normalizer = float(make_micro_batch(samples, list(range(len(samples))), learner.pad_id).num_response_tokens)
-        micro = rank_micro_batches(samples, list(range(len(samples))), dp_rank, dp_size, cfg.train.micro_batch_size,
+        micro = rank_micro_batches(samples, list(range(len(samples))), dp_rank, dp_size, train.micro_batch_size,
                                    learner.pad_id, learner.pad_multiple())
 
         def nll(mb, logprobs, entropy):

@@ -1,9 +1,11 @@
 """The RL update's math on a step's samples: advantages, the loss mask, the rollout-mismatch correction, the
-policy-loss closure and the mini-batch split. Functions of (config, samples) so that each can be tested against
-a plain reference computation without building a model; training/learner.py runs them in the step's order."""
+policy-loss closure and the mini-batch split. Functions of (UpdateSpec or its algorithm section, samples) so that
+each can be tested against a plain reference computation without building a model; training/learner.py runs them
+in the step's order."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -13,12 +15,37 @@ from grpo_megatron.algorithms import (
     ADVANTAGE_ESTIMATORS, MAX_LOG_RATIO, POLICY_LOSSES, LossParams, adaptive_truncation_bound, aggregate_loss,
     compute_policy_loss, compute_rollout_correction, select_tokens)
 from grpo_megatron.algorithms.rollout_correction import unit_values
-from grpo_megatron.config import AlgorithmConfig, RunConfig
+from grpo_megatron.config import AlgorithmConfig
 from grpo_megatron.ranks import multi_rank
 from grpo_megatron.samples import Sample
 from grpo_megatron.training import opd
 from grpo_megatron.training.batch import response_span
 from grpo_megatron.training.mismatch import rollout_correction_metrics, train_rollout_mismatch
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    """What an RL update reads of the run config (training/builder.py builds it): the objective and the few
+    rollout and schedule fields it depends on, so that the update math sees nothing else."""
+
+    algorithm: AlgorithmConfig
+    """Loss, advantages, KL, rollout correction, routing replay and distillation."""
+    group_size: int
+    """rollout.group_size: the groups of the advantages."""
+    max_new_tokens: int
+    """rollout.max_new_tokens: the length the loss aggregations normalise by."""
+    temperature: float
+    """rollout.temperature: log-probs are taken at the sampling temperature (greedy, 0, as 1)."""
+    use_engine_logprobs: bool
+    """rollout.use_engine_logprobs: the engine's log-probs are the old ones (bypass)."""
+    num_minibatches: int
+    """train.num_minibatches: optimizer steps per rollout batch."""
+    seed: int
+    """train.seed: seeds the covariance losses' token draw."""
+
+    @property
+    def logprob_temperature(self) -> float:
+        return self.temperature or 1.0
 
 
 def assign_advantages(samples: list[Sample], estimator: str, group_size: int) -> None:
@@ -39,7 +66,7 @@ def loss_mask(samples: list[Sample], mb) -> torch.Tensor:
     return mask if mb.rollout_weights is None else mask * (mb.rollout_weights > 0)
 
 
-def old_logprobs_are_current(cfg: RunConfig) -> bool:
+def old_logprobs_are_current(spec: UpdateSpec) -> bool:
     """True when the old-policy pass would recompute what the training pass computes anyway.
 
     With one optimizer step per rollout batch, the training pass runs the not-yet-updated policy on the
@@ -47,8 +74,8 @@ def old_logprobs_are_current(cfg: RunConfig) -> bool:
     the separate pass (r2 records its routes there, r3 measures rollout-vs-train agreement there), and the
     covariance losses, which select their tokens from the old log-probs before the first micro-batch.
     """
-    return (cfg.train.num_minibatches == 1 and cfg.algorithm.routing_replay == "none"
-            and not POLICY_LOSSES.get(cfg.algorithm.loss).needs_selection)
+    return (spec.num_minibatches == 1 and spec.algorithm.routing_replay == "none"
+            and not POLICY_LOSSES.get(spec.algorithm.loss).needs_selection)
 
 
 def minibatch_indices(count: int, num_minibatches: int) -> list[list[int]]:
@@ -57,15 +84,15 @@ def minibatch_indices(count: int, num_minibatches: int) -> list[list[int]]:
     return [list(range(m * per_minibatch, (m + 1) * per_minibatch)) for m in range(num_minibatches)]
 
 
-def correct_rollout(samples: list[Sample], cfg: RunConfig) -> dict:
+def correct_rollout(samples: list[Sample], spec: UpdateSpec) -> dict:
     """Decoupled mismatch correction: weights from the trainer's old and the engine's log-probs on every
     sample (`rollout_weights`, 0 where dropped), and the step's `rollout_correction/*` metrics, over the
     whole step so that neither depends on the mini- or micro-batch split. Metrics only with mode none,
     and nothing where old log-probs are the engine's (bypass) or come from the training pass itself."""
-    rc = cfg.algorithm.rollout_correction
+    rc = spec.algorithm.rollout_correction
     for s in samples:
         s.trainer.rollout_weights = None
-    if cfg.rollout.use_engine_logprobs or any(s.trainer.old_logprobs is None for s in samples):
+    if spec.use_engine_logprobs or any(s.trainer.old_logprobs is None for s in samples):
         return {}
     if any(s.engine_logprobs is None for s in samples):
         if rc.mode != "none":
@@ -136,12 +163,12 @@ def policy_loss_fn(alg: AlgorithmConfig, max_len: int, normalizer: float, first_
     return loss_fn
 
 
-def select_minibatch_tokens(samples: list[Sample], whole, cfg: RunConfig, step: int, minibatch: int) -> None:
+def select_minibatch_tokens(samples: list[Sample], whole, spec: UpdateSpec, step: int, minibatch: int) -> None:
     """clip_cov / kl_cov: the tokens their loss singles out, over the whole mini-batch (its covariance
     spans every micro-batch and data-parallel rank), from the old log-probs, with a draw seeded by (seed,
     step, mini-batch) so that every rank selects the same; each sample keeps its share."""
-    alg = cfg.algorithm
-    seed = (cfg.train.seed * 1_000_003 + step) * 1009 + minibatch
+    alg = spec.algorithm
+    seed = (spec.seed * 1_000_003 + step) * 1009 + minibatch
     selected = select_tokens(alg.loss, whole.old_logprobs, whole.advantages, loss_mask(samples, whole),
                              LossParams(**dataclasses.asdict(alg.loss_params)), torch.Generator().manual_seed(seed))
     for row, i in enumerate(whole.indices):

@@ -8,7 +8,7 @@ first sync in every process and whenever rank 0's engine finds a server not hold
 """
 from __future__ import annotations
 
-from grpo_megatron.config import RunConfig
+from grpo_megatron.config import RolloutConfig
 from grpo_megatron.models.provider import PolicyModel
 from grpo_megatron.models.weight_changes import ChangeTracker
 from grpo_megatron.models.weight_stream import hf_buckets, plain_alloc
@@ -18,17 +18,20 @@ from grpo_megatron.rollout.factory import bucket_bytes, rank_sender
 
 
 class WeightPush:
-    def __init__(self, cfg: RunConfig, engine: RolloutEngine | None):
-        s = cfg.rollout.sglang
+    """`hf_path`: the policy's HF checkpoint, whose names and config the pushed weights follow."""
+
+    def __init__(self, rollout: RolloutConfig, hf_path: str, engine: RolloutEngine | None):
+        s = rollout.sglang
         self.engine = engine
         self.bucket_bytes = bucket_bytes(s.bucket_mb)
-        self.sender = rank_sender(cfg) if engine is None else None  # ranks 1..N: colocated tensor mode only
+        # ranks 1..N send only to colocated tensor-mode servers
+        self.sender = rank_sender(rollout, hf_path) if engine is None else None
         if engine is not None:
             self.to_every_rank, self.alloc = engine.to_every_rank, engine.bucket_alloc or plain_alloc
         else:
             self.to_every_rank = self.sender is not None and self.sender.to_every_rank
             self.alloc = self.sender.alloc if self.sender is not None else plain_alloc
-        self.changes = ChangeTracker() if cfg.rollout.engine == "sglang" and s.sync_changed_only else None
+        self.changes = ChangeTracker() if rollout.engine == "sglang" and s.sync_changed_only else None
 
     def run(self, model: PolicyModel, version: int, verify: bool = True) -> None:
         """Every rank calls this (the export's collectives); the engine ends with weights `version`.

@@ -59,9 +59,11 @@ def _learner(cfg):
     """A Learner with only what its log-prob pass and route delivery read (no policy, engine or model loading)."""
     from types import SimpleNamespace
 
+    from grpo_megatron.training.builder import learner_spec
     from grpo_megatron.training.learner import Learner
 
-    return Learner(cfg, policy=None, actor=None, memory=None, tokenizer=SimpleNamespace(pad_token_id=0), train_data=None)
+    return Learner(learner_spec(cfg), policy=None, actor=None, memory=None, tokenizer=SimpleNamespace(pad_token_id=0),
+                   train_data=None)
 
 
 def _on_cuda(tensors) -> None:
@@ -70,7 +72,7 @@ def _on_cuda(tensors) -> None:
 
 
 def run_layout(name: str) -> dict[str, str]:
-    from grpo_megatron.config import RunConfig
+    from grpo_megatron.config import RunConfig, replace_keys
     from grpo_megatron.models import build_model, model_dims
     from grpo_megatron.models.tiny import tiny_hf_config
     from grpo_megatron.parallel import ParallelLayout, init_model_parallel
@@ -100,8 +102,7 @@ def run_layout(name: str) -> dict[str, str]:
     ddp = dict(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True)
     with harness.fake_gpu_rank(world - 1, world, require_shim=True):
         init_model_parallel(layout, seed=0, **model_dims(hf))
-        cfg = RunConfig()
-        cfg.parallel, cfg.train.micro_batch_size, cfg.algorithm.kl_coef = layout, 4, 0.1
+        cfg = replace_keys(RunConfig(parallel=layout), {"train.micro_batch_size": 4, "algorithm.kl_coef": 0.1})
         learner = _learner(cfg)
         samples = _samples(equal_lengths=pipelined)
         state = {}
@@ -118,8 +119,8 @@ def run_layout(name: str) -> dict[str, str]:
 
         def loss(variant):
             def run():
-                cfg.algorithm.loss = variant
-                state["outputs"] = _train_pass(state["model"], learner, samples)
+                variant_learner = _learner(replace_keys(cfg, {"algorithm.loss": variant}))
+                state["outputs"] = _train_pass(state["model"], variant_learner, samples)
             return run
 
         def metrics():
@@ -172,9 +173,9 @@ def _loss_fn(learner, samples):
     from grpo_megatron.training.update_math import policy_loss_fn
 
     whole = make_micro_batch(samples, list(range(len(samples))), 0)
-    normalizer = loss_normalizer(whole.response_mask, learner.cfg.algorithm.loss_agg, learner.cfg.rollout.max_new_tokens)
-    return policy_loss_fn(learner.cfg.algorithm, learner.cfg.rollout.max_new_tokens, normalizer, first_minibatch=True,
-                          distilling=False)
+    update = learner.spec.update
+    normalizer = loss_normalizer(whole.response_mask, update.algorithm.loss_agg, update.max_new_tokens)
+    return policy_loss_fn(update.algorithm, update.max_new_tokens, normalizer, first_minibatch=True, distilling=False)
 
 
 def _train_pass(model, learner, samples) -> list[dict]:

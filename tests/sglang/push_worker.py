@@ -32,8 +32,8 @@ def main() -> None:
                 param.mul_(2)
     cfg = load_config(None, json.loads(args.config_json))
     prepare_process(cfg)
-    engine = make_engine(cfg, torch.float32) if rank == 0 else None
-    push = WeightPush(cfg, engine)
+    engine = make_engine(cfg.rollout, cfg.model.hf_path, cfg.train.seed, torch.float32) if rank == 0 else None
+    push = WeightPush(cfg.rollout, cfg.model.hf_path, engine)
     push.run(model, version=5)
     print(f"rank {rank} to_every_rank={push.to_every_rank}", flush=True)
     if engine is not None:

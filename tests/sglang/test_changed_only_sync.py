@@ -42,8 +42,9 @@ def test_partial_syncs_leave_every_server_with_the_trainers_weights(mode, mock, 
     model_dir = tiny_hf_dir("qwen3_moe")
     model = build_loaded_policy(model_dir, ParallelLayout())
     params = dict(model.unwrapped()[0].named_parameters())
-    engine = make_engine(config(mock, model_dir, mode, sync_changed_only=True), torch.float32)
-    push = WeightPush(config(mock, model_dir, mode, sync_changed_only=True), engine)
+    cfg = config(mock, model_dir, mode, sync_changed_only=True)
+    engine = make_engine(cfg.rollout, cfg.model.hf_path, cfg.train.seed, torch.float32)
+    push = WeightPush(cfg.rollout, cfg.model.hf_path, engine)
     try:
         for version, (edit, expected) in enumerate(EDITS, 1):
             with torch.no_grad():

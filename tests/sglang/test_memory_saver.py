@@ -58,8 +58,8 @@ def test_the_push_after_a_release_without_cpu_backup_is_full(mock_gpu_config_url
     cfg = _config(url, model_dir)
     model = build_loaded_policy(model_dir, ParallelLayout())
     params = dict(model.unwrapped()[0].named_parameters())
-    engine = make_engine(cfg, torch.float32)
-    push = WeightPush(cfg, engine)
+    engine = make_engine(cfg.rollout, cfg.model.hf_path, cfg.train.seed, torch.float32)
+    push = WeightPush(cfg.rollout, cfg.model.hf_path, engine)
     try:
         push.run(model, 1)
         release_rollout_memory(engine)  # the trainer trains; the server's weights are gone
@@ -80,8 +80,8 @@ def test_the_push_after_a_release_without_cpu_backup_is_full(mock_gpu_config_url
 
 @pytest.mark.parametrize("backup", [True, False])
 def test_only_servers_with_cpu_backup_keep_changed_only_pushes_after_a_release(mock, tiny_hf_dir, backup):
-    engine = make_engine(_config(mock[0], tiny_hf_dir("qwen3_moe"), weights_cpu_backup=backup, probe_tokens=0),
-                         torch.float32)
+    cfg = _config(mock[0], tiny_hf_dir("qwen3_moe"), weights_cpu_backup=backup, probe_tokens=0)
+    engine = make_engine(cfg.rollout, cfg.model.hf_path, cfg.train.seed, torch.float32)
     try:
         engine.update_weights(sorted(server_weights(mock[0]).items()), version=5)
         assert engine.serves_last_push()

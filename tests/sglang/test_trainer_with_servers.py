@@ -86,7 +86,7 @@ def test_router_takes_generation_and_servers_take_weights(mock, tiny_hf_dir, tmp
                              "reward": {"functions": [{"name": "copy"}]},
                              "rollout": {"engine": "sglang", "sglang": {"urls": [server], "router_url": router,
                                                                         "weight_sync": "tensor"}}})
-    engine = make_engine(cfg, dtype=torch.float32)
+    engine = make_engine(cfg.rollout, cfg.model.hf_path, cfg.train.seed, dtype=torch.float32)
     out = engine.generate([[1, 5, 6], [1, 7]], SamplingParams(max_new_tokens=2, n=2))
     assert [len(group) for group in out] == [2, 2]
     assert request_log(router).count("/generate") == 4 and "/generate" not in request_log(server)  # per sample

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from grpo_megatron.config import save_config
+from grpo_megatron.config import replace_keys, save_config
 from grpo_megatron.training.prompt_log import read_prompt_log
 from tests.conftest import REPO
 
@@ -76,8 +76,7 @@ def test_sigkill_and_resume_train_every_draw_exactly_once(mode, make_config, tmp
     proc.wait()
     assert killed_after < STEPS, f"the run ended before the kill (seed {seed}); the test needs a later kill"
 
-    cfg.checkpoint.resume = True
-    save_config(cfg, tmp_path / "resume.yaml")
+    save_config(replace_keys(cfg, {"checkpoint.resume": True}), tmp_path / "resume.yaml")
     resumed = launch(tmp_path, tmp_path / "resume.yaml")
     assert resumed.wait(timeout=600) == 0, (tmp_path / "log.txt").read_text()[-3000:]
 

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from grpo_megatron.config import replace_keys
 from grpo_megatron.training.checkpoint import latest_checkpoint, list_checkpoints
 from grpo_megatron.training.loop import Trainer
 from grpo_megatron.training.metrics import read_metrics
@@ -42,9 +43,7 @@ def test_resume_reproduces_the_uninterrupted_run(schedule, make_config, tmp_path
     first.train_step()
     first.save_checkpoint()
     first.close()
-    cfg = config("resumed")
-    cfg.checkpoint.resume = True
-    second = Trainer(cfg)
+    second = Trainer(replace_keys(config("resumed"), {"checkpoint.resume": True}))
     assert second.step == 2
     resumed = second.train()
     second.close()

@@ -20,8 +20,8 @@ def run(monkeypatch, loss: str, num_minibatches: int, micro_batch_size: int, dp:
     samples = make_samples()
     algorithm = {"loss": loss, "loss_agg": "token_mean", "clip_low": None, "clip_high": None,
                  "loss_params": LossParamsConfig(**PARAMS)}
-    learner = make_learner(monkeypatch, samples, algorithm, {"use_engine_logprobs": False}, num_minibatches, False)
-    learner.cfg.train.micro_batch_size = micro_batch_size
+    learner = make_learner(monkeypatch, samples, algorithm, {"use_engine_logprobs": False}, num_minibatches, False,
+                           micro_batch_size=micro_batch_size)
     monkeypatch.setattr(learner_module, "data_parallel_info", lambda: dp)
     learner.update(samples, 3, PhaseTimer())
     selected = {i: s.trainer.loss_selection.tolist() for i, s in enumerate(samples)}
@@ -84,8 +84,7 @@ def test_clip_cov_draws_anew_each_step_and_seed(monkeypatch):
     def draw(step: int, seed: int) -> dict:
         samples = make_samples()
         algorithm = {"loss": "clip_cov", "loss_agg": "token_mean", "loss_params": LossParamsConfig(**PARAMS)}
-        learner = make_learner(monkeypatch, samples, algorithm, {"use_engine_logprobs": False}, 1, False)
-        learner.cfg.train.seed = seed
+        learner = make_learner(monkeypatch, samples, algorithm, {"use_engine_logprobs": False}, 1, False, seed=seed)
         learner.update(samples, step, PhaseTimer())
         return {i: s.trainer.loss_selection.tolist() for i, s in enumerate(samples)}
 

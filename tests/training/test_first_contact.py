@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from grpo_megatron.config import RewardConfig, RewardFunctionConfig, RolloutConfig
+from grpo_megatron.config import EvalConfig, RewardConfig, RewardFunctionConfig, RolloutConfig
 from grpo_megatron.train import KNOWN_HARMLESS_WARNINGS, quiet_known_warnings
 from grpo_megatron.training.loop import Trainer
 from grpo_megatron.training.rollout_side import RolloutSide
@@ -113,16 +113,17 @@ def test_consecutive_all_failed_steps_stop_the_run():
 def test_rollout_reports_the_error_fraction():
     """The rollout side on stand-ins for the engine and data: reward/error_frac and the stop reach the step."""
     from grpo_megatron.samples import Sample
-    from grpo_megatron.training.rollout_worker import RolloutWorker
+    from grpo_megatron.training.rollout_worker import RolloutSpec, RolloutWorker
 
     texts = iter([["x", "1", "x", "1"], ["x"] * 4, ["x"] * 4])
-    cfg = SimpleNamespace(rollout=RolloutConfig(prompts_per_step=2, group_size=2),
-                          reward=RewardConfig(overlong_penalty=False))
-    fake = SimpleNamespace(cfg=cfg, rewards=runner(max_failed_steps=2),
+    spec = RolloutSpec(rollout=RolloutConfig(prompts_per_step=2, group_size=2),
+                       reward=RewardConfig(overlong_penalty=False), eval=EvalConfig(), seed=0, steps=3,
+                       engine_routes=False, hf_path="")
+    fake = SimpleNamespace(spec=spec, rewards=runner(max_failed_steps=2),
                            tokenizer=SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: list(ids)))
     loader = SimpleNamespace(next_items=lambda count: [{"index": 0}] * count, drawn=0)
     worker = RolloutWorker(
-        cfg, loader, lambda items, params, first_group: [Sample("p", t, group=0) for t in next(texts)],
+        spec, loader, lambda items, params, first_group: [Sample("p", t, group=0) for t in next(texts)],
         lambda samples: RolloutSide.score(fake, samples), lambda seed_offset: None, fake.rewards.end_step, lambda: 0)
     assert worker.rollout_now(0)[1]["reward/error_frac"] == 0.5
     assert worker.rollout_now(1)[1]["reward/error_frac"] == 1.0

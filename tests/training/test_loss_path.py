@@ -17,6 +17,7 @@ from grpo_megatron.config import AlgorithmConfig, RolloutConfig, RunConfig, Trai
 from grpo_megatron.training import actor as actor_module
 from grpo_megatron.training import learner as learner_module
 from grpo_megatron.training.actor import Actor
+from grpo_megatron.training.builder import learner_spec
 from grpo_megatron.samples import Sample, TrainerFields
 from grpo_megatron.training.batch import make_micro_batch
 from grpo_megatron.training.learner import Learner
@@ -110,14 +111,15 @@ class FakeReference:
 
 
 def make_learner(monkeypatch, samples, algorithm: dict, rollout: dict, num_minibatches: int,
-                 with_reference: bool) -> Learner:
-    """A Learner over fakes: a policy whose log-probs are `current_logprobs`, the passes' values fixed."""
+                 with_reference: bool, **train) -> Learner:
+    """A Learner over fakes: a policy whose log-probs are `current_logprobs`, the passes' values fixed;
+    `train`: TrainConfig fields besides num_minibatches (micro_batch_size 3 unless given)."""
     monkeypatch.setattr(learner_module, "data_parallel_info", lambda: (0, 1))
     cfg = RunConfig(
         algorithm=AlgorithmConfig(**{"loss": "grpo", "clip_low": 0.2, "clip_high": 0.28, **algorithm}),
         rollout=RolloutConfig(group_size=G, max_new_tokens=MAX_NEW_TOKENS, **rollout),
-        train=TrainConfig(num_minibatches=num_minibatches, micro_batch_size=3))
-    learner = Learner(cfg, policy="policy", actor=FakeActor(samples), memory=None,
+        train=TrainConfig(**{"micro_batch_size": 3, **train, "num_minibatches": num_minibatches}))
+    learner = Learner(learner_spec(cfg), policy="policy", actor=FakeActor(samples), memory=None,
                       tokenizer=SimpleNamespace(pad_token_id=0), train_data=None, routing=FakeRouting(),
                       reference=FakeReference() if with_reference else None)
     passes = {"policy": recomputed_old(samples), "reference": reference_logprobs(samples)}
@@ -164,8 +166,8 @@ def test_train_on_gives_each_minibatch_its_reference_loss(case, monkeypatch):
     learner = make_learner(monkeypatch, samples, algorithm, rollout, num_minibatches, with_reference)
     metrics = learner.update(samples, 0, PhaseTimer())
 
-    alg, calls = learner.cfg.algorithm, learner.actor.calls
-    if learner.cfg.rollout.use_engine_logprobs:
+    alg, calls = learner.spec.update.algorithm, learner.actor.calls
+    if learner.spec.update.use_engine_logprobs:
         old = {i: s.engine_logprobs for i, s in enumerate(samples)}
     elif num_minibatches == 1:
         old = {i: current_logprobs(i, len(s.response_ids)) for i, s in enumerate(samples)}
@@ -177,7 +179,7 @@ def test_train_on_gives_each_minibatch_its_reference_loss(case, monkeypatch):
     for m, call in enumerate(calls):
         expected = reference_minibatch_loss(samples, call["rows"], alg, old, ref)
         assert call["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7), (case, m)
-        assert call["temperature"] == (learner.cfg.rollout.temperature or 1.0)
+        assert call["temperature"] == (learner.spec.update.temperature or 1.0)
         # the train-vs-rollout comparison belongs to the first mini-batch only (policy == rollout weights)
         assert all(("train_rollout/k3_kl" in mbm) == (m == 0) for mbm in call["metrics"])
     assert metrics["train/lr"] == FakeActor.lr and metrics["replay/agreement"] == 0.5

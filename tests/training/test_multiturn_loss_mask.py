@@ -61,7 +61,7 @@ def test_tool_tokens_are_out_of_the_loss_normaliser_and_kl(loss, loss_agg, monke
     learner.logprobs = lambda model, batch: garbled(clean[model], samples)
     metrics = learner.update(samples, 0, PhaseTimer())
     for call in learner.actor.calls:
-        want = expected_loss(samples, call["rows"], learner.cfg.algorithm, clean["policy"], clean["reference"])
+        want = expected_loss(samples, call["rows"], learner.spec.update.algorithm, clean["policy"], clean["reference"])
         assert call["loss"] == pytest.approx(want, rel=1e-5, abs=1e-7)
     assert all(abs(v) < 5 for k, v in metrics.items() if k.startswith("train_rollout/"))
 

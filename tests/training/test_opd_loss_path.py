@@ -84,7 +84,7 @@ def opd_trainer(monkeypatch, samples, case: str, opd: OPDConfig, loss: str = "gr
 
 
 def old_logprobs_of(learner, samples, case: str) -> dict:
-    if learner.cfg.rollout.use_engine_logprobs:
+    if learner.spec.update.use_engine_logprobs:
         return {i: s.engine_logprobs for i, s in enumerate(samples)}
     if CASES[case][2] == 1:
         return {i: current_logprobs(i, len(s.response_ids)) for i, s in enumerate(samples)}
@@ -141,7 +141,7 @@ def test_each_minibatch_gets_the_opd_reference_loss(mode, case, loss, monkeypatc
     assert len(learner.teacher.asked) == 1  # one scoring per step, of every sample
     old = old_logprobs_of(learner, samples, case)
     for call in learner.actor.calls:
-        want, kl = expected(samples, call["rows"], learner.cfg.algorithm, old, opd)
+        want, kl = expected(samples, call["rows"], learner.spec.update.algorithm, old, opd)
         assert call["loss"] == pytest.approx(want, rel=1e-5, abs=1e-7), (mode, case)
         tokens = [float(m["opd/teacher_kl"]) for m in call["metrics"]]
         assert len(tokens) == len(call["metrics"])
@@ -160,10 +160,10 @@ def test_tool_tokens_are_out_of_the_opd_signal_and_metric(monkeypatch):
                                                      train_step(micro, *args))[1]
     learner.update(samples, 0, PhaseTimer())
     for call, rows_of_micro in zip(learner.actor.calls, micro_rows):
-        want, _ = expected(samples, call["rows"], learner.cfg.algorithm, clean, opd)
+        want, _ = expected(samples, call["rows"], learner.spec.update.algorithm, clean, opd)
         assert call["loss"] == pytest.approx(want, rel=1e-5, abs=1e-7)
         for metrics, rows in zip(call["metrics"], rows_of_micro):  # the mean over each micro-batch's loss tokens
-            _, kl = expected(samples, rows, learner.cfg.algorithm, clean, opd)
+            _, kl = expected(samples, rows, learner.spec.update.algorithm, clean, opd)
             assert float(metrics["opd/teacher_kl"]) == pytest.approx(kl, rel=1e-5, abs=1e-6)
 
 
@@ -189,8 +189,8 @@ def test_topk_mode_adds_the_tail_aware_reverse_kl_over_the_teachers_topk(mode, m
     learner = opd_trainer(monkeypatch, samples, "recomputed_old", opd, "gspo", actor=TopKFakeActor(samples))
     learner.update(samples, 0, PhaseTimer())
     for call in learner.actor.calls:
-        want, _ = expected(samples, call["rows"], learner.cfg.algorithm, recomputed_old(samples), opd,
-                           _topk_kl_reference(samples, learner.cfg.rollout.temperature))
+        want, _ = expected(samples, call["rows"], learner.spec.update.algorithm, recomputed_old(samples), opd,
+                           _topk_kl_reference(samples, learner.spec.update.temperature))
         assert call["loss"] == pytest.approx(want, rel=1e-4, abs=1e-6), mode
         assert all(float(m["opd/topk_kl"]) > 0 for m in call["metrics"])
 

@@ -18,6 +18,7 @@ import torch
 
 from grpo_megatron.config import RunConfig, load_config
 from grpo_megatron.rollout.data.prompts import PromptLoader
+from grpo_megatron.training.builder import learner_spec, rollout_spec
 from grpo_megatron.training.learner import Learner
 from grpo_megatron.training.loop import Trainer
 from grpo_megatron.training.metrics import PhaseTimer
@@ -96,10 +97,12 @@ def _case(built, task_files, algorithm: dict, extra: dict) -> tuple[Learner, Rol
     trainer, run_dir = built
     cfg = _config(task_files, run_dir, algorithm, extra)
     learner = trainer.learner
-    case_learner = Learner(cfg, learner.policy, learner.actor, learner.memory, learner.tokenizer, learner.train_data,
+    case_learner = Learner(learner_spec(cfg), learner.policy, learner.actor, learner.memory, learner.tokenizer,
+                           learner.train_data,
                            routing=learner.routing, reference=learner.reference if cfg.algorithm.kl_coef > 0 else None)
     loader = PromptLoader(learner.train_data, cfg.rollout.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-    rollouts = RolloutSide(cfg, trainer.rollouts.engine, learner.tokenizer, loader, RewardRunner(cfg.reward), {})
+    rollouts = RolloutSide(rollout_spec(cfg), trainer.rollouts.engine, learner.tokenizer, loader,
+                           RewardRunner(cfg.reward), {})
     return case_learner, rollouts
 
 
@@ -128,7 +131,7 @@ def _expected_rewards(learner, samples, overlong_penalty: bool) -> list[float]:
 def _reference_grads(learner, samples, alg: dict, extra: dict) -> dict[str, torch.Tensor]:
     policy = learner.policy.unwrapped()[0]
     rewards = _expected_rewards(learner, samples, extra.get("overlong_penalty", False))
-    adv = reference.group_advantages(rewards, learner.cfg.rollout.group_size,
+    adv = reference.group_advantages(rewards, learner.spec.update.group_size,
                                      normalize_std=alg["advantage"] == "grpo", eps=1e-6)
     width = max(len(s.response_ids) for s in samples)
     rows = []
