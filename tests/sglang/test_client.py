@@ -38,7 +38,9 @@ def test_generate_parses_logprobs_finish_reason_and_routed_experts(mock, tiny_hf
         for c in group:
             assert c.prompt_ids == prompt and len(c.response_logprobs) == len(c.response_ids) <= 6
             assert all(lp <= 0 for lp in c.response_logprobs)
-            assert c.finish_reason == ("length" if len(c.response_ids) == 6 else "stop")
+            # "stop" ends on the end-of-sequence token, the 6th one too; "length" only at the 6th
+            stopped = c.response_ids[-1:] == [config.eos_token_id]
+            assert c.finish_reason == ("stop" if stopped else "length") and (stopped or len(c.response_ids) == 6)
             assert c.routed_experts.dtype == torch.uint8  # compact: the tiny model has 4 experts
             assert c.routed_experts.shape == (len(prompt) + len(c.response_ids) - 1, config.num_hidden_layers,
                                               config.num_experts_per_tok)
