@@ -153,8 +153,16 @@ def init_model_parallel(layout: ParallelLayout, seed: int = 1234, **model_dims) 
     """Validate `layout` against the world and the model, then build megatron's process groups."""
     from megatron.core import parallel_state, tensor_parallel
 
+    global _MEGATRON_LAYOUT
     world_size = dist.get_world_size()
     layout.validate(world_size, **model_dims)
+    if _MEGATRON_LAYOUT == (layout, world_size) and parallel_state.model_parallel_is_initialized():
+        # The groups in place are the ones asked for: keep them (see _MEGATRON_GROUPS); reseed, and start at the
+        # first virtual stage as initialize_model_parallel does.
+        if layout.virtual_pipeline_parallel:
+            parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        return
     destroy_model_parallel()
     before = set(dist.distributed_c10d._world.pg_map)
     parallel_state.initialize_model_parallel(
@@ -167,19 +175,26 @@ def init_model_parallel(layout: ParallelLayout, seed: int = 1234, **model_dims) 
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     _MEGATRON_GROUPS.extend(g for g in dist.distributed_c10d._world.pg_map if g not in before)
+    _MEGATRON_LAYOUT = (layout, world_size)
 
 
 # The process groups megatron's last initialize_model_parallel created. Its destroy_model_parallel only drops
 # its own references; torch keeps every group (and a gloo group's three threads) alive until
 # destroy_process_group, so a process that re-initialises (the tests build many trainers) leaked ~17 groups
-# and ~50 threads each time.
+# and ~50 threads each time. Even destroyed, a gloo group's threads run until the group object is freed, and a
+# model built on the groups keeps them: megatron's DDP reaches them and its backward hooks sit on autograd nodes,
+# a cycle through C++ that Python's gc cannot collect. So a re-initialisation with the layout in place
+# (`_MEGATRON_LAYOUT`: the layout and world size) keeps the groups instead of making new ones.
 _MEGATRON_GROUPS: list = []
+_MEGATRON_LAYOUT: tuple | None = None
 
 
 def destroy_model_parallel() -> None:
     """Tear down megatron's model-parallel state and destroy the process groups it created."""
     from megatron.core import parallel_state
 
+    global _MEGATRON_LAYOUT
+    _MEGATRON_LAYOUT = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     while _MEGATRON_GROUPS:
