@@ -67,15 +67,12 @@ class Learner:
         self.teacher = teacher
 
     # ------------------------------------------------------------------------------------ passes
-    def pad_multiple(self) -> int:
-        return self.spec.pad_multiple
-
     def micro_batches(self, samples: list[Sample], indices: list[int]):
         """This data-parallel rank's micro-batches of `indices`: `train.micro_batch_size` rows each, or with
         `train.max_tokens_per_microbatch` that many padded tokens (every DP rank makes the same number)."""
         train = self.spec.train
         return rank_micro_batches(samples, indices, *data_parallel_info(), train.micro_batch_size, self.pad_id,
-                                  self.pad_multiple(), train.max_tokens_per_microbatch)
+                                  self.spec.pad_multiple, train.max_tokens_per_microbatch)
 
     def logprobs(self, model, samples: list[Sample]) -> dict[int, torch.Tensor]:
         """Per-sample response log-probs under `model` (CPU tensors), available on every last-stage rank.

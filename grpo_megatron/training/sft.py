@@ -76,7 +76,7 @@ def _sft_steps(learner, actor) -> list[float]:
         samples = sft_samples(learner.tokenizer, [data[i] for i in picks])
         normalizer = float(make_micro_batch(samples, list(range(len(samples))), learner.pad_id).num_response_tokens)
         micro = rank_micro_batches(samples, list(range(len(samples))), dp_rank, dp_size, train.micro_batch_size,
-                                   learner.pad_id, learner.pad_multiple())
+                                   learner.pad_id, learner.spec.pad_multiple)
 
         def nll(mb, logprobs, entropy):
             loss = -(logprobs * mb.response_mask).sum() / normalizer
