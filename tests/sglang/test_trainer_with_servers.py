@@ -15,21 +15,28 @@ from tests.sglang.conftest import request_log, running_requests, set_token_delay
 from tests.sglang.test_weight_sync import new_weights
 
 
-@pytest.mark.parametrize("mode", ["tensor", "disk"])
-def test_trainer_rolls_out_on_servers_and_pushes_each_update(mode, mock, tiny_hf_dir, tmp_path, dist_world1):
+def server_run(tmp_path, tiny_hf_dir, rollout: dict, algorithm: dict | None = None, steps: int = 2):
+    """A short run of the tiny Qwen3-MoE on the first-digit task (rewarded by varied_reward), its rollouts on
+    SGLang servers: `rollout` adds to 4 prompts x 4 samples of 3 tokens."""
     from grpo_megatron.rollout.data.tasks import make_task_dataset
 
-    cfg = load_config(None, {
+    return load_config(None, {
         "run_dir": str(tmp_path / "run"),
         "model": {"hf_path": str(tiny_hf_dir("qwen3_moe"))},
         "data": {"train_files": [str(make_task_dataset("first_digit", 64, 0, tmp_path / "train.jsonl"))]},
-        "rollout": {"engine": "sglang", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 3,
-                    "sglang": {"urls": mock, "weight_sync": mode, "probe_tolerance": 1e-4, "bucket_mb": 1}},
+        "rollout": {"engine": "sglang", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 3, **rollout},
         "reward": {"functions": [{"name": "tests.training.test_loop:varied_reward"}]},
-        "algorithm": {"loss": "gspo"},
-        "train": {"steps": 2, "num_minibatches": 1, "micro_batch_size": 8, "lr": 1e-3, "num_threads": 1},
+        **({"algorithm": algorithm} if algorithm is not None else {}),
+        "train": {"steps": steps, "num_minibatches": 1, "micro_batch_size": 8, "lr": 1e-3, "num_threads": 1},
         "logging": {"progress_bar": False, "tensorboard": False},
     })
+
+
+@pytest.mark.parametrize("mode", ["tensor", "disk"])
+def test_trainer_rolls_out_on_servers_and_pushes_each_update(mode, mock, tiny_hf_dir, tmp_path, dist_world1):
+    cfg = server_run(tmp_path, tiny_hf_dir,
+                     {"sglang": {"urls": mock, "weight_sync": mode, "probe_tolerance": 1e-4, "bucket_mb": 1}},
+                     algorithm={"loss": "gspo"})
     trainer = Trainer(cfg)
     steps = [trainer.train_step(), trainer.train_step()]
     trainer.close()
@@ -50,19 +57,9 @@ def test_trainer_rolls_out_on_servers_and_pushes_each_update(mode, mock, tiny_hf
 def test_background_rollouts_probe_each_push_after_giving_the_engine_back(mock, tiny_hf_dir, tmp_path, dist_world1):
     """rollout.mode async: the post-sync probe still checks every push, but once the push has let go of the
     engine (no hold on it), so the rollout thread can generate while the probe's reference forward runs."""
-    from grpo_megatron.rollout.data.tasks import make_task_dataset
-
-    cfg = load_config(None, {
-        "run_dir": str(tmp_path / "run"),
-        "model": {"hf_path": str(tiny_hf_dir("qwen3_moe"))},
-        "data": {"train_files": [str(make_task_dataset("first_digit", 64, 0, tmp_path / "train.jsonl"))]},
-        "rollout": {"engine": "sglang", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 3,
-                    "mode": "async", "sglang": {"urls": mock[:1], "weight_sync": "tensor", "probe_tolerance": 1e-4}},
-        "reward": {"functions": [{"name": "tests.training.test_loop:varied_reward"}]},
-        "algorithm": {"rollout_correction": {"mode": "tis"}},
-        "train": {"steps": 3, "num_minibatches": 1, "micro_batch_size": 8, "lr": 1e-3, "num_threads": 1},
-        "logging": {"progress_bar": False, "tensorboard": False},
-    })
+    cfg = server_run(tmp_path, tiny_hf_dir,
+                     {"mode": "async", "sglang": {"urls": mock[:1], "weight_sync": "tensor", "probe_tolerance": 1e-4}},
+                     algorithm={"rollout_correction": {"mode": "tis"}}, steps=3)
     trainer = Trainer(cfg)
     probe, checks = trainer.rollouts.engine.probe, []
     check = probe.check
@@ -105,18 +102,8 @@ def test_colocated_gpu_servers_free_their_memory_while_the_trainer_trains(mock, 
     """rollout -> release weights + KV cache -> training -> resume weights -> push -> resume KV cache -> rollout.
     (The mock answers the memory routes as a server started with --enable-memory-saver; CPU servers are never
     asked, see test_client.)"""
-    from grpo_megatron.rollout.data.tasks import make_task_dataset
-
-    cfg = load_config(None, {
-        "run_dir": str(tmp_path / "run"),
-        "model": {"hf_path": str(tiny_hf_dir("qwen3_moe"))},
-        "data": {"train_files": [str(make_task_dataset("first_digit", 64, 0, tmp_path / "train.jsonl"))]},
-        "rollout": {"engine": "sglang", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 3,
-                    "sglang": {"urls": mock[:1], "weight_sync": "tensor", "gpu_servers": True, "bucket_mb": 1}},
-        "reward": {"functions": [{"name": "tests.training.test_loop:varied_reward"}]},
-        "train": {"steps": 2, "num_minibatches": 1, "micro_batch_size": 8, "lr": 1e-3, "num_threads": 1},
-        "logging": {"progress_bar": False, "tensorboard": False},
-    })
+    cfg = server_run(tmp_path, tiny_hf_dir,
+                     {"sglang": {"urls": mock[:1], "weight_sync": "tensor", "gpu_servers": True, "bucket_mb": 1}})
     trainer = Trainer(cfg)
     trainer.train_step()
     trainer.train_step()
@@ -134,20 +121,10 @@ def test_async_partial_rollouts_train_within_max_staleness(mock, tiny_hf_dir, tm
     The mock decodes 16 tokens at 0.05 s each, and each push waits until requests run on a server and have had
     time for a few tokens, so that it lands mid-generation whatever the speed of the train step (left to timing,
     a fast step pushed before the first token and a slow one after the last)."""
-    from grpo_megatron.rollout.data.tasks import make_task_dataset
-
-    cfg = load_config(None, {
-        "run_dir": str(tmp_path / "run"),
-        "model": {"hf_path": str(tiny_hf_dir("qwen3_moe"))},
-        "data": {"train_files": [str(make_task_dataset("first_digit", 64, 0, tmp_path / "train.jsonl"))]},
-        "rollout": {"engine": "sglang", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 16,
-                    "mode": "async", "max_staleness": 2, "partial_rollouts": True,
-                    "sglang": {"urls": mock, "weight_sync": "tensor", "bucket_mb": 1}},
-        "reward": {"functions": [{"name": "tests.training.test_loop:varied_reward"}]},
-        "algorithm": {"loss": "gspo", "routing_replay": "r3", "rollout_correction": {"mode": "tis"}},
-        "train": {"steps": 3, "num_minibatches": 1, "micro_batch_size": 8, "lr": 1e-3, "num_threads": 1},
-        "logging": {"progress_bar": False, "tensorboard": False},
-    })
+    cfg = server_run(tmp_path, tiny_hf_dir,
+                     {"max_new_tokens": 16, "mode": "async", "max_staleness": 2, "partial_rollouts": True,
+                      "sglang": {"urls": mock, "weight_sync": "tensor", "bucket_mb": 1}},
+                     algorithm={"loss": "gspo", "routing_replay": "r3", "rollout_correction": {"mode": "tis"}}, steps=3)
     delay = 0.05
     for url in mock:
         set_token_delay(url, delay)
@@ -179,19 +156,10 @@ def test_async_partial_rollouts_train_within_max_staleness(mock, tiny_hf_dir, tm
 def test_background_modes_on_mock_sglang_servers(mode, mock, tiny_hf_dir, tmp_path, dist_world1):
     """The rollout thread generates on the servers while the trainer trains; every push reaches every server
     and the servers' weight versions come back on the samples (mock servers follow SGLang 0.5.23)."""
-    from grpo_megatron.rollout.data.tasks import make_task_dataset
-
-    cfg = load_config(None, {
-        "run_dir": str(tmp_path / "run"),
-        "model": {"hf_path": str(tiny_hf_dir("qwen3_moe"))},
-        "data": {"train_files": [str(make_task_dataset("first_digit", 64, 0, tmp_path / "train.jsonl"))]},
-        "rollout": {"engine": "sglang", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 3, "mode": mode,
-                    "max_staleness": 2, "sglang": {"urls": mock, "weight_sync": "tensor", "bucket_mb": 1}},
-        "reward": {"functions": [{"name": "tests.training.test_loop:varied_reward"}]},
-        "algorithm": {"rollout_correction": {"mode": "tis"}},
-        "train": {"steps": 3, "num_minibatches": 1, "micro_batch_size": 8, "lr": 1e-3, "num_threads": 1},
-        "logging": {"progress_bar": False, "tensorboard": False},
-    })
+    cfg = server_run(tmp_path, tiny_hf_dir,
+                     {"mode": mode, "max_staleness": 2,
+                      "sglang": {"urls": mock, "weight_sync": "tensor", "bucket_mb": 1}},
+                     algorithm={"rollout_correction": {"mode": "tis"}}, steps=3)
     versions = []
     trainer = Trainer(cfg)
     update = trainer.learner.update
