@@ -156,7 +156,7 @@ def init_model_parallel(layout: ParallelLayout, seed: int = 1234, **model_dims) 
     global _MEGATRON_LAYOUT
     world_size = dist.get_world_size()
     layout.validate(world_size, **model_dims)
-    if _MEGATRON_LAYOUT == (layout, world_size) and parallel_state.model_parallel_is_initialized():
+    if _MEGATRON_LAYOUT == (layout, dist.group.WORLD) and parallel_state.model_parallel_is_initialized():
         # The groups in place are the ones asked for: keep them (see _MEGATRON_GROUPS); reseed, and start at the
         # first virtual stage as initialize_model_parallel does.
         if layout.virtual_pipeline_parallel:
@@ -175,7 +175,7 @@ def init_model_parallel(layout: ParallelLayout, seed: int = 1234, **model_dims) 
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     _MEGATRON_GROUPS.extend(g for g in dist.distributed_c10d._world.pg_map if g not in before)
-    _MEGATRON_LAYOUT = (layout, world_size)
+    _MEGATRON_LAYOUT = (layout, dist.group.WORLD)
 
 
 # The process groups megatron's last initialize_model_parallel created. Its destroy_model_parallel only drops
@@ -184,7 +184,8 @@ def init_model_parallel(layout: ParallelLayout, seed: int = 1234, **model_dims) 
 # and ~50 threads each time. Even destroyed, a gloo group's threads run until the group object is freed, and a
 # model built on the groups keeps them: megatron's DDP reaches them and its backward hooks sit on autograd nodes,
 # a cycle through C++ that Python's gc cannot collect. So a re-initialisation with the layout in place
-# (`_MEGATRON_LAYOUT`: the layout and world size) keeps the groups instead of making new ones.
+# (`_MEGATRON_LAYOUT`: the layout and the default group it was built in, so a new world rebuilds) keeps the
+# groups instead of making new ones.
 _MEGATRON_GROUPS: list = []
 _MEGATRON_LAYOUT: tuple | None = None
 
